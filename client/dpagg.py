@@ -1,0 +1,73 @@
+"""A site's DPAgg-TI contribution: sample, learn per-image embeddings, bound, sum.
+
+Peetathawatchai et al. 2024 (arXiv 2411.14639), Alg. 1, split across sites: each site
+Poisson-samples its images at the public rate q, learns one embedding per sampled image,
+bounds each (optionally after centring on the initializer token's embedding) to L2 norm C,
+and sends ONLY the sum. The server adds the noise once over all sites' sums. Nothing else
+derived from the images leaves the site.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from client.ti import TISettings, initializer_vector, train_per_image_embeddings
+from common.data import SiteImages
+from common.dp import GaussianSumMechanism
+
+
+@dataclass(frozen=True)
+class SiteContribution:
+    """What the site sends (``total``) and what it keeps for its own log (the rest)."""
+
+    total: torch.Tensor  # float64 [D]: the sum of bounded embeddings, the only thing sent
+    num_sampled: int
+    num_clipped: int
+
+
+def sampling_generator(seed: int | None) -> torch.Generator:
+    """CPU generator for Poisson sampling: seeded for replay, OS-random in secure mode.
+
+    The sampling must stay secret for amplification by subsampling to hold, so production
+    runs (``seed=None``) seed it from the OS CSPRNG.
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return gen
+
+
+def poisson_sample(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of the records kept by independent Bernoulli(rate) draws (Poisson sampling)."""
+    if rate >= 1.0:
+        return torch.arange(n)
+    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
+
+
+def site_contribution(
+    pipe,
+    images: SiteImages,
+    settings: TISettings,
+    mechanism: GaussianSumMechanism,
+    *,
+    sample_rate: float,
+    center: bool,
+    sampling: torch.Generator,
+    training: torch.Generator,
+) -> SiteContribution:
+    """Run the site's half of one DPAgg-TI release."""
+    keep = poisson_sample(len(images.names), sample_rate, sampling)
+    embeds = train_per_image_embeddings(
+        pipe, images.pixels[keep], [images.captions[i] for i in keep.tolist()], settings, generator=training
+    )
+    if center:
+        embeds = embeds - initializer_vector(pipe, settings)
+    bounded = mechanism.bound_rows(embeds)
+    norms = torch.linalg.vector_norm(embeds.double(), dim=1)
+    return SiteContribution(
+        total=bounded.sum(dim=0),
+        num_sampled=len(keep),
+        num_clipped=int((norms > mechanism.clip_norm).sum()),
+    )

@@ -1,0 +1,1 @@
+"""Shared by the ServerApp and the ClientApp: the DP mechanism, formats, models and data."""

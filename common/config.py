@@ -1,0 +1,151 @@
+"""The run configuration: kebab-case Flower run-config keys -> one typed, validated dataclass.
+
+Flower passes ``[tool.flwr.app.config]`` (overridable with ``--run-config``) to both apps as
+a flat dict of scalars. :func:`RunConfig.from_run_config` reads it once, converts and
+validates every value, and rejects unknown keys, so a typo fails at start-up with the key's
+name instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+TI_METHODS = ("dpagg", "dp-sgd")
+BOUND_MODES = ("clip", "normalize")
+RESCALE_MODES = ("none", "initializer-norm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a privadapt run. Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    # what to adapt and how
+    adapter: str = "ti"
+    ti_method: str = "dpagg"
+    # privacy
+    target_epsilon: float = 1.0
+    target_delta: float = 1e-5
+    noise_multiplier: float = -1.0  # < 0: calibrate to target-epsilon
+    sampling_rate: float = 0.5
+    clip_norm: float = 0.05
+    bound: str = "clip"
+    center: bool = True
+    dataset_size: int = 48  # declared PUBLIC total number of images across sites (N)
+    num_releases: int = 1
+    rescale: str = "none"
+    secure_noise: bool = False
+    # textual inversion
+    ti_steps: int = 100
+    learning_rate: float = 5e-3
+    batch_size: int = 16
+    initializer_token: str = "emoji"
+    placeholder_token: str = "<S*>"
+    prompt_template: str = "{caption} in the style of {token}"
+    default_caption: str = "an image"
+    # DP-SGD baseline (ti-method = "dp-sgd")
+    dpsgd_rounds: int = 3
+    dpsgd_local_steps: int = 10
+    dpsgd_batch_size: int = 4
+    dpsgd_max_grad_norm: float = 0.1
+    # model, data, outputs
+    model_path: str = ""  # "" = the embedded tiny model, built on first use
+    data_path: str = "data/demo"  # holds site-<partition-id>/ folders
+    output_dir: str = "outputs/run"
+    resolution: int = 64
+    device: str = "auto"
+    seed: int = 0
+    sample_prompts: str = "an emoji of a cat|an emoji of a dog|an emoji of a fox|an emoji of a lion"
+    sample_steps: int = 25
+    sample_guidance: float = 5.0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                problems.append(f"{key.replace('_', '-')}: {what} (got {getattr(self, key)!r})")
+
+        need(self.adapter == "ti", "adapter", "only 'ti' is available in this version")
+        need(self.ti_method in TI_METHODS, "ti_method", f"must be one of {TI_METHODS}")
+        need(self.target_epsilon > 0, "target_epsilon", "must be > 0 (use 'inf' for non-private)")
+        need(0 < self.target_delta < 1, "target_delta", "must be in (0, 1)")
+        need(math.isfinite(self.noise_multiplier), "noise_multiplier", "must be finite")
+        need(0 < self.sampling_rate <= 1, "sampling_rate", "must be in (0, 1]")
+        need(math.isfinite(self.clip_norm) and self.clip_norm > 0, "clip_norm", "must be finite and > 0")
+        need(self.bound in BOUND_MODES, "bound", f"must be one of {BOUND_MODES}")
+        need(self.dataset_size > 0, "dataset_size", "must be > 0 (the declared public number of images)")
+        need(self.num_releases >= 1, "num_releases", "must be >= 1")
+        need(self.rescale in RESCALE_MODES, "rescale", f"must be one of {RESCALE_MODES}")
+        need(self.ti_steps >= 1, "ti_steps", "must be >= 1")
+        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(self.batch_size >= 1, "batch_size", "must be >= 1")
+        need(bool(self.initializer_token.strip()), "initializer_token", "must not be empty")
+        need(bool(self.placeholder_token.strip()) and " " not in self.placeholder_token, "placeholder_token", "must be one word")
+        need("{token}" in self.prompt_template, "prompt_template", "must contain {token}")
+        need(self.dpsgd_rounds >= 1, "dpsgd_rounds", "must be >= 1")
+        need(self.dpsgd_local_steps >= 1, "dpsgd_local_steps", "must be >= 1")
+        need(self.dpsgd_batch_size >= 1, "dpsgd_batch_size", "must be >= 1")
+        need(self.dpsgd_max_grad_norm > 0, "dpsgd_max_grad_norm", "must be > 0")
+        need(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "must be a positive multiple of 8")
+        need(self.sample_steps >= 1, "sample_steps", "must be >= 1")
+        if problems:
+            raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
+
+    @property
+    def private(self) -> bool:
+        """False in non-private mode (target-epsilon = inf): no sampling, no noise."""
+        return not math.isinf(self.target_epsilon)
+
+    @property
+    def effective_sampling_rate(self) -> float:
+        return self.sampling_rate if self.private else 1.0
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p.strip() for p in self.sample_prompts.split("|") if p.strip()]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's run config (kebab-case keys); unknown keys are an error."""
+        by_key = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ValueError(f"unknown run-config key(s) {unknown}; known keys: {sorted(by_key)}")
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            f = by_key[key]
+            values[f.name] = _convert(key, raw, type(f.default))
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The inverse of :meth:`from_run_config` (infinity as the string 'inf')."""
+        out = {}
+        for k, v in asdict(self).items():
+            out[k.replace("_", "-")] = "inf" if isinstance(v, float) and math.isinf(v) else v
+        return out
+
+
+def _convert(key: str, raw: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "1", "yes"):
+                return True
+            if str(raw).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)  # accepts "inf"
+        return str(raw)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"run-config key {key!r}: cannot read {raw!r} as {kind.__name__}: {err}") from None

@@ -1,0 +1,1 @@
+"""The ServerApp: DP aggregation, the privacy ledger, and export of the shared adapter."""

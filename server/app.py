@@ -1,0 +1,145 @@
+"""privadapt ServerApp: plan the privacy, run the rounds, keep the ledger, export.
+
+Order of work: read and validate the run config; fix the privacy plan (refuse to start if
+the target epsilon cannot be met); run the strategy (DPAgg-TI releases, or the DP-SGD
+baseline's rounds) with the ledger saved after every release; export the adapter,
+privacy.json, metrics, samples and the model card into ``output-dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.app import model_dir, ti_settings
+from client.ti import initializer_vector
+from common.config import RunConfig
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.models import load_pipeline
+from common.paths import derive_seed, resolve
+from server.dpagg_strategy import DPAggTIStrategy
+from server.export import export_embedding, generate_samples, model_card, write_json
+from server.plan import plan_dpagg
+
+log = logging.getLogger("privadapt.server")
+
+TRUST_CENTRAL = ("central noise: the server adds the noise, so it sees each site's un-noised sum and must be "
+                 "trusted; the published embedding is what carries the guarantee.")
+
+
+def noise_source(cfg: RunConfig) -> NoiseSource:
+    return NoiseSource.secure() if cfg.secure_noise else NoiseSource.seeded(derive_seed(cfg.seed, "server-noise"))
+
+
+def postprocess(release: torch.Tensor, init: torch.Tensor, cfg: RunConfig) -> tuple[torch.Tensor, list[str]]:
+    """Turn the mean release into the published vector; every step is recorded."""
+    steps: list[str] = []
+    vector = release.double()
+    if cfg.num_releases > 1:
+        steps.append(f"averaged the {cfg.num_releases} releases")
+    if cfg.center:
+        vector = vector + init.double()
+        steps.append("added back the initializer token's embedding (the records were centred on it)")
+    if cfg.rescale == "initializer-norm":
+        norm = torch.linalg.vector_norm(vector)
+        if norm > 0:
+            vector = vector * (torch.linalg.vector_norm(init.double()) / norm)
+        steps.append(f"rescaled to the L2 norm of the initializer token '{cfg.initializer_token}'")
+    return vector.float(), steps
+
+
+def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
+    plan = plan_dpagg(cfg)
+    settings = ti_settings(cfg)
+    init = initializer_vector(pipe, settings)
+    ledger = PrivacyLedger(delta=cfg.target_delta)
+    noise = noise_source(cfg)
+    mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=plan.noise_multiplier, bound_mode=cfg.bound)
+    strategy = DPAggTIStrategy(plan=plan, mechanism=mechanism, noise=noise, ledger=ledger, dim=init.numel(),
+                               ledger_path=out / "ledger.json")
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=3600.0)
+    vector, post = postprocess(strategy.mean_release(), init, cfg)
+    eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
+    privacy = {
+        "unit": "record",
+        "private": cfg.private,
+        "mechanism": "DPAgg-TI (Peetathawatchai et al. 2024): Poisson-subsampled Gaussian sum of bounded "
+                     "per-image textual-inversion embeddings, divided by the public expected count",
+        "epsilon": eps,
+        "headline_accountant": "prv",
+        "delta": cfg.target_delta,
+        "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
+        "sample_rate": plan.sample_rate,
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": cfg.clip_norm,
+        "bound": cfg.bound,
+        "centered": cfg.center,
+        "declared_num_images": cfg.dataset_size,
+        "denominator": plan.denominator,
+        "num_sites": len({n for used in strategy.contributors for n in used}),
+        "sites_per_release": [len(used) for used in strategy.contributors],
+        "num_releases": len(strategy.releases),
+        "sampling": "poisson" if plan.sample_rate < 1 else "none (every image used)",
+        "adjacency": "add/remove one image",
+        "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
+        "post_processing": post,
+        "noise_source": noise.describe(),
+        "trust_model": TRUST_CENTRAL,
+        "rejected_replies": strategy.rejected,
+        "plan": plan.to_dict(),
+        "events": [e.to_dict() for e in ledger.events],
+        "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},
+    }
+    metrics = {
+        "embedding_norm": float(torch.linalg.vector_norm(vector)),
+        "initializer_norm": float(torch.linalg.vector_norm(init)),
+        "cosine_to_initializer": float(torch.nn.functional.cosine_similarity(vector, init, dim=0)),
+        "noise_std_per_coordinate_of_mean": mechanism.noise_std / plan.denominator,
+    }
+    return {"vector": vector, "privacy": privacy, "metrics": metrics}
+
+
+def run_dpsgd(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
+    from server.dpsgd_strategy import run_dpsgd_baseline  # Opacus baseline, imported on demand
+
+    return run_dpsgd_baseline(grid, cfg, out, pipe)
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> Path:
+    """Run one privadapt job against the sites reachable through ``grid``."""
+    started = time.time()
+    out = resolve(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "run_config.json", cfg.to_run_config())
+    pipe = load_pipeline(model_dir(cfg), device=cfg.device)
+    result = run_dpagg(grid, cfg, out, pipe) if cfg.ti_method == "dpagg" else run_dpsgd(grid, cfg, out, pipe)
+    embeds = export_embedding(out, cfg.placeholder_token, result["vector"])
+    write_json(out / "privacy.json", result["privacy"])
+    samples = generate_samples(model_dir(cfg), embeds, cfg.placeholder_token, cfg.prompts, out / "samples",
+                               steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed, device=cfg.device)
+    metrics = {**result["metrics"], "wall_seconds": round(time.time() - started, 2)}
+    write_json(out / "metrics.json", metrics)
+    (out / "README.md").write_text(model_card(result["privacy"], metrics, samples))
+    log.info("privadapt: wrote %s (epsilon %s at delta %g)", out, result["privacy"]["epsilon"], cfg.target_delta)
+    return out
+
+
+def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp whose run config is Flower's run config updated with ``overrides``."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, RunConfig.from_run_config({**context.run_config, **(overrides or {})}))
+
+    return server_app
+
+
+app = build_server_app()

@@ -1,0 +1,122 @@
+"""DPAgg-TI on Flower's Message API: one round = one private release of the embedding.
+
+Each round every connected site returns the sum of its bounded per-image embeddings. The
+strategy checks every reply, adds the valid ones, and hands the total to the shared
+:class:`~common.dp.GaussianSumMechanism`, which adds N(0, (zC)^2 I) once and divides by the
+public expected count q*N. The release's privacy event goes into the ledger, which is saved
+after every release. A site whose reply is missing or invalid is left out of the sum; the
+noise and the denominator stay those of the plan, so the guarantee for every record is
+unchanged (a missing site only removes signal).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import keys
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from server.plan import DPAggPlan
+
+log = logging.getLogger("privadapt.server")
+
+
+class ReplyError(ValueError):
+    """A site's reply that cannot enter the aggregate."""
+
+
+def read_site_sum(reply: Message, dim: int) -> torch.Tensor:
+    """The embedding sum in a site's reply, checked: present, right shape, finite."""
+    if reply.has_error():
+        raise ReplyError(f"site reported an error: {reply.error.reason}")
+    arrays = reply.content.get(keys.ARRAYS)
+    if not isinstance(arrays, ArrayRecord) or keys.EMBEDDING_SUM not in arrays:
+        raise ReplyError(f"reply has no {keys.ARRAYS}/{keys.EMBEDDING_SUM}")
+    value = torch.from_numpy(np.asarray(arrays[keys.EMBEDDING_SUM].numpy(), dtype=np.float64).copy())
+    if value.shape != (dim,):
+        raise ReplyError(f"embedding sum has shape {tuple(value.shape)}, expected ({dim},)")
+    if not torch.isfinite(value).all():
+        raise ReplyError("embedding sum has NaN or infinite entries")
+    return value
+
+
+class DPAggTIStrategy(Strategy):
+    """Central-noise DPAgg-TI aggregation (trusted server: it sees each site's sum)."""
+
+    def __init__(
+        self,
+        *,
+        plan: DPAggPlan,
+        mechanism: GaussianSumMechanism,
+        noise: NoiseSource,
+        ledger: PrivacyLedger,
+        dim: int,
+        ledger_path: Path | None = None,
+    ) -> None:
+        if mechanism.noise_multiplier != plan.noise_multiplier:
+            raise ValueError("the mechanism's noise multiplier must be the plan's")
+        self.plan = plan
+        self.mechanism = mechanism
+        self.noise = noise
+        self.ledger = ledger
+        self.dim = dim
+        self.ledger_path = ledger_path
+        self.releases: list[torch.Tensor] = []
+        self.contributors: list[list[int]] = []
+        self.rejected: list[dict] = []
+
+    def summary(self) -> None:
+        log.info("DPAgg-TI: z=%.4f, q=%.4f, C=%g, denominator q*N=%g, %d release(s)", self.plan.noise_multiplier,
+                 self.plan.sample_rate, self.mechanism.clip_norm, self.plan.denominator, self.plan.releases)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: "dpagg"})
+        return [
+            Message(content=RecordDict({keys.CONFIG: cfg}), dst_node_id=node_id, message_type="train")
+            for node_id in grid.get_node_ids()
+        ]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        total = None
+        used: list[int] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                total = self.mechanism.add(total, {keys.EMBEDDING_SUM: read_site_sum(reply, self.dim)})
+                used.append(node)
+            except ReplyError as err:
+                log.warning("release %d: node %s left out: %s", server_round, node, err)
+                self.rejected.append({"release": server_round, "node": node, "reason": str(err)})
+        if total is None:
+            log.warning("release %d: no valid site sum; nothing released, no privacy spent", server_round)
+            return None, None
+        released, event = self.mechanism.release(
+            total, denominator=self.plan.denominator, noise=self.noise, sample_rate=self.plan.sample_rate,
+            unit="record", label=f"dpagg-ti release {server_round}",
+        )
+        self.ledger.record(event)
+        if self.ledger_path is not None:
+            self.ledger.save(self.ledger_path)
+        self.releases.append(released[keys.EMBEDDING_SUM])
+        self.contributors.append(used)
+        arrays = ArrayRecord(array_dict={keys.EMBEDDING: Array(released[keys.EMBEDDING_SUM].numpy())})
+        return arrays, MetricRecord({"sites": len(used), "noise-std-of-mean": self.mechanism.noise_std / self.plan.denominator})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def mean_release(self) -> torch.Tensor:
+        """The average of the releases (post-processing of DP outputs: free)."""
+        if not self.releases:
+            raise RuntimeError("no release was made: no site returned a valid contribution")
+        return torch.stack(self.releases).mean(dim=0)

@@ -1,0 +1,129 @@
+"""What a run leaves behind: the adapter in diffusers' format, privacy.json, metrics,
+sample images next to the base model's, and a model card that says it all in words."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from common.models import load_pipeline
+from common.textual_inversion import EMBEDS_FILE, save_embedding
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def generate_samples(
+    model_dir: str,
+    embeds_path: Path,
+    token: str,
+    prompts: Sequence[str],
+    out_dir: Path,
+    *,
+    steps: int,
+    guidance: float,
+    seed: int,
+    device: str = "auto",
+) -> list[dict]:
+    """Base and adapted images for the same prompts and seeds, from a fresh stock pipeline
+    that loads the exported file the way a user would."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(model_dir, device=device)
+    rows: list[dict] = []
+    base_images, adapted_images = [], []
+    for i, prompt in enumerate(prompts):
+        for kind, text in (("base", prompt), ("adapted", f"{prompt} in the style of {token}")):
+            if kind == "adapted" and token not in pipe.tokenizer.get_vocab():
+                pipe.load_textual_inversion(str(embeds_path), token=token)
+            gen = torch.Generator(device="cpu").manual_seed(seed + i)
+            image = pipe(text, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0]
+            name = f"{kind}_{i:02d}.png"
+            image.save(out_dir / name)
+            (base_images if kind == "base" else adapted_images).append(image)
+            rows.append({"kind": kind, "prompt": text, "seed": seed + i, "file": f"samples/{name}"})
+    grid(base_images, adapted_images).save(out_dir / "grid.png")
+    return rows
+
+
+def grid(top: Sequence[Image.Image], bottom: Sequence[Image.Image]) -> Image.Image:
+    """Two rows: base samples above, adapted samples below."""
+    w, h = top[0].size
+    sheet = Image.new("RGB", (w * len(top), h * 2), "white")
+    for i, (a, b) in enumerate(zip(top, bottom)):
+        sheet.paste(a, (i * w, 0))
+        sheet.paste(b, (i * w, h))
+    return sheet
+
+
+def fmt_eps(eps: float | None) -> str:
+    return "infinity (no privacy)" if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f"{eps:.3f}"
+
+
+def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
+    """README.md of the output folder: the adapter, how to load it, and its privacy in words."""
+    p = privacy
+    eps = p["epsilon"]
+    token = p["adapter"]["token"]
+    post = "; ".join(p["post_processing"]) or "none"
+    if p["private"]:
+        claim = (
+            f"This embedding is ({fmt_eps(eps['prv'])}, {p['delta']:g})-differentially private at the level of "
+            f"**one image** (record-level DP, add/remove-one-image adjacency), by the PRV accountant "
+            f"(Opacus; the RDP accountant gives the looser epsilon {fmt_eps(eps['rdp'])}). Adding or removing any "
+            f"single private image, at any site, changes the probability of any outcome by at most a factor "
+            f"e^{fmt_eps(eps['prv'])}, except with probability {p['delta']:g}."
+        )
+    else:
+        claim = "**No privacy guarantee.** This is the non-private reference run: no sampling, no noise, plain mean."
+    lines = [
+        f"# privadapt textual-inversion embedding `{token}`",
+        "",
+        claim,
+        "",
+        "## How it was made",
+        f"- Method: {p['mechanism']}.",
+        f"- Sites that contributed: {p['num_sites']}; declared (public) number of images N = {p['declared_num_images']}.",
+        f"- Each image was kept with probability q = {p['sample_rate']:g} (Poisson sampling), its embedding "
+        f"{'centred on the initializer token and ' if p['centered'] else ''}"
+        f"{'clipped' if p['bound'] == 'clip' else 'normalized'} to L2 norm C = {p['clip_norm']:g}.",
+        f"- Gaussian noise with standard deviation z*C = {p['noise_multiplier']:.4g} x {p['clip_norm']:g} was added once "
+        f"to the sum over all sites, which was then divided by the public expected count q*N = {p['denominator']:g}.",
+        f"- Releases: {p['num_releases']}. Post-processing (free under DP): {post}.",
+        f"- Noise source: {p['noise_source']}.",
+        f"- Trust model: {p['trust_model']}",
+        "",
+        "## Use it",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL_DIR)",
+        f'pipe.load_textual_inversion("{EMBEDS_FILE}", token="{token}")',
+        f'image = pipe("an emoji of a cat in the style of {token}").images[0]',
+        "```",
+        "",
+        "## Samples",
+        "`samples/grid.png`: top row the base model, bottom row with the embedding; same prompts and seeds.",
+        "",
+        "| kind | prompt | seed | file |",
+        "|---|---|---|---|",
+        *[f"| {s['kind']} | {s['prompt']} | {s['seed']} | {s['file']} |" for s in samples],
+        "",
+        "## Metrics",
+        "```json",
+        json.dumps(metrics, indent=2),
+        "```",
+        "",
+        "Full privacy report: `privacy.json`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def export_embedding(out_dir: Path, token: str, vector: torch.Tensor) -> Path:
+    return save_embedding(out_dir / EMBEDS_FILE, token, vector)

@@ -1,0 +1,1 @@
+"""Flower simulation runs, benchmarks and experiment sweeps."""

@@ -1,0 +1,42 @@
+import torch
+
+from client.dpagg import poisson_sample, sampling_generator, site_contribution
+from client.ti import TISettings, initializer_vector, train_per_image_embeddings
+from common.data import SiteImages
+from common.dp import GaussianSumMechanism
+from common.models import load_pipeline
+
+
+def test_poisson_sample_rate_and_full():
+    gen = torch.Generator().manual_seed(0)
+    assert poisson_sample(5, 1.0, gen).tolist() == [0, 1, 2, 3, 4]
+    counts = [len(poisson_sample(1000, 0.3, gen)) for _ in range(50)]
+    mean = sum(counts) / len(counts)
+    # Binomial(1000, 0.3): sd of the mean over 50 draws is ~2.05
+    assert abs(mean - 300) < 10
+
+
+def test_sampling_generator_seeded_and_secure():
+    a = torch.rand(4, generator=sampling_generator(7))
+    b = torch.rand(4, generator=sampling_generator(7))
+    assert torch.equal(a, b)
+    assert not torch.equal(torch.rand(4, generator=sampling_generator(None)), torch.rand(4, generator=sampling_generator(None)))
+
+
+def test_site_sends_sum_of_bounded_centred_embeddings(tiny_sd_path):
+    pipe = load_pipeline(tiny_sd_path, device="cpu")
+    settings = TISettings(steps=2, learning_rate=5e-2)
+    pixels = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    images = SiteImages(names=("a.png", "b.png", "c.png"), pixels=pixels, captions=(None, "a cat", None), site="s")
+    mech = GaussianSumMechanism(clip_norm=0.01, noise_multiplier=0.0)
+    out = site_contribution(pipe, images, settings, mech, sample_rate=1.0, center=True,
+                            sampling=torch.Generator().manual_seed(0), training=torch.Generator().manual_seed(1))
+    # the same embeddings, computed directly
+    embeds = train_per_image_embeddings(pipe, pixels, [None, "a cat", None], settings,
+                                        generator=torch.Generator().manual_seed(1))
+    expected = mech.bound_rows(embeds - initializer_vector(pipe, settings)).sum(0)
+    torch.testing.assert_close(out.total, expected)
+    assert out.total.dtype == torch.float64
+    assert out.num_sampled == 3
+    assert out.num_clipped == 3  # lr 5e-2 moves every row far beyond C = 0.01
+    assert torch.linalg.vector_norm(out.total) <= 3 * 0.01 * (1 + 1e-12)
