@@ -104,7 +104,10 @@ class GaussianSumMechanism:
             raise ValueError("cannot bound a record with NaN or infinite entries")
         # A zero record has nothing to scale; dividing by 1 instead of 0 keeps it zero.
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-        factors = self.clip_norm / safe
+        # Tensor / tensor is IEEE division: C / C == 1 exactly, so clip leaves records with
+        # norm <= C bitwise unchanged. (A Python float / tensor is computed as C * (1 / norm),
+        # which rounds twice and shrinks some of those records by an ulp.)
+        factors = torch.full_like(safe, self.clip_norm) / safe
         return torch.clamp(factors, max=1.0) if self.bound_mode == "clip" else factors
 
     def bound_rows(self, records: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,21 @@ def test_clip_at_bound_is_unchanged() -> None:
     assert torch.equal(m.bound_rows(x), x)
 
 
+def test_clip_factor_is_exactly_one_at_and_below_the_bound() -> None:
+    # Regression: C / norm computed as C * (1 / norm) gave 0.9999999999999999 for norm == C
+    # (e.g. C = 25.75) and shrank records that were already within the bound.
+    cs = torch.from_numpy(np.random.default_rng(0).uniform(1e-3, 1e3, 10_000))
+    for c in [25.75, 0.1, 0.05, 3.0, *cs[:50].tolist()]:
+        m = GaussianSumMechanism(clip_norm=c, noise_multiplier=0.0)
+        norms = t64(c, np.nextafter(c, 0.0), c / 2)
+        assert torch.equal(m.scale_factors(norms), t64(1.0, 1.0, 1.0))
+        x = t64(0.0, c)[None]
+        assert torch.equal(m.bound_rows(x), x)
+        assert torch.equal(m.bound_tree({"a": t64(c)})["a"], t64(c))
+    m = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    assert torch.all(m.scale_factors(cs) == torch.clamp(torch.from_numpy(1.0 / cs.numpy()), max=1.0))
+
+
 def test_normalize_scales_up_to_c() -> None:
     m = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0, bound_mode="normalize")
     close(m.bound_rows(t64(0.3, 0.4)[None])[0], t64(0.6, 0.8))
