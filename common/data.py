@@ -86,7 +86,8 @@ def load_site_images(
     first frame.
 
     Captions come from ``captions.json`` and ``<stem>.txt`` sidecars (UTF-8, stripped; a
-    blank caption counts as none). An image may get its caption from both only if they agree.
+    blank caption counts as none). A sidecar applies to every image with its stem (``a.png`` and
+    ``a.jpg`` share ``a.txt``). An image may get a caption from both sources only if they agree.
 
     Args:
         folder: the site's data folder.
@@ -106,7 +107,7 @@ def load_site_images(
         ValueError: ``resolution``, ``max_images`` or ``max_pixels`` is not a positive integer.
     """
     for arg, value in (("resolution", resolution), ("max_pixels", max_pixels), ("max_images", max_images)):
-        if value is not None and not (isinstance(value, int) and value >= 1):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     folder = Path(folder)
     if not folder.exists():
@@ -115,8 +116,12 @@ def load_site_images(
         raise SiteDataError(site, folder, "data folder is not a directory")
     root = folder.resolve()
 
+    try:
+        entries = list(folder.iterdir())
+    except OSError as exc:
+        raise SiteDataError(site, folder, f"data folder cannot be listed ({exc})") from exc
     images = sorted(
-        p.name for p in folder.iterdir()
+        p.name for p in entries
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
     )
     if not images:
@@ -148,6 +153,7 @@ def _inside(path: Path, root: Path, site: str) -> Path:
 
 
 def _read_captions_json(folder: Path, root: Path, site: str, images: set[str]) -> dict[str, str | None]:
+    """The validated ``captions.json`` of ``folder`` as {image name: caption}; {} if absent."""
     path = folder / CAPTIONS_FILE
     if not path.exists() and not path.is_symlink():
         return {}
@@ -157,7 +163,9 @@ def _read_captions_json(folder: Path, root: Path, site: str, images: set[str]) -
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SiteDataError(site, path, f"is not readable UTF-8 JSON ({exc})") from exc
     if not isinstance(data, dict):
-        raise SiteDataError(site, path, f"must be a JSON object mapping file name -> caption, got {type(data).__name__}")
+        raise SiteDataError(
+            site, path, f"must be a JSON object mapping file name -> caption, got {type(data).__name__}"
+        )
     out: dict[str, str | None] = {}
     for name, caption in data.items():
         if not isinstance(caption, str):
@@ -169,6 +177,7 @@ def _read_captions_json(folder: Path, root: Path, site: str, images: set[str]) -
 
 
 def _caption(folder: Path, root: Path, site: str, name: str, from_json: str | None) -> str | None:
+    """The caption of image ``name``: its ``<stem>.txt`` sidecar and/or its JSON entry."""
     sidecar = folder / (Path(name).stem + ".txt")
     if not sidecar.exists() and not sidecar.is_symlink():
         return from_json
@@ -207,7 +216,8 @@ def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> np.
     except Image.DecompressionBombError as exc:
         raise SiteDataError(site, path, f"image is too large ({exc})") from exc
     except Exception as exc:  # Pillow raises many types on hostile input; all mean "unreadable"
-        raise SiteDataError(site, path, f"is not a readable image or is truncated ({type(exc).__name__}: {exc})") from exc
+        problem = f"is not a readable image or is truncated ({type(exc).__name__}: {exc})"
+        raise SiteDataError(site, path, problem) from exc
     side = min(rgb.size)
     left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
     # Crop first: resize(box=...) would let bicubic taps reach pixels outside the square.

@@ -66,7 +66,9 @@ def test_max_images_takes_first_names(tmp_path: Path) -> None:
     assert load(tmp_path).names == ("a.png", "b.png", "c.png")
 
 
-@pytest.mark.parametrize("bad", [{"resolution": 0}, {"max_images": 0}, {"max_pixels": -1}, {"resolution": 2.5}])
+@pytest.mark.parametrize(
+    "bad", [{"resolution": 0}, {"max_images": 0}, {"max_pixels": -1}, {"resolution": 2.5}, {"resolution": True}]
+)
 def test_bad_arguments_raise_value_error(tmp_path: Path, bad: dict) -> None:
     save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     kw = {"resolution": 8, **bad}
