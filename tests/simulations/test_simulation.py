@@ -1,6 +1,7 @@
 """End to end through Flower's simulation engine (Ray), two sites, on the tiny model."""
 
 import json
+import shutil
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -19,9 +20,9 @@ from simulations.run import pyproject_run_config, simulate
 FAST = {"ti-steps": 2, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "dataset-size": 24}
 
 
-def run(tmp_path, tiny_sd_path, **extra):
+def run(tmp_path, tiny_sd_path, sites=2, **extra):
     overrides = {**FAST, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out"), **extra}
-    return simulate(2, overrides), RunConfig.from_run_config({**pyproject_run_config(), **overrides})
+    return simulate(sites, overrides), RunConfig.from_run_config({**pyproject_run_config(), **overrides})
 
 
 def check_outputs(out, tiny_sd_path):
@@ -36,11 +37,21 @@ def check_outputs(out, tiny_sd_path):
     return json.loads((out / "privacy.json").read_text()), vector
 
 
-def test_two_sites_dp(tmp_path, tiny_sd_path):
-    out, cfg = run(tmp_path, tiny_sd_path)
+def test_two_sites_dp_and_a_broken_site_left_out(tmp_path, tiny_sd_path):
+    """Sites 0 and 1 hold the demo images; site 2 holds a truncated PNG. Site 2's error names
+    the site and the file, the release goes on with the other two, and nothing is lost."""
+    data = tmp_path / "data"
+    for index in range(2):
+        shutil.copytree(REPO_ROOT / "data/demo" / f"site-{index}", data / f"site-{index}")
+    (data / "site-2").mkdir()
+    good = (REPO_ROOT / "data/demo/site-0/cat.png").read_bytes()
+    (data / "site-2" / "broken.png").write_bytes(good[: len(good) // 2])
+    out, cfg = run(tmp_path, tiny_sd_path, sites=3, **{"data-path": str(data)})
     privacy, _ = check_outputs(out, tiny_sd_path)
     assert privacy["unit"] == "record" and privacy["private"]
     assert privacy["num_sites"] == 2 and privacy["num_releases"] == 1
+    (rejected,) = privacy["rejected_replies"]
+    assert "site-2" in rejected["reason"] and "broken.png" in rejected["reason"]
     assert privacy["epsilon"]["prv"] <= cfg.target_epsilon
     assert privacy["epsilon"]["rdp"] >= privacy["epsilon"]["prv"]
     assert privacy["noise_multiplier"] > 0 and privacy["denominator"] == cfg.sampling_rate * 24
