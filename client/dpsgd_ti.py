@@ -12,6 +12,9 @@ Differential Privacy", CCS 2016) using Opacus. Federated here, one round on a si
    add N(0, (zC)^2 I), divide by the expected batch size and take an Adam step;
 3. return the trained row. The server averages the sites' rows (post-processing).
 
+Non-private mode (``target-epsilon = inf``) uses the same Poisson batches and plain Adam on
+the mean loss: no clipping, no noise, z = 0, epsilon = inf.
+
 Privacy unit: one image (record-level DP, add/remove-one adjacency, Poisson sampling), for
 the site's images only; sites hold disjoint images, so the run's epsilon is the worst site's
 (parallel composition). Each site keeps its own accountant in Flower's ``context.state``
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +48,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from client.dpagg import poisson_sample, sampling_generator
-from client.ti import TISettings, build_prompts, placeholder_rows, tokenize
+from client.ti import TISettings, build_prompts, initializer_vector, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
@@ -98,8 +102,16 @@ def save_history(state: RecordDict, history: list[SiteRound], calibration: dict[
 
 
 def site_epsilon(history: list[SiteRound], site_index: int, delta: float, accountant: str = "prv") -> float:
-    """Record-level epsilon of all of this site's rounds composed (inf if any had no noise)."""
-    return epsilon([h.event(site_index) for h in history], delta, accountant)  # type: ignore[arg-type]
+    """Record-level epsilon of all of this site's rounds composed (inf if any had no noise).
+
+    Rounds with the same (z, q) are merged into one event of their total steps first: the
+    same composition (it is commutative), and the PRV accountant is faster on it."""
+    steps: dict[tuple[float, float], int] = {}
+    for h in history:
+        steps[(h.noise_multiplier, h.sample_rate)] = steps.get((h.noise_multiplier, h.sample_rate), 0) + h.steps
+    merged = [SiteRound(round=-1, noise_multiplier=z, sample_rate=q, steps=k).event(site_index)
+              for (z, q), k in steps.items()]
+    return epsilon(merged, delta, accountant)  # type: ignore[arg-type]
 
 
 def site_sample_rate(batch_size: int, num_images: int) -> float:
@@ -218,6 +230,11 @@ def dpsgd_site_round(
         ValueError: the round would take the site above ``target-epsilon`` (nothing is
             trained, nothing is spent), or the inputs are malformed.
     """
+    dim = initializer_vector(pipe, settings).numel()
+    start = global_embedding.detach().reshape(-1)
+    if start.numel() != dim or not torch.isfinite(start).all():
+        raise ValueError(f"site {site_index}: the server's embedding must be {dim} finite numbers, "
+                         f"got shape {tuple(global_embedding.shape)} (finite: {bool(torch.isfinite(start).all())})")
     n = len(images)
     q = site_sample_rate(cfg.dpsgd_batch_size, n)
     z = site_noise_multiplier(cfg, q, state)
@@ -237,7 +254,7 @@ def dpsgd_site_round(
     # spent from here on, even if training fails midway (conservative)
     save_history(state, history, calibration)
 
-    vector = _train_round(pipe, images, settings, cfg, global_embedding, z=z, q=q, private=private,
+    vector = _train_round(pipe, images, settings, cfg, start, z=z, q=q, private=private,
                           site_index=site_index, round_index=round_index)
     metrics: dict[str, float | int] = {
         keys.SITE_EPSILON: float(eps),
@@ -257,20 +274,17 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
     n = len(images)
     device = pipe.unet.device
     start = global_embedding.detach().reshape(-1)
-    if not torch.isfinite(start).all():
-        raise ValueError(f"site {site_index}: the server's embedding has NaN or infinite entries")
-
     # random draws: latents/diffusion noise (training), batches and DP noise (both secret)
     training = torch.Generator(device=device)
     training.manual_seed(derive_seed(cfg.seed, "dpsgd-train", site_index, round_index))
-    sampling = sampling_generator(None if cfg.secure_noise else derive_seed(cfg.seed, "dpsgd-sample", site_index, round_index))
-    noise = NoiseSource.secure() if cfg.secure_noise else NoiseSource.seeded(derive_seed(cfg.seed, "dpsgd", site_index, round_index))
+    if cfg.secure_noise:
+        sampling, noise = sampling_generator(None), NoiseSource.secure()
+    else:
+        sampling = sampling_generator(derive_seed(cfg.seed, "dpsgd-sample", site_index, round_index))
+        noise = NoiseSource.seeded(derive_seed(cfg.seed, "dpsgd", site_index, round_index))
 
     dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size)
     with placeholder_rows(pipe, settings, num_rows=1) as table:
-        if start.numel() != table.rows.embedding_dim:
-            raise ValueError(f"site {site_index}: the server's embedding has {start.numel()} entries, "
-                             f"the text encoder expects {table.rows.embedding_dim}")
         with torch.no_grad():
             table.rows.weight.copy_(start.reshape(1, -1).to(table.rows.weight))
         # tokenize only now: the placeholder token exists from here on
@@ -291,7 +305,11 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
                     continue
                 latents = dist.sample(training, keep)
                 # mean over the batch: Opacus rescales by the actual B to get per-sample gradients
-                batch_losses(pipe, table, ids[keep], latents, training).mean().backward()
+                loss = batch_losses(pipe, table, ids[keep], latents, training).mean()
+                with warnings.catch_warnings():
+                    # the row table's input is token indices: PyTorch notes that no input needs a gradient
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 optimizer.step()
         finally:
             optimizer.zero_grad(set_to_none=True)

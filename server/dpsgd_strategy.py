@@ -1,0 +1,297 @@
+"""The DP-SGD textual-inversion baseline on Flower's Message API.
+
+Peetathawatchai et al. 2024 (arXiv 2411.14639) compare DPAgg-TI with DP-SGD on ONE shared
+textual-inversion embedding. Federated, a round is: the server sends the global embedding
+to every site; each site runs ``dpsgd-local-steps`` steps of DP-SGD (Opacus) on its own
+images (:mod:`client.dpsgd_ti`) and returns its embedding together with the public
+parameters of what it spent (z, q, steps, its index); the server checks every reply and
+takes the UNIFORM mean of the valid embeddings (never weighted by example counts: that
+weighting would be data-dependent and is not needed for the guarantee).
+
+Privacy: the noise is added on each site, so every update the server sees is already
+record-level DP; the mean is post-processing. Each site's rounds compose (scope
+``site-<index>``); sites hold disjoint images, so the run's epsilon is the worst site's
+(parallel composition), which is what :class:`~common.dp.PrivacyLedger` reports. The ledger
+holds one event per site reply whose privacy report could be read, including replies whose
+embedding was then rejected (the server saw them), and is saved after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from client.app import ti_settings
+from client.ti import initializer_vector
+from common import keys
+from common.config import RunConfig
+from common.dp import PrivacyEvent, PrivacyLedger, epsilon
+from server.dpagg_strategy import ReplyError
+
+log = logging.getLogger("privadapt.server")
+
+METHOD = "dp-sgd"
+TRUST_LOCAL = ("local noise: each site adds the noise itself (Opacus DP-SGD on its own images), so every update the "
+               "server receives is already record-level DP; the server need not be trusted for record-level DP. "
+               "The published embedding is a post-processing of those updates.")
+
+TRUST_NONE = "non-private reference run: no noise anywhere; the server sees every site's trained embedding."
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The public privacy parameters a site reports with its DP-SGD update."""
+
+    index: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # the site's own record-level epsilon over all its rounds (PRV), may be inf
+
+    def event(self, server_round: int, node: int) -> PrivacyEvent:
+        return PrivacyEvent(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            unit="record",
+            sampling="none" if self.sample_rate == 1.0 else "poisson",
+            scope=f"site-{self.index}",
+            label=f"dp-sgd round {server_round} (node {node})",
+        )
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise ReplyError(f"reply has no {keys.METRICS}/{key}")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReplyError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def read_site_report(reply: Message) -> SiteReport:
+    """The privacy parameters in a site's reply, checked (they enter the ledger)."""
+    if reply.has_error():
+        raise ReplyError(f"site reported an error: {reply.error.reason}")
+    metrics = reply.content.get(keys.METRICS)
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyError(f"reply has no {keys.METRICS} record")
+    z = _number(metrics, keys.SITE_NOISE_MULTIPLIER)
+    q = _number(metrics, keys.SITE_SAMPLE_RATE)
+    steps = _number(metrics, keys.SITE_STEPS)
+    index = _number(metrics, keys.SITE_INDEX)
+    eps = _number(metrics, keys.SITE_EPSILON)
+    if not (math.isfinite(z) and z >= 0):
+        raise ReplyError(f"{keys.SITE_NOISE_MULTIPLIER} must be finite and >= 0, got {z}")
+    if not (0 < q <= 1):
+        raise ReplyError(f"{keys.SITE_SAMPLE_RATE} must be in (0, 1], got {q}")
+    if not (steps.is_integer() and steps >= 1):
+        raise ReplyError(f"{keys.SITE_STEPS} must be an integer >= 1, got {steps}")
+    if not (index.is_integer() and index >= 0):
+        raise ReplyError(f"{keys.SITE_INDEX} must be an integer >= 0, got {index}")
+    if math.isnan(eps) or eps < 0:
+        raise ReplyError(f"{keys.SITE_EPSILON} must be >= 0 (or inf), got {eps}")
+    return SiteReport(index=int(index), noise_multiplier=z, sample_rate=q, steps=int(steps), epsilon=eps)
+
+
+def read_site_embedding(reply: Message, dim: int) -> torch.Tensor:
+    """The embedding in a site's reply, checked: present, right shape, finite (float64)."""
+    if reply.has_error():
+        raise ReplyError(f"site reported an error: {reply.error.reason}")
+    arrays = reply.content.get(keys.ARRAYS)
+    if not isinstance(arrays, ArrayRecord) or keys.EMBEDDING not in arrays:
+        raise ReplyError(f"reply has no {keys.ARRAYS}/{keys.EMBEDDING}")
+    value = torch.from_numpy(np.asarray(arrays[keys.EMBEDDING].numpy(), dtype=np.float64).copy())
+    if value.shape != (dim,):
+        raise ReplyError(f"embedding has shape {tuple(value.shape)}, expected ({dim},)")
+    if not torch.isfinite(value).all():
+        raise ReplyError("embedding has NaN or infinite entries")
+    return value
+
+
+def embedding_record(vector: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord(array_dict={keys.EMBEDDING: Array(vector.detach().cpu().numpy().astype(np.float32).reshape(-1))})
+
+
+class DPSGDTIStrategy(Strategy):
+    """Federated DP-SGD textual inversion: broadcast, collect, check, uniform mean, account."""
+
+    def __init__(self, *, ledger: PrivacyLedger, initial: torch.Tensor, ledger_path: Path | None = None) -> None:
+        initial = initial.detach().reshape(-1).to(torch.float32).cpu()
+        if not torch.isfinite(initial).all():
+            raise ValueError("the initial embedding has NaN or infinite entries")
+        self.ledger = ledger
+        self.dim = initial.numel()
+        self.ledger_path = ledger_path
+        self.global_embedding = initial.clone()
+        self.contributors: list[list[int]] = []  # per round: nodes whose embedding entered the mean
+        self.reported_epsilons: dict[str, float] = {}  # scope -> the latest epsilon the site reported
+        self.rejected: list[dict] = []
+
+    def summary(self) -> None:
+        log.info("DP-SGD TI baseline: %d-dim shared embedding, uniform mean of site updates, noise added on the sites",
+                 self.dim)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if keys.EMBEDDING in arrays:
+            current = torch.from_numpy(np.asarray(arrays[keys.EMBEDDING].numpy(), dtype=np.float32).copy()).reshape(-1)
+            if current.numel() != self.dim:
+                raise ValueError(f"the global embedding has {current.numel()} entries, expected {self.dim}")
+        else:
+            current = self.global_embedding
+        cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: METHOD})
+        return [
+            Message(content=RecordDict({keys.ARRAYS: embedding_record(current), keys.CONFIG: cfg}),
+                    dst_node_id=node_id, message_type="train")
+            for node_id in grid.get_node_ids()
+        ]
+
+    def _reject(self, server_round: int, node: int, err: Exception) -> None:
+        log.warning("round %d: node %s left out: %s", server_round, node, err)
+        self.rejected.append({"round": server_round, "node": node, "reason": str(err)})
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid: list[torch.Tensor] = []
+        used: list[int] = []
+        scopes: dict[str, int] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                report = read_site_report(reply)
+            except ReplyError as err:
+                self._reject(server_round, node, err)
+                continue
+            # the site spent this whether or not its embedding is usable: the server saw it
+            event = report.event(server_round, node)
+            if event.scope in scopes:
+                log.warning("round %d: nodes %s and %s both report %s; their spends compose in one scope",
+                            server_round, scopes[event.scope], node, event.scope)
+            scopes[event.scope] = node
+            self.ledger.record(event)
+            self.reported_epsilons[event.scope] = report.epsilon
+            try:
+                valid.append(read_site_embedding(reply, self.dim))
+                used.append(node)
+            except ReplyError as err:
+                self._reject(server_round, node, err)
+        if scopes and self.ledger_path is not None:
+            self.ledger.save(self.ledger_path)
+        self.contributors.append(used)
+        if not valid:
+            log.warning("round %d: no valid site embedding; the global embedding is unchanged", server_round)
+            return None, None
+        # uniform: each site counts once, whatever its number of images
+        self.global_embedding = torch.stack(valid).mean(dim=0).to(torch.float32)
+        metrics = MetricRecord({"sites": len(used), "rejected": len(scopes) - len(used)})
+        return embedding_record(self.global_embedding), metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def site_epsilons(self, accountant: str = "prv") -> dict[str, float | None]:
+        """Each site's record-level epsilon recomputed from the ledger (None for infinity)."""
+        out: dict[str, float | None] = {}
+        for scope in sorted({e.scope for e in self.ledger.events}):
+            events = [e for e in self.ledger.events if e.scope == scope]
+            eps = epsilon(events, self.ledger.delta, accountant)  # type: ignore[arg-type]
+            out[scope] = None if math.isinf(eps) else round(eps, 6)
+        return out
+
+
+def _none_if_inf(x: float) -> float | None:
+    return None if math.isinf(x) else x
+
+
+def noise_source_description(cfg: RunConfig) -> str:
+    if not cfg.private:
+        return "none (non-private run: no noise, no clipping)"
+    if cfg.secure_noise:
+        return "on each site: os.urandom Box-Muller (common.dp.NoiseSource, secure) inside Opacus' DPOptimizer"
+    return ("on each site: torch.Generator seeded with derive_seed(seed, 'dpsgd', site, round) (not secure) "
+            "inside Opacus' DPOptimizer")
+
+
+def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
+    """Run ``dpsgd-rounds`` rounds of federated DP-SGD textual inversion from the initializer
+    token's embedding; return the published vector, the privacy report and metrics."""
+    settings = ti_settings(cfg)
+    init = initializer_vector(pipe, settings)
+    ledger = PrivacyLedger(delta=cfg.target_delta)
+    strategy = DPSGDTIStrategy(ledger=ledger, initial=init, ledger_path=out / "ledger.json")
+    strategy.start(grid=grid, initial_arrays=embedding_record(init), num_rounds=cfg.dpsgd_rounds, timeout=3600.0)
+    if not any(strategy.contributors):
+        raise RuntimeError("no DP-SGD round produced a valid site embedding: nothing to publish")
+    vector = strategy.global_embedding.clone()
+
+    eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
+    site_prv, site_rdp = strategy.site_epsilons("prv"), strategy.site_epsilons("rdp")
+    rates = {e.scope: e.sample_rate for e in ledger.events}
+    noises = {e.scope: e.noise_multiplier for e in ledger.events}
+    if cfg.private and eps.get("prv") is not None and eps["prv"] > cfg.target_epsilon:
+        log.warning("DP-SGD baseline: the ledger's epsilon %.4f exceeds target-epsilon %g", eps["prv"], cfg.target_epsilon)
+    privacy = {
+        "unit": "record",
+        "private": cfg.private,
+        "mechanism": "DP-SGD textual inversion (the baseline of Peetathawatchai et al. 2024): one shared embedding, "
+                     "trained on each site with Opacus DP-SGD (each sampled image's gradient clipped to L2 norm C, "
+                     "N(0, (zC)^2) noise added to the sum, divided by the expected batch size, Poisson batches at "
+                     "rate q = batch size / site images), averaged uniformly over the sites every round",
+        "epsilon": eps,
+        "headline_accountant": "prv",
+        "delta": cfg.target_delta,
+        "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
+        "sample_rate": max(rates.values()),  # the worst site's; per site below
+        "noise_multiplier": min(noises.values()),  # the worst site's; per site below
+        "site_sample_rates": rates,
+        "site_noise_multipliers": noises,
+        "clip_norm": cfg.dpsgd_max_grad_norm,
+        "bound": "clip",
+        "centered": False,
+        "declared_num_images": cfg.dataset_size,
+        "denominator": float(cfg.dpsgd_batch_size),  # expected batch size (a site's image count if smaller)
+        "num_sites": len({n for used in strategy.contributors for n in used}),
+        "sites_per_release": [len(used) for used in strategy.contributors],
+        "num_releases": len(strategy.contributors),
+        "sampling": "poisson" if any(q < 1 for q in rates.values()) else "none (every image used)",
+        "adjacency": "add/remove one image",
+        "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
+        "composition": "each site's rounds compose (scope site-<index>); sites hold disjoint images, so the run's "
+                       "epsilon is the largest site's (parallel composition)",
+        "site_epsilon": {"prv": site_prv, "rdp": site_rdp},
+        "post_processing": ["uniform average of the sites' DP-SGD embeddings (post-processing)"],
+        "noise_source": noise_source_description(cfg),
+        "trust_model": TRUST_LOCAL if cfg.private else TRUST_NONE,
+        "rejected_replies": strategy.rejected,
+        "plan": {
+            "rounds": cfg.dpsgd_rounds,
+            "local_steps_per_round": cfg.dpsgd_local_steps,
+            "batch_size": cfg.dpsgd_batch_size,
+            "max_grad_norm": cfg.dpsgd_max_grad_norm,
+            "learning_rate": cfg.learning_rate,
+            "optimizer": "Adam",
+            "noise_multiplier": (0.0 if not cfg.private else cfg.noise_multiplier if cfg.noise_multiplier >= 0
+                                 else "calibrated on each site (PRV) for rounds x local steps at its own q"),
+        },
+        "events": [e.to_dict() for e in ledger.events],
+        "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},
+    }
+    metrics = {
+        "embedding_norm": float(torch.linalg.vector_norm(vector)),
+        "initializer_norm": float(torch.linalg.vector_norm(init)),
+        "cosine_to_initializer": float(torch.nn.functional.cosine_similarity(vector, init, dim=0)),
+        "site_record_epsilon_prv": site_prv,
+        "site_record_epsilon_reported": {k: _none_if_inf(v) for k, v in sorted(strategy.reported_epsilons.items())},
+    }
+    return {"vector": vector, "privacy": privacy, "metrics": metrics}

@@ -1,0 +1,289 @@
+"""Tests of client/dpsgd_ti.py: DP-SGD textual inversion on one site (the paper's baseline)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from flwr.app import RecordDict
+
+import client.dpsgd_ti
+import common.diffusion
+from client.app import ti_settings
+from client.dpsgd_ti import (
+    STATE_KEY,
+    NoiseSourceDPOptimizer,
+    attach_per_sample_grads,
+    batch_losses,
+    dpsgd_site_round,
+    load_history,
+    site_epsilon,
+)
+from client.ti import build_prompts, initializer_vector, placeholder_rows, tokenize
+from common import keys
+from common.config import RunConfig
+from common.data import SiteImages
+from common.dp import NoiseSource, PrivacyEvent, epsilon
+from common.models import load_pipeline
+
+DELTA = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_path):
+    return load_pipeline(tiny_sd_path, device="cpu")
+
+
+def site_images(n: int = 5, seed: int = 3) -> SiteImages:
+    pixels = torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    captions = tuple("a cat" if i % 2 else None for i in range(n))
+    return SiteImages(names=tuple(f"{i}.png" for i in range(n)), pixels=pixels, captions=captions, site="s")
+
+
+def config(**overrides) -> RunConfig:
+    base = dict(ti_method="dp-sgd", target_epsilon=50.0, target_delta=DELTA, noise_multiplier=1.0,
+                dpsgd_rounds=2, dpsgd_local_steps=2, dpsgd_batch_size=3, dpsgd_max_grad_norm=0.1,
+                learning_rate=5e-2, seed=0)
+    return RunConfig(**{**base, **overrides})
+
+
+def opacus_leftovers(pipe) -> list[str]:
+    """Names of pipeline modules or parameters still carrying Opacus hooks or attributes."""
+    found = []
+    for part in ("text_encoder", "unet", "vae"):
+        for name, module in getattr(pipe, part).named_modules():
+            if module._forward_hooks or module._backward_hooks or hasattr(module, "autograd_grad_sample_hooks"):
+                found.append(f"{part}.{name}")
+        for name, p in getattr(pipe, part).named_parameters():
+            if hasattr(p, "grad_sample") or hasattr(p, "_forward_counter"):
+                found.append(f"{part}.{name}")
+    return found
+
+
+# ---- per-sample gradients ---------------------------------------------------------------
+
+class FixedDraws:
+    """Stands in for ``torch`` inside common.diffusion: randn/randint return preset values,
+    so one example alone sees exactly the noise and timestep it saw in the batch."""
+
+    def __init__(self, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
+        self.noise, self.timesteps = noise, timesteps
+
+    def randn(self, shape, **_):
+        assert tuple(shape) == tuple(self.noise.shape)
+        return self.noise.clone()
+
+    def randint(self, low, high, size, **_):
+        assert tuple(size) == tuple(self.timesteps.shape)
+        return self.timesteps.clone()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
+def test_opacus_per_sample_gradients_match_a_loop_over_single_examples(pipe, tiny_sd_path, monkeypatch, dtype,
+                                                                      tolerance):
+    """float64 checks the math to 1e-6 (the loss itself is float32: ~5e-8 seen); float32, what
+    runs, differs by rounding only (batched and single matrix products: ~5e-6 seen)."""
+    if dtype != pipe.unet.dtype:
+        pipe = load_pipeline(tiny_sd_path, device="cpu")
+        pipe.text_encoder.to(dtype)
+        pipe.unet.to(dtype)
+    cfg = config()
+    settings = ti_settings(cfg)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8, generator=gen, dtype=dtype)
+    noise = torch.randn(3, 4, 8, 8, generator=gen, dtype=dtype)
+    timesteps = torch.tensor([10, 500, 990])
+    captions = [None, "a cat", "a dog on a hill"]  # placeholder at different token positions
+    with placeholder_rows(pipe, settings, num_rows=1) as table:
+        table.rows.to(dtype)
+        with torch.no_grad():
+            table.rows.weight.add_(0.05 * torch.randn(table.rows.weight.shape, generator=gen, dtype=dtype))
+        ids = tokenize(pipe, build_prompts(captions, settings))
+
+        # one example at a time, plain autograd
+        loop = []
+        for i in range(3):
+            monkeypatch.setattr(common.diffusion, "torch", FixedDraws(noise[i:i + 1], timesteps[i:i + 1]))
+            table.rows.weight.grad = None
+            batch_losses(pipe, table, ids[i:i + 1], latents[i:i + 1], None).sum().backward()
+            loop.append(table.rows.weight.grad.detach().clone())
+        loop = torch.stack(loop)  # [3, 1, D]
+
+        # the batch, through Opacus with the mean loss used in training
+        monkeypatch.setattr(common.diffusion, "torch", FixedDraws(noise, timesteps))
+        table.rows.weight.grad = None
+        hooks = attach_per_sample_grads(table)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                batch_losses(pipe, table, ids, latents, None).mean().backward()
+            per_sample = table.rows.weight.grad_sample.detach().clone()
+        finally:
+            hooks.cleanup()
+
+    assert per_sample.shape == loop.shape == (3, 1, table.rows.embedding_dim)
+    assert per_sample.dtype == dtype
+    for i in range(3):
+        assert loop[i].norm() > 0
+        rel = ((per_sample[i] - loop[i]).norm() / loop[i].norm()).item()
+        assert rel < tolerance, f"example {i}: relative error {rel}"
+    assert not hasattr(table.rows.weight, "grad_sample")
+    # the examples' gradients differ: a per-batch gradient would not pass the test above
+    assert (loop[0] - loop[1]).norm() > 1e-3 * loop[0].norm()
+
+
+# ---- the DP optimizer with privadapt's noise source ------------------------------------
+
+def test_dp_optimizer_without_noise_is_mean_of_clipped_per_sample_grads():
+    p = torch.nn.Parameter(torch.zeros(1, 3))
+    opt = NoiseSourceDPOptimizer(torch.optim.SGD([p], lr=1.0), noise=NoiseSource.seeded(0), noise_multiplier=0.0,
+                                 max_grad_norm=1.0, expected_batch_size=4)
+    p.grad_sample = torch.tensor([[[3.0, 4.0, 0.0]], [[0.0, 0.5, 0.0]]])  # norms 5 (clipped to 1) and 0.5
+    opt.step()
+    expected = (torch.tensor([0.6, 0.8, 0.0]) + torch.tensor([0.0, 0.5, 0.0])) / 4  # / expected batch size
+    torch.testing.assert_close(p.grad.reshape(-1), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(p.detach().reshape(-1), -expected, atol=1e-6, rtol=1e-5)
+
+
+def test_dp_optimizer_empty_batch_adds_noise_of_std_zC_over_expected_batch():
+    z, clip, expected_batch = 2.0, 0.5, 4
+    p = torch.nn.Parameter(torch.zeros(200_000))
+    opt = NoiseSourceDPOptimizer(torch.optim.SGD([p], lr=1.0), noise=NoiseSource.seeded(1), noise_multiplier=z,
+                                 max_grad_norm=clip, expected_batch_size=expected_batch)
+    opt.empty_batch_step()
+    std = z * clip / expected_batch
+    # 200k draws: the sample sd is within ~0.5% (3 sigma) of its target, the mean within 3 sd/sqrt(n)
+    assert abs(p.grad.std().item() / std - 1) < 0.005
+    assert abs(p.grad.mean().item()) < 3 * std / math.sqrt(p.numel())
+    # seeded noise replays exactly
+    q = torch.nn.Parameter(torch.zeros(200_000))
+    NoiseSourceDPOptimizer(torch.optim.SGD([q], lr=1.0), noise=NoiseSource.seeded(1), noise_multiplier=z,
+                           max_grad_norm=clip, expected_batch_size=expected_batch).empty_batch_step()
+    assert torch.equal(p.grad, q.grad)
+
+
+# ---- a site's rounds --------------------------------------------------------------------
+
+def test_dp_round_trains_and_the_site_accountant_persists_across_rounds(pipe, monkeypatch):
+    calls = []
+    real_batch_losses = client.dpsgd_ti.batch_losses
+    monkeypatch.setattr(client.dpsgd_ti, "batch_losses", lambda *a, **k: calls.append(1) or real_batch_losses(*a, **k))
+    cfg = config()
+    settings = ti_settings(cfg)
+    images = site_images()
+    init = initializer_vector(pipe, settings)
+    state = RecordDict()
+
+    v1, m1 = dpsgd_site_round(pipe, images, settings, cfg, init, state=state, site_index=2, round_index=1)
+    assert v1.shape == init.shape and v1.dtype == torch.float32 and v1.device.type == "cpu"
+    assert not torch.equal(v1, init)
+    assert m1[keys.SITE_NOISE_MULTIPLIER] == 1.0
+    assert m1[keys.SITE_SAMPLE_RATE] == pytest.approx(3 / 5)
+    assert len(calls) >= 1  # gradient steps ran (not only noise on empty batches)
+    assert m1[keys.SITE_STEPS] == 2 and m1[keys.SITE_INDEX] == 2
+
+    v2, m2 = dpsgd_site_round(pipe, images, settings, cfg, v1, state=state, site_index=2, round_index=2)
+    assert not torch.equal(v2, v1)
+    assert m2[keys.SITE_EPSILON] > m1[keys.SITE_EPSILON] > 0
+
+    # the epsilon is that of both rounds composed, as the server's ledger will compute it
+    events = [PrivacyEvent(noise_multiplier=1.0, sample_rate=0.6, steps=2, unit="record", scope="site-2")] * 2
+    assert m2[keys.SITE_EPSILON] == pytest.approx(epsilon(events, DELTA, "prv"), rel=1e-6)
+    assert m1[keys.SITE_EPSILON] == pytest.approx(epsilon(events[:1], DELTA, "prv"), rel=1e-6)
+    history = load_history(state)
+    assert [(h.round, h.noise_multiplier, h.sample_rate, h.steps) for h in history] == [(1, 1.0, 0.6, 2), (2, 1.0, 0.6, 2)]
+    assert site_epsilon(history, 2, DELTA, "rdp") == pytest.approx(epsilon(events, DELTA, "rdp"), rel=1e-9)
+
+    # seeded: the same round from the same state replays exactly
+    replay_state = RecordDict()
+    again, _ = dpsgd_site_round(pipe, images, settings, cfg, init, state=replay_state, site_index=2, round_index=1)
+    assert torch.equal(again, v1)
+    assert opacus_leftovers(pipe) == []
+
+
+def test_round_that_would_exceed_the_target_is_refused_before_training(pipe):
+    # one round of z=1, q=0.6, 2 steps costs ~5.31 at delta 1e-5; two cost ~7.49
+    cfg = config(target_epsilon=6.0)
+    settings = ti_settings(cfg)
+    images = site_images()
+    init = initializer_vector(pipe, settings)
+    state = RecordDict()
+    dpsgd_site_round(pipe, images, settings, cfg, init, state=state, site_index=3, round_index=1)
+    with pytest.raises(ValueError, match=r"site 3: .*round 2.*above target-epsilon 6"):
+        dpsgd_site_round(pipe, images, settings, cfg, init, state=state, site_index=3, round_index=2)
+    assert len(load_history(state)) == 1  # the refused round spent nothing
+
+    # a private run with no noise is refused at once
+    with pytest.raises(ValueError, match="site 0"):
+        dpsgd_site_round(pipe, images, settings, config(noise_multiplier=0.0), init, state=RecordDict(),
+                         site_index=0, round_index=1)
+
+
+def test_calibrated_noise_meets_the_target_over_the_planned_rounds(pipe):
+    cfg = config(target_epsilon=8.0, noise_multiplier=-1.0, dpsgd_local_steps=1)
+    settings = ti_settings(cfg)
+    images, init, state = site_images(), initializer_vector(pipe, settings), RecordDict()
+    vector, metrics = init, {}
+    for r in (1, 2):  # the planned dpsgd-rounds
+        vector, metrics = dpsgd_site_round(pipe, images, settings, cfg, vector, state=state, site_index=0, round_index=r)
+    z = metrics[keys.SITE_NOISE_MULTIPLIER]
+    assert 0 < z < 10
+    assert 0.95 * 8.0 < metrics[keys.SITE_EPSILON] <= 8.0
+    assert STATE_KEY in state and "noise_multiplier" in str(state[STATE_KEY]["calibration"])
+    with pytest.raises(ValueError, match="above target-epsilon"):  # a round beyond the plan
+        dpsgd_site_round(pipe, images, settings, cfg, vector, state=state, site_index=0, round_index=3)
+
+
+def test_non_private_round_has_no_noise_and_infinite_epsilon(pipe):
+    cfg = config(target_epsilon=math.inf, noise_multiplier=-1.0)
+    settings = ti_settings(cfg)
+    init = initializer_vector(pipe, settings)
+    vector, metrics = dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(),
+                                       site_index=1, round_index=1)
+    assert metrics[keys.SITE_NOISE_MULTIPLIER] == 0.0
+    assert math.isinf(metrics[keys.SITE_EPSILON])
+    assert not torch.equal(vector, init)
+
+
+def test_secure_noise_round_runs_and_is_not_replayable(pipe):
+    cfg = config(secure_noise=True, dpsgd_local_steps=1)
+    settings = ti_settings(cfg)
+    init = initializer_vector(pipe, settings)
+    a, _ = dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=0, round_index=1)
+    b, _ = dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=0, round_index=1)
+    assert not torch.equal(a, b)
+
+
+def test_text_encoder_is_restored_and_no_opacus_hooks_remain(pipe, monkeypatch):
+    cfg = config(dpsgd_local_steps=1)
+    settings = ti_settings(cfg)
+    original = pipe.text_encoder.get_input_embeddings()
+    init = initializer_vector(pipe, settings)
+    dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=0, round_index=1)
+    assert pipe.text_encoder.get_input_embeddings() is original
+    assert opacus_leftovers(pipe) == []
+    # also when training fails half-way, with the hooks attached
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(client.dpsgd_ti, "denoising_loss", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=0, round_index=1)
+    assert pipe.text_encoder.get_input_embeddings() is original
+    assert opacus_leftovers(pipe) == []
+
+
+def test_malformed_server_embedding_is_refused_before_spending(pipe):
+    cfg = config()
+    settings = ti_settings(cfg)
+    dim = initializer_vector(pipe, settings).numel()
+    for bad in (torch.zeros(dim + 1), torch.full((dim,), math.nan)):
+        state = RecordDict()
+        with pytest.raises(ValueError, match="site 4: the server's embedding"):
+            dpsgd_site_round(pipe, site_images(), settings, cfg, bad, state=state, site_index=4, round_index=1)
+        assert load_history(state) == []
