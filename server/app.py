@@ -68,6 +68,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     vector, post = postprocess(strategy.mean_release(), init, cfg)
     eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
     privacy = {
+        "method": "dpagg-ti",
         "unit": "record",
         "private": cfg.private,
         "mechanism": "DPAgg-TI (Peetathawatchai et al. 2024): Poisson-subsampled Gaussian sum of bounded "

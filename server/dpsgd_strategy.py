@@ -242,6 +242,7 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     if cfg.private and eps.get("prv") is not None and eps["prv"] > cfg.target_epsilon:
         log.warning("DP-SGD baseline: the ledger's epsilon %.4f exceeds target-epsilon %g", eps["prv"], cfg.target_epsilon)
     privacy = {
+        "method": "dp-sgd-ti",
         "unit": "record",
         "private": cfg.private,
         "mechanism": "DP-SGD textual inversion (the baseline of Peetathawatchai et al. 2024): one shared embedding, "

@@ -67,12 +67,38 @@ def fmt_eps(eps: float | None) -> str:
     return "infinity (no privacy)" if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f"{eps:.3f}"
 
 
+def dpagg_steps(p: dict) -> list[str]:
+    post = "; ".join(p["post_processing"]) or "none"
+    return [
+        f"- Method: {p['mechanism']}.",
+        f"- Sites that contributed: {p['num_sites']}; declared (public) number of images N = {p['declared_num_images']}.",
+        f"- Each image was kept with probability q = {p['sample_rate']:g} (Poisson sampling), its embedding "
+        f"{'centred on the initializer token and ' if p['centered'] else ''}"
+        f"{'clipped' if p['bound'] == 'clip' else 'normalized'} to L2 norm C = {p['clip_norm']:g}.",
+        f"- Gaussian noise with standard deviation z*C = {p['noise_multiplier']:.4g} x {p['clip_norm']:g} was added once "
+        f"to the sum over all sites, which was then divided by the public expected count q*N = {p['denominator']:g}.",
+        f"- Releases: {p['num_releases']}. Post-processing (free under DP): {post}.",
+    ]
+
+
+def dpsgd_steps(p: dict) -> list[str]:
+    plan = p["plan"]
+    per_site = ", ".join(f"{s}: q={q:.3g}, z={p['site_noise_multipliers'][s]:.4g}" for s, q in sorted(p["site_sample_rates"].items()))
+    return [
+        f"- Method: {p['mechanism']}.",
+        f"- Sites that contributed: {p['num_sites']}; rounds: {p['num_releases']}, each with "
+        f"{plan['local_steps_per_round']} local DP-SGD steps (expected batch {plan['batch_size']}) per site.",
+        f"- Per-example gradients clipped to L2 norm C = {p['clip_norm']:g}; per site sampling rate and noise multiplier: {per_site}.",
+        f"- Composition: {p['composition']}.",
+        f"- Post-processing (free under DP): {'; '.join(p['post_processing']) or 'none'}.",
+    ]
+
+
 def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
     """README.md of the output folder: the adapter, how to load it, and its privacy in words."""
     p = privacy
     eps = p["epsilon"]
     token = p["adapter"]["token"]
-    post = "; ".join(p["post_processing"]) or "none"
     if p["private"]:
         claim = (
             f"This embedding is ({fmt_eps(eps['prv'])}, {p['delta']:g})-differentially private at the level of "
@@ -89,14 +115,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         claim,
         "",
         "## How it was made",
-        f"- Method: {p['mechanism']}.",
-        f"- Sites that contributed: {p['num_sites']}; declared (public) number of images N = {p['declared_num_images']}.",
-        f"- Each image was kept with probability q = {p['sample_rate']:g} (Poisson sampling), its embedding "
-        f"{'centred on the initializer token and ' if p['centered'] else ''}"
-        f"{'clipped' if p['bound'] == 'clip' else 'normalized'} to L2 norm C = {p['clip_norm']:g}.",
-        f"- Gaussian noise with standard deviation z*C = {p['noise_multiplier']:.4g} x {p['clip_norm']:g} was added once "
-        f"to the sum over all sites, which was then divided by the public expected count q*N = {p['denominator']:g}.",
-        f"- Releases: {p['num_releases']}. Post-processing (free under DP): {post}.",
+        *(dpsgd_steps(p) if p.get("method") == "dp-sgd-ti" else dpagg_steps(p)),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
         "",

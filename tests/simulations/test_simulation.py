@@ -77,3 +77,15 @@ def test_two_sites_non_private_is_the_plain_mean(tmp_path, tiny_sd_path):
                                           sampling=sampling_generator(0), training=training).total
     expected = total / 24 + initializer_vector(pipe, settings).double()
     torch.testing.assert_close(vector.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_two_sites_dpsgd_baseline(tmp_path, tiny_sd_path):
+    out, cfg = run(tmp_path, tiny_sd_path, **{"ti-method": "dp-sgd", "dpsgd-rounds": 2, "dpsgd-local-steps": 2})
+    privacy, vector = check_outputs(out, tiny_sd_path)
+    assert privacy["method"] == "dp-sgd-ti" and privacy["private"]
+    assert privacy["num_sites"] == 2 and privacy["num_releases"] == 2
+    assert set(privacy["site_epsilon"]["prv"]) == {"site-0", "site-1"}
+    # the site accountants persisted across rounds: each site has one event per round
+    assert sorted(e["scope"] for e in privacy["events"]) == ["site-0", "site-0", "site-1", "site-1"]
+    assert 0 < privacy["epsilon"]["prv"] <= cfg.target_epsilon
+    assert "DP-SGD" in (out / "README.md").read_text()
