@@ -79,7 +79,6 @@ class SiteRound:
             sample_rate=self.sample_rate,
             steps=self.steps,
             unit="record",
-            sampling="none" if self.sample_rate == 1.0 else "poisson",
             scope=f"site-{site_index}",
             label=f"dp-sgd site {site_index} round {self.round}",
         )

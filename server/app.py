@@ -25,7 +25,7 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
 from server.dpagg_strategy import DPAggTIStrategy
-from server.export import export_embedding, generate_samples, model_card, write_json
+from server.export import embedding_metrics, export_embedding, generate_samples, model_card, write_json
 from server.plan import plan_dpagg
 
 log = logging.getLogger("privadapt.server")
@@ -99,9 +99,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},
     }
     metrics = {
-        "embedding_norm": float(torch.linalg.vector_norm(vector)),
-        "initializer_norm": float(torch.linalg.vector_norm(init)),
-        "cosine_to_initializer": float(torch.nn.functional.cosine_similarity(vector, init, dim=0)),
+        **embedding_metrics(vector, init),
         "noise_std_per_coordinate_of_mean": mechanism.noise_std / plan.denominator,
     }
     return {"vector": vector, "privacy": privacy, "metrics": metrics}

@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -24,27 +23,9 @@ from flwr.serverapp.strategy import Strategy
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from server.plan import DPAggPlan
+from server.replies import ReplyError, read_vector
 
 log = logging.getLogger("privadapt.server")
-
-
-class ReplyError(ValueError):
-    """A site's reply that cannot enter the aggregate."""
-
-
-def read_site_sum(reply: Message, dim: int) -> torch.Tensor:
-    """The embedding sum in a site's reply, checked: present, right shape, finite."""
-    if reply.has_error():
-        raise ReplyError(f"site reported an error: {reply.error.reason}")
-    arrays = reply.content.get(keys.ARRAYS)
-    if not isinstance(arrays, ArrayRecord) or keys.EMBEDDING_SUM not in arrays:
-        raise ReplyError(f"reply has no {keys.ARRAYS}/{keys.EMBEDDING_SUM}")
-    value = torch.from_numpy(np.asarray(arrays[keys.EMBEDDING_SUM].numpy(), dtype=np.float64).copy())
-    if value.shape != (dim,):
-        raise ReplyError(f"embedding sum has shape {tuple(value.shape)}, expected ({dim},)")
-    if not torch.isfinite(value).all():
-        raise ReplyError("embedding sum has NaN or infinite entries")
-    return value
 
 
 class DPAggTIStrategy(Strategy):
@@ -89,7 +70,7 @@ class DPAggTIStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             try:
-                total = self.mechanism.add(total, {keys.EMBEDDING_SUM: read_site_sum(reply, self.dim)})
+                total = self.mechanism.add(total, {keys.EMBEDDING_SUM: read_vector(reply, keys.EMBEDDING_SUM, self.dim)})
                 used.append(node)
             except ReplyError as err:
                 log.warning("release %d: node %s left out: %s", server_round, node, err)

@@ -35,7 +35,8 @@ from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
-from server.dpagg_strategy import ReplyError
+from server.export import embedding_metrics
+from server.replies import ReplyError, read_vector
 
 log = logging.getLogger("privadapt.server")
 
@@ -63,7 +64,6 @@ class SiteReport:
             sample_rate=self.sample_rate,
             steps=self.steps,
             unit="record",
-            sampling="none" if self.sample_rate == 1.0 else "poisson",
             scope=f"site-{self.index}",
             label=f"dp-sgd round {server_round} (node {node})",
         )
@@ -101,21 +101,6 @@ def read_site_report(reply: Message) -> SiteReport:
     if math.isnan(eps) or eps < 0:
         raise ReplyError(f"{keys.SITE_EPSILON} must be >= 0 (or inf), got {eps}")
     return SiteReport(index=int(index), noise_multiplier=z, sample_rate=q, steps=int(steps), epsilon=eps)
-
-
-def read_site_embedding(reply: Message, dim: int) -> torch.Tensor:
-    """The embedding in a site's reply, checked: present, right shape, finite (float64)."""
-    if reply.has_error():
-        raise ReplyError(f"site reported an error: {reply.error.reason}")
-    arrays = reply.content.get(keys.ARRAYS)
-    if not isinstance(arrays, ArrayRecord) or keys.EMBEDDING not in arrays:
-        raise ReplyError(f"reply has no {keys.ARRAYS}/{keys.EMBEDDING}")
-    value = torch.from_numpy(np.asarray(arrays[keys.EMBEDDING].numpy(), dtype=np.float64).copy())
-    if value.shape != (dim,):
-        raise ReplyError(f"embedding has shape {tuple(value.shape)}, expected ({dim},)")
-    if not torch.isfinite(value).all():
-        raise ReplyError("embedding has NaN or infinite entries")
-    return value
 
 
 def embedding_record(vector: torch.Tensor) -> ArrayRecord:
@@ -179,7 +164,7 @@ class DPSGDTIStrategy(Strategy):
             self.ledger.record(event)
             self.reported_epsilons[event.scope] = report.epsilon
             try:
-                valid.append(read_site_embedding(reply, self.dim))
+                valid.append(read_vector(reply, keys.EMBEDDING, self.dim))
                 used.append(node)
             except ReplyError as err:
                 self._reject(server_round, node, err)
@@ -289,9 +274,7 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},
     }
     metrics = {
-        "embedding_norm": float(torch.linalg.vector_norm(vector)),
-        "initializer_norm": float(torch.linalg.vector_norm(init)),
-        "cosine_to_initializer": float(torch.nn.functional.cosine_similarity(vector, init, dim=0)),
+        **embedding_metrics(vector, init),
         "site_record_epsilon_prv": site_prv,
         "site_record_epsilon_reported": {k: _none_if_inf(v) for k, v in sorted(strategy.reported_epsilons.items())},
     }

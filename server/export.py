@@ -144,5 +144,14 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def embedding_metrics(vector: torch.Tensor, init: torch.Tensor) -> dict[str, float]:
+    """How far the published embedding sits from the initializer token's."""
+    return {
+        "embedding_norm": float(torch.linalg.vector_norm(vector)),
+        "initializer_norm": float(torch.linalg.vector_norm(init)),
+        "cosine_to_initializer": float(torch.nn.functional.cosine_similarity(vector.float(), init.float(), dim=0)),
+    }
+
+
 def export_embedding(out_dir: Path, token: str, vector: torch.Tensor) -> Path:
     return save_embedding(out_dir / EMBEDS_FILE, token, vector)

@@ -33,8 +33,7 @@ def plan_dpagg(cfg: RunConfig) -> DPAggPlan:
         z = cfg.noise_multiplier
     else:
         z = calibrate_noise_multiplier(cfg.target_epsilon, cfg.target_delta, q, cfg.num_releases, unit="record")
-    planned = [PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=cfg.num_releases, unit="record",
-                            sampling="none" if q == 1.0 else "poisson")]
+    planned = [PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=cfg.num_releases, unit="record")]
     eps_prv = epsilon(planned, cfg.target_delta, "prv")
     eps_rdp = epsilon(planned, cfg.target_delta, "rdp")
     if cfg.private and eps_prv > cfg.target_epsilon:

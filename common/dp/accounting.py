@@ -94,8 +94,7 @@ def calibrate_noise_multiplier(
     prior = list(prior)
 
     def eps_at(z: float) -> float:
-        new = PrivacyEvent(noise_multiplier=z, sample_rate=sample_rate, steps=steps, unit=unit,
-                           sampling="none" if sample_rate == 1.0 else "poisson")
+        new = PrivacyEvent(noise_multiplier=z, sample_rate=sample_rate, steps=steps, unit=unit)
         return epsilon(prior + [new], delta, accountant)
 
     lo, hi = 0.0, 1.0

@@ -44,7 +44,7 @@ class PrivacyEvent:
     sample_rate: float
     steps: int = 1
     unit: Literal["record", "site"] = "record"
-    sampling: Literal["poisson", "none"] = "poisson"
+    sampling: Literal["poisson", "none", ""] = ""  # "": derived, "none" iff sample_rate == 1
     adjacency: Literal["add-remove"] = "add-remove"
     scope: str = "all"
     label: str = ""
@@ -56,6 +56,8 @@ class PrivacyEvent:
             raise ValueError(f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.sampling:
+            object.__setattr__(self, "sampling", "none" if self.sample_rate == 1.0 else "poisson")
         if self.sampling == "none" and self.sample_rate != 1.0:
             raise ValueError("sampling 'none' means every record is used: sample_rate must be 1")
 
@@ -161,7 +163,6 @@ class GaussianSumMechanism:
             sample_rate=sample_rate,
             steps=1,
             unit=unit,
-            sampling="none" if sample_rate == 1.0 else "poisson",
             label=label,
         )
         return noised, event

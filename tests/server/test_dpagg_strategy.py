@@ -6,7 +6,8 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
-from server.dpagg_strategy import DPAggTIStrategy, ReplyError, read_site_sum
+from server.dpagg_strategy import DPAggTIStrategy
+from server.replies import ReplyError, read_vector
 from server.plan import DPAggPlan
 
 DIM = 4
@@ -70,4 +71,4 @@ def test_read_site_sum_rejects_missing_key():
     msg = reply_with([1, 2, 3, 4])
     msg.content[keys.ARRAYS] = ArrayRecord(array_dict={"other": Array(np.zeros(4))})
     with pytest.raises(ReplyError, match="embedding-sum"):
-        read_site_sum(msg, DIM)
+        read_vector(msg, keys.EMBEDDING_SUM, DIM)
