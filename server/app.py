@@ -92,6 +92,8 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
         "post_processing": post,
         "noise_source": noise.describe(),
+        "sampling_source": ("OS-seeded on each site (secret)" if cfg.secure_noise else
+                            "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
         "trust_model": TRUST_CENTRAL,
         "rejected_replies": strategy.rejected,
         "plan": plan.to_dict(),
