@@ -2,7 +2,9 @@
 
 The site reads the run config (the same on every site), loads its own images from its
 data folder, and answers the server's train message with DPAgg-TI's sum of bounded
-per-image embeddings, or with a DP-SGD update of the shared embedding. Bad input raises an
+per-image embeddings, a DP-SGD update of the shared embedding, or its clipped LoRA delta
+(plain LoRA, MP-LoRA, SMP-LoRA or DP-SGD local training; the SMP/MP proxy attacker stays in
+the site's ``context.state`` and never leaves the site). Bad input raises an
 error that names the site and the file; Flower turns it into an error reply, and the
 server leaves this site out of the round without stopping the others.
 """
@@ -14,23 +16,28 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.dpagg import sampling_generator, site_contribution
+from client.dpagg import site_contribution
+from common.dp.sampling import sampling_generator
 from client.ti import TISettings
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages, load_site_images
 from common.dp import GaussianSumMechanism
+from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
 from common.tiny_sd import tiny_sd_dir
+from common.wire import record_tree, tree_record
 
 log = logging.getLogger("privadapt.client")
 
-# Pipelines stay resident in the site's process across rounds (one per model and device).
-_PIPELINES: dict[tuple[str, str], Any] = {}
+# Pipelines stay resident in the site's process across rounds (one per model, device and
+# adapter shape): a LoRA pipeline carries its attached adapter, a TI one carries none.
+_PIPELINES: dict[tuple[str, str, LoRASpec | None], Any] = {}
+ATTACKER_KEY = "privadapt-attacker"  # ConfigRecord in context.state: the SMP/MP proxy attacker
 
 
 def ti_settings(cfg: RunConfig) -> TISettings:
@@ -49,10 +56,18 @@ def model_dir(cfg: RunConfig) -> str:
     return str(resolve(cfg.model_path)) if cfg.model_path else str(tiny_sd_dir())
 
 
-def get_pipeline(cfg: RunConfig):
-    key = (model_dir(cfg), cfg.device)
+def lora_spec(cfg: RunConfig) -> LoRASpec:
+    return LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list,
+                    text_encoder=cfg.lora_text_encoder)
+
+
+def get_pipeline(cfg: RunConfig, spec: LoRASpec | None = None):
+    key = (model_dir(cfg), cfg.device, spec)
     if key not in _PIPELINES:
-        _PIPELINES[key] = load_pipeline(key[0], device=cfg.device)
+        pipe = load_pipeline(key[0], device=cfg.device)
+        if spec is not None:
+            attach_lora(pipe, spec, seed=cfg.seed)  # overwritten by the server's adapter every round
+        _PIPELINES[key] = pipe
     return _PIPELINES[key]
 
 
@@ -105,6 +120,68 @@ def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name
     return RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)})
 
 
+def lora_train_settings(cfg: RunConfig):
+    from client.lora_train import LoRATrainSettings
+
+    return LoRATrainSettings(
+        steps=cfg.local_steps, batch_size=cfg.lora_batch_size, learning_rate=cfg.lora_learning_rate,
+        defense=cfg.defense, smp_lambda=cfg.smp_lambda, member_fraction=cfg.member_fraction,
+        aux_fraction=cfg.aux_fraction, attacker_learning_rate=cfg.attacker_learning_rate,
+        attacker_weight_decay=cfg.attacker_weight_decay, default_caption=cfg.default_caption,
+    )
+
+
+def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context: Context, defense: str, index: int,
+               round_index: int) -> dict[str, float]:
+    """Run this round's local training on the pipeline's adapter, in place; return metrics."""
+    if defense == "dp-sgd":
+        from client.dpsgd_lora import dpsgd_lora_round
+
+        return dpsgd_lora_round(pipe, spec, images, cfg, state=context.state, site_index=index, round_index=round_index)
+    from client.lora_train import train_lora_locally
+
+    training = torch.Generator(device=pipe.unet.device)
+    training.manual_seed(derive_seed(cfg.seed, "lora-train", index, round_index))
+    saved = context.state.get(ATTACKER_KEY)
+    result = train_lora_locally(
+        pipe, spec, images, lora_train_settings(cfg), generator=training,
+        split_seed=derive_seed(cfg.seed, "member-split", index),  # the same split every round
+        attacker_state=bytes(saved["state"]) if saved is not None else None,
+    )
+    if result.attacker_state is not None:
+        context.state[ATTACKER_KEY] = ConfigRecord({"state": result.attacker_state})
+    return dict(result.metrics)
+
+
+def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
+    """Train from the server's adapter, clip the delta to ``lora-clip-norm`` and send it."""
+    config = msg.content[keys.CONFIG]
+    defense, round_index = str(config[keys.DEFENSE]), int(config[keys.ROUND])
+    if defense != cfg.defense:
+        raise ValueError(f"{name}: the server asked for defense {defense!r}, the run config says {cfg.defense!r}")
+    spec = lora_spec(cfg)
+    pipe = get_pipeline(cfg, spec)
+    expected = tree_shapes(lora_state(pipe, spec))
+    received = record_tree(msg.content[keys.ARRAYS])
+    if tree_shapes(received) != expected:
+        raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
+                         f"(rank {spec.rank}, targets {','.join(spec.targets)})")
+    images = load_images(cfg, name, folder)
+    load_lora_state(pipe, spec, received)
+    metrics = train_lora(pipe, spec, images, cfg, context, defense, index, round_index)
+    delta = tree_sub(lora_state(pipe, spec), received)
+    norm = flat_norm(delta)
+    if cfg.private:
+        delta = GaussianSumMechanism(clip_norm=cfg.lora_clip_norm, noise_multiplier=0.0).bound_tree(delta)
+    log.info("%s round %d: %s delta norm %.4g (clip bound %g)", name, round_index, defense, norm, cfg.lora_clip_norm)
+    report = {k: v for k, v in metrics.items() if k.startswith("site-")}  # DP-SGD's public parameters
+    if cfg.site_diagnostics:
+        report.update({k: float(v) for k, v in metrics.items() if k in keys.DIAGNOSTICS})
+        report[keys.DIAG_DELTA_NORM] = norm
+        report[keys.DIAG_CLIPPED] = float(cfg.private and norm > cfg.lora_clip_norm)
+    return RecordDict({keys.ARRAYS: tree_record(delta), keys.METRICS: MetricRecord(report)})
+
+
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
     cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
     index, name, folder = site_identity(context.node_config, cfg)
@@ -113,6 +190,8 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any] | 
         content = dpagg_reply(msg, cfg, index, name, folder)
     elif method == "dp-sgd":
         content = dpsgd_reply(msg, context, cfg, index, name, folder)
+    elif method == "lora":
+        content = lora_reply(msg, context, cfg, index, name, folder)
     else:
         raise ValueError(f"{name}: the server asked for unknown method {method!r}")
     return Message(content=content, reply_to=msg)

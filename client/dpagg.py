@@ -9,7 +9,6 @@ derived from the images leaves the site.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ import torch
 from client.ti import TISettings, initializer_vector, train_per_image_embeddings
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism
+from common.dp.sampling import poisson_sample
 
 
 @dataclass(frozen=True)
@@ -26,24 +26,6 @@ class SiteContribution:
     total: torch.Tensor  # float64 [D]: the sum of bounded embeddings, the only thing sent
     num_sampled: int
     num_clipped: int
-
-
-def sampling_generator(seed: int | None) -> torch.Generator:
-    """CPU generator for Poisson sampling: seeded for replay, OS-random in secure mode.
-
-    The sampling must stay secret for amplification by subsampling to hold, so production
-    runs (``seed=None``) seed it from the OS CSPRNG.
-    """
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
-    return gen
-
-
-def poisson_sample(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of the records kept by independent Bernoulli(rate) draws (Poisson sampling)."""
-    if rate >= 1.0:
-        return torch.arange(n)
-    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
 
 
 def site_contribution(

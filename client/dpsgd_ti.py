@@ -34,148 +34,33 @@ Notes:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import warnings
-from dataclasses import dataclass
-from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import RecordDict
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from client.dpagg import poisson_sample, sampling_generator
+from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, site_sample_rate
 from client.ti import TISettings, build_prompts, initializer_vector, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
-from common.dp import NoiseSource, PrivacyEvent, calibrate_noise_multiplier, epsilon
+from common.dp import NoiseSource
+from common.dp.sampling import poisson_sample, sampling_generator
 from common.paths import derive_seed
 from common.textual_inversion import PlaceholderEmbedding
 
 log = logging.getLogger("privadapt.client")
 
-STATE_KEY = "privadapt-dpsgd"  # ConfigRecord in context.state holding the site's accountant
-
-
-# ---- the site's accountant, persisted across rounds ------------------------------------
-
-@dataclass(frozen=True)
-class SiteRound:
-    """One round of DP-SGD on a site, as its accountant sees it."""
-
-    round: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-
-    def event(self, site_index: int) -> PrivacyEvent:
-        return PrivacyEvent(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            unit="record",
-            scope=f"site-{site_index}",
-            label=f"dp-sgd site {site_index} round {self.round}",
-        )
-
-
-def load_history(state: RecordDict) -> list[SiteRound]:
-    """The rounds this site has already spent (empty on the first round)."""
-    record = state.get(STATE_KEY)
-    if record is None:
-        return []
-    return [SiteRound(**entry) for entry in json.loads(str(record["history"]))]
-
-
-def save_history(state: RecordDict, history: list[SiteRound], calibration: dict[str, Any] | None) -> None:
-    record = ConfigRecord({
-        "history": json.dumps([vars(h) for h in history]),
-        "calibration": json.dumps(calibration),
-    })
-    state[STATE_KEY] = record
-
-
-def site_epsilon(history: list[SiteRound], site_index: int, delta: float, accountant: str = "prv") -> float:
-    """Record-level epsilon of all of this site's rounds composed (inf if any had no noise).
-
-    Rounds with the same (z, q) are merged into one event of their total steps first: the
-    same composition (it is commutative), and the PRV accountant is faster on it."""
-    steps: dict[tuple[float, float], int] = {}
-    for h in history:
-        steps[(h.noise_multiplier, h.sample_rate)] = steps.get((h.noise_multiplier, h.sample_rate), 0) + h.steps
-    merged = [SiteRound(round=-1, noise_multiplier=z, sample_rate=q, steps=k).event(site_index)
-              for (z, q), k in steps.items()]
-    return epsilon(merged, delta, accountant)  # type: ignore[arg-type]
-
-
-def site_sample_rate(batch_size: int, num_images: int) -> float:
-    """Poisson rate q giving an expected batch of ``batch_size`` (1 if the site has fewer)."""
-    if num_images < 1:
-        raise ValueError("a site needs at least one image")
-    return min(1.0, batch_size / num_images)
-
-
-def site_noise_multiplier(cfg: RunConfig, sample_rate: float, state: RecordDict) -> float:
-    """z for every round of this site: 0 when non-private, the run config's explicit
-    ``noise-multiplier`` if >= 0, else calibrated (PRV) so that ``dpsgd-rounds`` x
-    ``dpsgd-local-steps`` steps at rate q reach ``target-epsilon``. The calibration is
-    cached in ``state`` (it is deterministic in public settings and costs seconds)."""
-    if not cfg.private:
-        return 0.0
-    if cfg.noise_multiplier >= 0:
-        return float(cfg.noise_multiplier)
-    key = _calibration_key(cfg, sample_rate)
-    record = state.get(STATE_KEY)
-    cached = json.loads(str(record["calibration"])) if record is not None else None
-    if cached and cached.get("key") == key:
-        return float(cached["noise_multiplier"])
-    return calibrate_noise_multiplier(cfg.target_epsilon, cfg.target_delta, sample_rate,
-                                      steps=key["steps"], unit="record", accountant="prv")
-
-
-def _calibration_key(cfg: RunConfig, sample_rate: float) -> dict[str, float | int]:
-    return {"target_epsilon": cfg.target_epsilon, "delta": cfg.target_delta, "sample_rate": sample_rate,
-            "steps": cfg.dpsgd_rounds * cfg.dpsgd_local_steps}
+def dpsgd_budget(cfg: RunConfig) -> DPSGDBudget:
+    """The TI baseline plans ``dpsgd-rounds`` x ``dpsgd-local-steps`` steps for ``target-epsilon``."""
+    return DPSGDBudget(cfg.target_epsilon, cfg.target_delta, cfg.dpsgd_rounds * cfg.dpsgd_local_steps,
+                       cfg.noise_multiplier)
 
 
 # ---- Opacus pieces ----------------------------------------------------------------------
-
-class NoiseSourceDPOptimizer(DPOptimizer):
-    """Opacus' DPOptimizer (per-sample clipping, sum, noise, scaling by the expected batch
-    size) with the Gaussian noise drawn from a :class:`~common.dp.NoiseSource`.
-
-    Only ``add_noise`` differs from Opacus 1.6: it adds N(0, (z*C)^2) per coordinate of the
-    clipped sum, as Opacus does, but from privadapt's explicit noise source.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int) -> None:
-        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, loss_reduction="mean")
-        self.noise = noise
-
-    def add_noise(self) -> None:
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in self.params:
-            _check_processed_flag(p.summed_grad)
-            noise = self.noise.normal(p.summed_grad.shape, std).to(device=p.summed_grad.device, dtype=p.summed_grad.dtype)
-            p.grad = (p.summed_grad + noise).view_as(p)
-            _mark_as_processed(p.summed_grad)
-
-    def empty_batch_step(self) -> None:
-        """A step on an empty Poisson batch: the clipped sum is zero, the noise is not.
-
-        Skipping the step would reveal that the batch was empty; Opacus' DPDataLoader
-        yields empty batches for the same reason."""
-        for p in self.params:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-        self.step()
-
 
 def attach_per_sample_grads(table: PlaceholderEmbedding) -> GradSampleModule:
     """Opacus hooks on the placeholder row table only (the rest of the model is frozen):
@@ -236,22 +121,9 @@ def dpsgd_site_round(
                          f"got shape {tuple(global_embedding.shape)} (finite: {bool(torch.isfinite(start).all())})")
     n = len(images)
     q = site_sample_rate(cfg.dpsgd_batch_size, n)
-    z = site_noise_multiplier(cfg, q, state)
     private = cfg.private
-    calibration = {"key": _calibration_key(cfg, q), "noise_multiplier": z} if private and cfg.noise_multiplier < 0 else None
-
-    # the accountant: refuse before training if this round would exceed the target
-    history = load_history(state) + [SiteRound(round=int(round_index), noise_multiplier=z, sample_rate=q,
-                                               steps=cfg.dpsgd_local_steps)]
-    eps = site_epsilon(history, site_index, cfg.target_delta) if private else math.inf
-    if private and eps > cfg.target_epsilon:
-        raise ValueError(
-            f"site {site_index}: DP-SGD round {round_index} would bring this site's record-level epsilon to "
-            f"{eps:.4f} (PRV, delta {cfg.target_delta:g}; {len(history)} round(s) at z={z:.4g}, q={q:.4g}, "
-            f"{cfg.dpsgd_local_steps} step(s) each), above target-epsilon {cfg.target_epsilon}: refusing to train"
-        )
-    # spent from here on, even if training fails midway (conservative)
-    save_history(state, history, calibration)
+    z, eps = begin_round(state, dpsgd_budget(cfg), sample_rate=q, steps=cfg.dpsgd_local_steps,
+                         site_index=site_index, round_index=round_index)
 
     vector = _train_round(pipe, images, settings, cfg, start, z=z, q=q, private=private,
                           site_index=site_index, round_index=round_index)

@@ -12,7 +12,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
+ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
+DEFENSES = ("none", "mp-lora", "smp-lora", "dp-sgd")
 BOUND_MODES = ("clip", "normalize")
 RESCALE_MODES = ("none", "initializer-norm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -50,6 +52,27 @@ class RunConfig:
     dpsgd_local_steps: int = 10
     dpsgd_batch_size: int = 4
     dpsgd_max_grad_norm: float = 0.1
+    # LoRA with site-level DP-FedAvg (adapter = "lora")
+    defense: str = "none"  # local training: plain LoRA, MP-LoRA, SMP-LoRA, or Opacus DP-SGD
+    rounds: int = 3  # T federated rounds
+    site_sampling_rate: float = 1.0  # q: each site takes part in a round with this probability
+    num_sites: int = 0  # declared PUBLIC number of sites K; 0 = the nodes connected at the start
+    lora_clip_norm: float = 0.1  # C: bound on a site's delta, flat L2 norm over all adapter tensors
+    server_learning_rate: float = 1.0
+    local_steps: int = 10
+    lora_batch_size: int = 4
+    lora_learning_rate: float = 1e-3
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"
+    lora_text_encoder: bool = False
+    smp_lambda: float = 0.05
+    member_fraction: float = 0.5
+    aux_fraction: float = 0.5
+    attacker_learning_rate: float = 1e-5
+    attacker_weight_decay: float = 1e-4
+    record_target_epsilon: float = 0.0  # defense = dp-sgd: record-level target; <= 0 means target-epsilon
+    site_diagnostics: bool = True  # sites send loss / attacker accuracy / clipping to the (trusted) server
     # model, data, outputs
     model_path: str = ""  # "" = the embedded tiny model, built on first use
     data_path: str = "data/demo"  # holds site-<partition-id>/ folders
@@ -68,7 +91,26 @@ class RunConfig:
             if not ok:
                 problems.append(f"{key.replace('_', '-')}: {what} (got {getattr(self, key)!r})")
 
-        need(self.adapter == "ti", "adapter", "only 'ti' is available in this version")
+        need(self.adapter in ADAPTERS, "adapter", f"must be one of {ADAPTERS}")
+        need(self.defense in DEFENSES, "defense", f"must be one of {DEFENSES}")
+        need(self.adapter == "lora" or self.defense == "none", "defense", "applies to adapter 'lora' only")
+        need(self.rounds >= 1, "rounds", "must be >= 1")
+        need(0 < self.site_sampling_rate <= 1, "site_sampling_rate", "must be in (0, 1]")
+        need(self.num_sites >= 0, "num_sites", "must be >= 0 (0: count the connected nodes)")
+        need(math.isfinite(self.lora_clip_norm) and self.lora_clip_norm > 0, "lora_clip_norm", "must be finite and > 0")
+        need(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0, "server_learning_rate", "must be > 0")
+        need(self.local_steps >= 1, "local_steps", "must be >= 1")
+        need(self.lora_batch_size >= 1, "lora_batch_size", "must be >= 1")
+        need(self.lora_learning_rate > 0, "lora_learning_rate", "must be > 0")
+        need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
+        need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
+        need(bool(self.lora_target_list), "lora_targets", "must name at least one module")
+        need(self.smp_lambda >= 0, "smp_lambda", "must be >= 0")
+        need(0 < self.member_fraction < 1, "member_fraction", "must be in (0, 1)")
+        need(0 < self.aux_fraction < 1, "aux_fraction", "must be in (0, 1)")
+        need(self.attacker_learning_rate > 0, "attacker_learning_rate", "must be > 0")
+        need(self.attacker_weight_decay >= 0, "attacker_weight_decay", "must be >= 0")
+        need(not math.isnan(self.record_target_epsilon), "record_target_epsilon", "must be a number")
         need(self.ti_method in TI_METHODS, "ti_method", f"must be one of {TI_METHODS}")
         need(self.target_epsilon > 0, "target_epsilon", "must be > 0 (use 'inf' for non-private)")
         need(0 < self.target_delta < 1, "target_delta", "must be in (0, 1)")
@@ -102,6 +144,19 @@ class RunConfig:
     @property
     def effective_sampling_rate(self) -> float:
         return self.sampling_rate if self.private else 1.0
+
+    @property
+    def effective_site_sampling_rate(self) -> float:
+        return self.site_sampling_rate if self.private else 1.0
+
+    @property
+    def record_epsilon_target(self) -> float:
+        """Record-level target of DP-SGD inside a site (defense = dp-sgd)."""
+        return self.record_target_epsilon if self.record_target_epsilon > 0 else self.target_epsilon
+
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     @property
     def prompts(self) -> list[str]:

@@ -39,14 +39,15 @@ def encode_latents(vae, pixels: torch.Tensor, *, batch_size: int = 16) -> Latent
     return LatentDist(torch.cat(means), torch.cat(stds))
 
 
-def denoising_loss(
+def denoising_error(
     unet,
     scheduler,
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Per-sample mean squared denoising error, shape [B] (float32)."""
+    """Per-element squared denoising error, shape of ``latents`` (float32), at one random
+    timestep and noise draw per sample."""
     batch = latents.shape[0]
     # noise and timestep, one per sample
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -65,4 +66,11 @@ def denoising_loss(
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported scheduler prediction_type {kind!r}")
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    return F.mse_loss(pred.float(), target.float(), reduction="none")
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Per-sample mean squared denoising error, shape [B] (float32)."""
+    error = denoising_error(unet, scheduler, latents, encoder_hidden_states, generator)
+    return error.mean(dim=tuple(range(1, error.ndim)))

@@ -12,6 +12,7 @@ EMBEDDING = "embedding"  # DP-SGD TI: the shared embedding (global, or a site's 
 # ConfigRecord entries
 ROUND = "round"
 METHOD = "method"
+DEFENSE = "defense"  # LoRA: the local training the site must run
 
 # MetricRecord entries (DP-SGD baseline only: every value here depends on public settings)
 SITE_EPSILON = "site-record-epsilon"
@@ -19,3 +20,11 @@ SITE_NOISE_MULTIPLIER = "site-noise-multiplier"
 SITE_SAMPLE_RATE = "site-sample-rate"
 SITE_STEPS = "site-steps"
 SITE_INDEX = "site-index"
+
+# MetricRecord entries a LoRA site may add as diagnostics for the (trusted) server; they are
+# derived from private data and are NOT covered by the DP guarantee (see privacy.json)
+DIAG_LOSS = "adaptation-loss"
+DIAG_ATTACKER_ACCURACY = "attacker-accuracy"
+DIAG_DELTA_NORM = "delta-norm"  # before clipping
+DIAG_CLIPPED = "clipped"  # 1.0 if the delta was scaled down to the clip bound
+DIAGNOSTICS = (DIAG_LOSS, DIAG_ATTACKER_ACCURACY, DIAG_DELTA_NORM, DIAG_CLIPPED)

@@ -22,10 +22,19 @@ from client.app import model_dir, ti_settings
 from client.ti import initializer_vector
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
 from server.dpagg_strategy import DPAggTIStrategy
-from server.export import embedding_metrics, export_embedding, generate_samples, model_card, write_json
+from server.export import (
+    embedding_metrics,
+    export_embedding,
+    generate_samples,
+    lora_model_card,
+    model_card,
+    sample_pairs,
+    write_json,
+)
 from server.plan import plan_dpagg
 
 log = logging.getLogger("privadapt.server")
@@ -113,6 +122,30 @@ def run_dpsgd(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     return run_dpsgd_baseline(grid, cfg, out, pipe)
 
 
+def export_ti_run(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
+    result = run_dpagg(grid, cfg, out, pipe) if cfg.ti_method == "dpagg" else run_dpsgd(grid, cfg, out, pipe)
+    embeds = export_embedding(out, cfg.placeholder_token, result["vector"])
+    write_json(out / "privacy.json", result["privacy"])
+    result["samples"] = generate_samples(model_dir(cfg), embeds, cfg.placeholder_token, cfg.prompts, out / "samples",
+                                         steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
+                                         device=cfg.device)
+    return result
+
+
+def export_lora_run(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
+    from server.lora_run import run_lora
+
+    result = run_lora(grid, cfg, out, pipe)
+    save_lora(out, pipe, result["spec"])
+    write_json(out / "privacy.json", result["privacy"])
+    write_json(out / "round_metrics.json", result["rounds"])
+    result["samples"] = sample_pairs(model_dir(cfg), cfg.prompts, out / "samples",
+                                     adapt=lambda fresh: fresh.load_lora_weights(str(out), weight_name=LORA_FILE),
+                                     adapted_prompt=lambda prompt: prompt, steps=cfg.sample_steps,
+                                     guidance=cfg.sample_guidance, seed=cfg.seed, device=cfg.device)
+    return result
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run one privadapt job against the sites reachable through ``grid``."""
     started = time.time()
@@ -120,14 +153,14 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run_config.json", cfg.to_run_config())
     pipe = load_pipeline(model_dir(cfg), device=cfg.device)
-    result = run_dpagg(grid, cfg, out, pipe) if cfg.ti_method == "dpagg" else run_dpsgd(grid, cfg, out, pipe)
-    embeds = export_embedding(out, cfg.placeholder_token, result["vector"])
-    write_json(out / "privacy.json", result["privacy"])
-    samples = generate_samples(model_dir(cfg), embeds, cfg.placeholder_token, cfg.prompts, out / "samples",
-                               steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed, device=cfg.device)
+    if cfg.adapter == "lora":
+        result = export_lora_run(grid, cfg, out, pipe)
+    else:
+        result = export_ti_run(grid, cfg, out, pipe)
     metrics = {**result["metrics"], "wall_seconds": round(time.time() - started, 2)}
     write_json(out / "metrics.json", metrics)
-    (out / "README.md").write_text(model_card(result["privacy"], metrics, samples))
+    card = lora_model_card if cfg.adapter == "lora" else model_card
+    (out / "README.md").write_text(card(result["privacy"], metrics, result["samples"]))
     log.info("privadapt: wrote %s (epsilon %s at delta %g)", out, result["privacy"]["epsilon"], cfg.target_delta)
     return out
 

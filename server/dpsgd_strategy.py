@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -34,9 +33,9 @@ from client.app import ti_settings
 from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
-from common.dp import PrivacyEvent, PrivacyLedger, epsilon
+from common.dp import PrivacyLedger, epsilon
 from server.export import embedding_metrics
-from server.replies import ReplyError, read_vector
+from server.replies import ReplyError, read_site_report, read_vector
 
 log = logging.getLogger("privadapt.server")
 
@@ -46,61 +45,6 @@ TRUST_LOCAL = ("local noise: each site adds the noise itself (Opacus DP-SGD on i
                "The published embedding is a post-processing of those updates.")
 
 TRUST_NONE = "non-private reference run: no noise anywhere; the server sees every site's trained embedding."
-
-
-@dataclass(frozen=True)
-class SiteReport:
-    """The public privacy parameters a site reports with its DP-SGD update."""
-
-    index: int
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epsilon: float  # the site's own record-level epsilon over all its rounds (PRV), may be inf
-
-    def event(self, server_round: int, node: int) -> PrivacyEvent:
-        return PrivacyEvent(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            unit="record",
-            scope=f"site-{self.index}",
-            label=f"dp-sgd round {server_round} (node {node})",
-        )
-
-
-def _number(metrics: MetricRecord, key: str) -> float:
-    if key not in metrics:
-        raise ReplyError(f"reply has no {keys.METRICS}/{key}")
-    value = metrics[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ReplyError(f"{key} must be a number, got {value!r}")
-    return float(value)
-
-
-def read_site_report(reply: Message) -> SiteReport:
-    """The privacy parameters in a site's reply, checked (they enter the ledger)."""
-    if reply.has_error():
-        raise ReplyError(f"site reported an error: {reply.error.reason}")
-    metrics = reply.content.get(keys.METRICS)
-    if not isinstance(metrics, MetricRecord):
-        raise ReplyError(f"reply has no {keys.METRICS} record")
-    z = _number(metrics, keys.SITE_NOISE_MULTIPLIER)
-    q = _number(metrics, keys.SITE_SAMPLE_RATE)
-    steps = _number(metrics, keys.SITE_STEPS)
-    index = _number(metrics, keys.SITE_INDEX)
-    eps = _number(metrics, keys.SITE_EPSILON)
-    if not (math.isfinite(z) and z >= 0):
-        raise ReplyError(f"{keys.SITE_NOISE_MULTIPLIER} must be finite and >= 0, got {z}")
-    if not (0 < q <= 1):
-        raise ReplyError(f"{keys.SITE_SAMPLE_RATE} must be in (0, 1], got {q}")
-    if not (steps.is_integer() and steps >= 1):
-        raise ReplyError(f"{keys.SITE_STEPS} must be an integer >= 1, got {steps}")
-    if not (index.is_integer() and index >= 0):
-        raise ReplyError(f"{keys.SITE_INDEX} must be an integer >= 0, got {index}")
-    if math.isnan(eps) or eps < 0:
-        raise ReplyError(f"{keys.SITE_EPSILON} must be >= 0 (or inf), got {eps}")
-    return SiteReport(index=int(index), noise_multiplier=z, sample_rate=q, steps=int(steps), epsilon=eps)
 
 
 def embedding_record(vector: torch.Tensor) -> ArrayRecord:

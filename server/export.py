@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
@@ -33,23 +33,44 @@ def generate_samples(
     seed: int,
     device: str = "auto",
 ) -> list[dict]:
-    """Base and adapted images for the same prompts and seeds, from a fresh stock pipeline
-    that loads the exported file the way a user would."""
+    """Base and TI-adapted images ("<prompt> in the style of <token>") for the same prompts
+    and seeds, from a fresh stock pipeline that loads the exported embedding as a user would."""
+    return sample_pairs(model_dir, prompts, out_dir, adapt=lambda pipe: pipe.load_textual_inversion(str(embeds_path), token=token),
+                        adapted_prompt=lambda prompt: f"{prompt} in the style of {token}",
+                        steps=steps, guidance=guidance, seed=seed, device=device)
+
+
+def sample_pairs(
+    model_dir: str,
+    prompts: Sequence[str],
+    out_dir: Path,
+    *,
+    adapt: Callable[[Any], None],
+    adapted_prompt: Callable[[str], str],
+    steps: int,
+    guidance: float,
+    seed: int,
+    device: str = "auto",
+) -> list[dict]:
+    """Images of a fresh stock pipeline for each prompt, then the same after ``adapt(pipe)``
+    (which loads the exported adapter the way a user would), with the same seeds; writes
+    them and ``grid.png`` (base row above, adapted row below) into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(model_dir, device=device)
     rows: list[dict] = []
-    base_images, adapted_images = [], []
-    for i, prompt in enumerate(prompts):
-        for kind, text in (("base", prompt), ("adapted", f"{prompt} in the style of {token}")):
-            if kind == "adapted" and token not in pipe.tokenizer.get_vocab():
-                pipe.load_textual_inversion(str(embeds_path), token=token)
+    images: dict[str, list[Image.Image]] = {"base": [], "adapted": []}
+    for kind in ("base", "adapted"):
+        if kind == "adapted":
+            adapt(pipe)
+        for i, prompt in enumerate(prompts):
+            text = prompt if kind == "base" else adapted_prompt(prompt)
             gen = torch.Generator(device="cpu").manual_seed(seed + i)
             image = pipe(text, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0]
             name = f"{kind}_{i:02d}.png"
             image.save(out_dir / name)
-            (base_images if kind == "base" else adapted_images).append(image)
+            images[kind].append(image)
             rows.append({"kind": kind, "prompt": text, "seed": seed + i, "file": f"samples/{name}"})
-    grid(base_images, adapted_images).save(out_dir / "grid.png")
+    grid(images["base"], images["adapted"]).save(out_dir / "grid.png")
     return rows
 
 
@@ -140,6 +161,85 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         "```",
         "",
         "Full privacy report: `privacy.json`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def lora_claim(p: dict) -> str:
+    if not p["private"]:
+        return "**No privacy guarantee.** This is the non-private reference run: every site, no clipping, no noise."
+    site = p["epsilon"].get("site", {})
+    text = (
+        f"This LoRA adapter is ({fmt_eps(site.get('prv'))}, {p['delta']:g})-differentially private at the level of "
+        f"**one site** (site-level DP, add/remove-one-site adjacency), by the PRV accountant (Opacus; the RDP "
+        f"accountant gives {fmt_eps(site.get('rdp'))}): adding or removing all of the images of any one site changes "
+        f"the probability of any outcome by at most a factor e^{fmt_eps(site.get('prv'))}, except with probability "
+        f"{p['delta']:g}."
+    )
+    record = p["epsilon"].get("record")
+    if record:
+        text += (
+            f" Each site also trained with DP-SGD, so the adapter is ({fmt_eps(record.get('prv'))}, {p['delta']:g})-DP "
+            f"at the level of **one image** (RDP: {fmt_eps(record.get('rdp'))}), without trusting the server."
+        )
+    elif p["defense"] in ("mp-lora", "smp-lora"):
+        text += (
+            f" The sites trained with {p['defense'].upper()}, an empirical defence against membership inference "
+            "(a proxy attacker in the loop): it gives no formal guarantee for single images beyond the site-level one."
+        )
+    return text
+
+
+def fedavg_steps(p: dict) -> list[str]:
+    plan = p["plan"]
+    return [
+        f"- Method: {p['mechanism']}.",
+        f"- Local training: {p['defense_description']}.",
+        f"- Rounds: {p['num_rounds']}; each of the K = {p['num_sites_declared']} sites took part in a round with "
+        f"probability q = {p['sample_rate']:g} (sampling: {p['sampling']}); {plan['local_steps']} local steps per round.",
+        f"- Each site's delta was clipped to L2 norm C = {p['clip_norm']:g} over all adapter tensors; the server added "
+        f"Gaussian noise of standard deviation z*C = {p['noise_multiplier']:.4g} x {p['clip_norm']:g} to the sum and "
+        f"divided by the public expected count q*K = {p['denominator']:g} (uniform weights).",
+        f"- Adapter: LoRA rank {p['adapter']['rank']}, alpha {p['adapter']['alpha']:g}, on "
+        f"{', '.join(p['adapter']['targets'])}{' and the text encoder' if p['adapter']['text_encoder'] else ''}.",
+    ]
+
+
+def lora_model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
+    """README.md of a LoRA run's output folder."""
+    p = privacy
+    lines = [
+        f"# privadapt LoRA adapter ({p['defense']})",
+        "",
+        lora_claim(p),
+        "",
+        "## How it was made",
+        *fedavg_steps(p),
+        f"- Noise source: {p['noise_source']}.",
+        f"- Trust model: {p['trust_model']}",
+        f"- Not covered by the guarantee: {p['not_covered']}",
+        "",
+        "## Use it",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL_DIR)",
+        "pipe.load_lora_weights(OUTPUT_DIR)  # reads pytorch_lora_weights.safetensors",
+        'image = pipe("an emoji of a cat").images[0]',
+        "```",
+        "",
+        "## Samples",
+        "`samples/grid.png`: top row the base model, bottom row with the adapter; same prompts and seeds.",
+        "",
+        "| kind | prompt | seed | file |",
+        "|---|---|---|---|",
+        *[f"| {s['kind']} | {s['prompt']} | {s['seed']} | {s['file']} |" for s in samples],
+        "",
+        "## Metrics",
+        "```json",
+        json.dumps(metrics, indent=2),
+        "```",
+        "",
+        "Full privacy report: `privacy.json`; per-round server diagnostics: `round_metrics.json`.",
     ]
     return "\n".join(lines) + "\n"
 

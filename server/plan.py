@@ -23,22 +23,59 @@ class DPAggPlan:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
 
 
-def plan_dpagg(cfg: RunConfig) -> DPAggPlan:
-    """Calibrate z for ``num-releases`` releases at rate q to reach ``target-epsilon`` (PRV),
-    or check an explicit ``noise-multiplier`` against it. Non-private: q = 1, z = 0."""
-    q = cfg.effective_sampling_rate
+@dataclass(frozen=True)
+class FedAvgPlan:
+    """Site-level DP-FedAvg (McMahan et al. 2018): T rounds of the Poisson-subsampled
+    Gaussian mechanism over sites. The denominator q*K needs the public site count K,
+    fixed when the run starts (:meth:`denominator`)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    rounds: int
+    planned_epsilon_prv: float
+    planned_epsilon_rdp: float
+
+    def denominator(self, num_sites: int) -> float:
+        if num_sites < 1:
+            raise ValueError("DP-FedAvg needs at least one site")
+        return self.sample_rate * num_sites
+
+    def to_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(self).items()}
+
+
+def _noise_for_target(cfg: RunConfig, q: float, steps: int, unit: str, what: str) -> tuple[float, float, float]:
+    """(z, planned PRV epsilon, planned RDP epsilon) for ``steps`` compositions at rate q:
+    z = 0 when non-private, the explicit ``noise-multiplier`` if >= 0, else calibrated (PRV)
+    to ``target-epsilon``. Raises ValueError when the target is not met."""
     if not cfg.private:
         z = 0.0
     elif cfg.noise_multiplier >= 0:
         z = cfg.noise_multiplier
     else:
-        z = calibrate_noise_multiplier(cfg.target_epsilon, cfg.target_delta, q, cfg.num_releases, unit="record")
-    planned = [PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=cfg.num_releases, unit="record")]
+        z = calibrate_noise_multiplier(cfg.target_epsilon, cfg.target_delta, q, steps, unit=unit)
+    planned = [PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=steps, unit=unit)]  # type: ignore[arg-type]
     eps_prv = epsilon(planned, cfg.target_delta, "prv")
     eps_rdp = epsilon(planned, cfg.target_delta, "rdp")
     if cfg.private and eps_prv > cfg.target_epsilon:
         raise ValueError(
-            f"noise-multiplier {z} gives epsilon {eps_prv:.3f} (PRV) over {cfg.num_releases} release(s) at "
-            f"sampling-rate {q}, above target-epsilon {cfg.target_epsilon}: refusing to start"
+            f"noise-multiplier {z} gives {unit}-level epsilon {eps_prv:.3f} (PRV) over {steps} {what} at "
+            f"sampling rate {q}, above target-epsilon {cfg.target_epsilon}: refusing to start"
         )
+    return z, eps_prv, eps_rdp
+
+
+def plan_dpagg(cfg: RunConfig) -> DPAggPlan:
+    """Calibrate z for ``num-releases`` releases at rate q to reach ``target-epsilon`` (PRV),
+    or check an explicit ``noise-multiplier`` against it. Non-private: q = 1, z = 0."""
+    q = cfg.effective_sampling_rate
+    z, eps_prv, eps_rdp = _noise_for_target(cfg, q, cfg.num_releases, "record", "release(s)")
     return DPAggPlan(z, q, cfg.num_releases, q * cfg.dataset_size, eps_prv, eps_rdp)
+
+
+def plan_fedavg(cfg: RunConfig) -> FedAvgPlan:
+    """Calibrate the site-level z for ``rounds`` rounds at ``site-sampling-rate`` to reach
+    ``target-epsilon`` (PRV), or check an explicit ``noise-multiplier``. Non-private: q = 1, z = 0."""
+    q = cfg.effective_site_sampling_rate
+    z, eps_prv, eps_rdp = _noise_for_target(cfg, q, cfg.rounds, "site", "round(s)")
+    return FedAvgPlan(z, q, cfg.rounds, eps_prv, eps_rdp)

@@ -1,29 +1,145 @@
-"""Checks on what sites send back, before anything touches an aggregate."""
+"""Checks on what sites send back, before anything touches an aggregate.
+
+Every reader raises :class:`ReplyError` with a reason that names what is wrong; the
+strategies log it with the node, leave that reply out of the round and go on with the others.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common import keys
+from common.dp import PrivacyEvent
 
 
 class ReplyError(ValueError):
     """A site's reply that cannot enter the aggregate."""
 
 
-def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
-    """The float64 vector ``key`` of a site's reply, checked: no error, present, shape
-    (dim,), finite."""
+def _arrays(reply: Message) -> ArrayRecord:
     if reply.has_error():
         raise ReplyError(f"site reported an error: {reply.error.reason}")
     arrays = reply.content.get(keys.ARRAYS)
-    if not isinstance(arrays, ArrayRecord) or key not in arrays:
+    if not isinstance(arrays, ArrayRecord):
+        raise ReplyError(f"reply has no {keys.ARRAYS} record")
+    return arrays
+
+
+def _float64(arrays: ArrayRecord, key: str) -> torch.Tensor:
+    array = arrays[key].numpy()
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ReplyError(f"{key} has dtype {array.dtype}, expected a floating-point type")
+    return torch.from_numpy(np.asarray(array, dtype=np.float64).copy())
+
+
+def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
+    """The float64 vector ``key`` of a site's reply, checked: no error, present, shape
+    (dim,), floating point, finite."""
+    arrays = _arrays(reply)
+    if key not in arrays:
         raise ReplyError(f"reply has no {keys.ARRAYS}/{key}")
-    value = torch.from_numpy(np.asarray(arrays[key].numpy(), dtype=np.float64).copy())
+    value = _float64(arrays, key)
     if value.shape != (dim,):
         raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected ({dim},)")
     if not torch.isfinite(value).all():
         raise ReplyError(f"{key} has NaN or infinite entries")
     return value
+
+
+def read_tree(reply: Message, shapes: Mapping[str, tuple[int, ...]], *, max_norm: float | None = None) -> dict[str, torch.Tensor]:
+    """The float64 tensors of a site's reply, checked against the expected ``shapes``:
+    exactly those keys, those shapes, floating point, finite, and flat L2 norm at most
+    ``max_norm`` (with a relative slack of 1e-5 for float32 transport) when given."""
+    arrays = _arrays(reply)
+    missing = sorted(set(shapes) - set(arrays))
+    extra = sorted(set(arrays) - set(shapes))
+    if missing or extra:
+        raise ReplyError(f"reply tensors do not match the adapter: {len(missing)} missing (e.g. {missing[:1]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:1]})")
+    tree: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        value = _float64(arrays, key)
+        if tuple(value.shape) != tuple(shape):
+            raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+        if not torch.isfinite(value).all():
+            raise ReplyError(f"{key} has NaN or infinite entries")
+        tree[key] = value
+    if max_norm is not None:
+        norm = math.sqrt(sum(float((v * v).sum()) for v in tree.values()))
+        if norm > max_norm * (1 + 1e-5):
+            raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
+    return tree
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The public privacy parameters a site reports with its DP-SGD update."""
+
+    index: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon: float  # the site's own record-level epsilon over all its rounds (PRV), may be inf
+
+    def event(self, server_round: int, node: int) -> PrivacyEvent:
+        return PrivacyEvent(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            unit="record",
+            scope=f"site-{self.index}",
+            label=f"dp-sgd round {server_round} (node {node})",
+        )
+
+
+def _number(metrics: MetricRecord, key: str) -> float:
+    if key not in metrics:
+        raise ReplyError(f"reply has no {keys.METRICS}/{key}")
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ReplyError(f"{key} must be a number, got {value!r}")
+    return float(value)
+
+
+def read_site_report(reply: Message) -> SiteReport:
+    """The privacy parameters in a site's reply, checked (they enter the ledger)."""
+    if reply.has_error():
+        raise ReplyError(f"site reported an error: {reply.error.reason}")
+    metrics = reply.content.get(keys.METRICS)
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyError(f"reply has no {keys.METRICS} record")
+    z = _number(metrics, keys.SITE_NOISE_MULTIPLIER)
+    q = _number(metrics, keys.SITE_SAMPLE_RATE)
+    steps = _number(metrics, keys.SITE_STEPS)
+    index = _number(metrics, keys.SITE_INDEX)
+    eps = _number(metrics, keys.SITE_EPSILON)
+    if not (math.isfinite(z) and z >= 0):
+        raise ReplyError(f"{keys.SITE_NOISE_MULTIPLIER} must be finite and >= 0, got {z}")
+    if not (0 < q <= 1):
+        raise ReplyError(f"{keys.SITE_SAMPLE_RATE} must be in (0, 1], got {q}")
+    if not (steps.is_integer() and steps >= 1):
+        raise ReplyError(f"{keys.SITE_STEPS} must be an integer >= 1, got {steps}")
+    if not (index.is_integer() and index >= 0):
+        raise ReplyError(f"{keys.SITE_INDEX} must be an integer >= 0, got {index}")
+    if math.isnan(eps) or eps < 0:
+        raise ReplyError(f"{keys.SITE_EPSILON} must be >= 0 (or inf), got {eps}")
+    return SiteReport(index=int(index), noise_multiplier=z, sample_rate=q, steps=int(steps), epsilon=eps)
+
+
+def read_diagnostics(reply: Message, names: tuple[str, ...]) -> dict[str, float]:
+    """The finite numbers among ``names`` in a reply's metrics (absent or malformed ones are
+    skipped: diagnostics never decide whether a reply enters the aggregate)."""
+    metrics = reply.content.get(keys.METRICS) if not reply.has_error() else None
+    out: dict[str, float] = {}
+    if isinstance(metrics, MetricRecord):
+        for name in names:
+            value = metrics.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[name] = float(value)
+    return out

@@ -1,6 +1,7 @@
 import torch
 
-from client.dpagg import poisson_sample, sampling_generator, site_contribution
+from client.dpagg import site_contribution
+from common.dp.sampling import poisson_sample, sampling_generator
 from client.ti import TISettings, initializer_vector, train_per_image_embeddings
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism

@@ -6,7 +6,8 @@ import shutil
 import torch
 from diffusers import StableDiffusionPipeline
 
-from client.dpagg import sampling_generator, site_contribution
+from client.dpagg import site_contribution
+from common.dp.sampling import sampling_generator
 from client.app import ti_settings
 from client.ti import initializer_vector
 from common.config import RunConfig

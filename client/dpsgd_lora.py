@@ -1,0 +1,130 @@
+"""LoRA trained with Opacus DP-SGD inside one site (LoRA defense ``dp-sgd``).
+
+The record-level baseline next to SMP-LoRA: each local step Poisson-samples the site's
+images at q = dpsgd-batch-size / n, Opacus computes every sampled image's gradient of the
+LoRA parameters (hooks on the adapter's ``nn.Linear`` layers only; the rest of the UNet is
+frozen), clips each to L2 norm C = dpsgd-max-grad-norm, adds N(0, (zC)^2) to the sum,
+divides by the expected batch size and takes an AdamW step (Abadi et al. 2016). The site's
+accountant (:mod:`client.site_accountant`) lives in Flower's ``context.state`` across
+rounds and is calibrated for ``rounds`` x ``local-steps`` steps to reach
+``record-target-epsilon`` (default: ``target-epsilon``); it refuses a round that would go
+past it. The resulting delta is then clipped and noised by the server like any other
+(site-level DP-FedAvg), so both units get a guarantee.
+
+The record-level guarantee does not need the server's trust (the noise is added on the
+site) and does not count amplification by the server's sampling of sites (conservative).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from flwr.app import RecordDict
+from opacus import GradSampleModule
+
+from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, site_sample_rate
+from client.ti import tokenize
+from common import keys
+from common.config import RunConfig
+from common.data import SiteImages
+from common.diffusion import denoising_loss, encode_latents
+from common.dp import NoiseSource
+from common.dp.sampling import poisson_sample, sampling_generator
+from common.lora import LoRASpec, lora_parameters
+from common.paths import derive_seed
+
+log = logging.getLogger("privadapt.client")
+
+
+def record_budget(cfg: RunConfig) -> DPSGDBudget:
+    """Record-level plan of a site: ``rounds`` x ``local-steps`` DP-SGD steps."""
+    return DPSGDBudget(cfg.record_epsilon_target, cfg.target_delta, cfg.rounds * cfg.local_steps)
+
+
+def captions_or_default(images: SiteImages, default: str) -> list[str]:
+    return [c or default for c in images.captions]
+
+
+def per_sample_unet(pipe) -> GradSampleModule:
+    """Opacus hooks on the UNet; only its trainable (LoRA) layers get per-sample gradients.
+    Call ``.cleanup()`` on the result to remove the hooks and attributes."""
+    pipe.unet.train()  # Opacus records activations only in training mode
+    return GradSampleModule(pipe.unet, batch_first=True, loss_reduction="mean")
+
+
+def dpsgd_lora_round(
+    pipe,
+    spec: LoRASpec,
+    images: SiteImages,
+    cfg: RunConfig,
+    *,
+    state: RecordDict,
+    site_index: int,
+    round_index: int,
+) -> dict[str, float | int]:
+    """Train the pipeline's attached adapter in place for ``local-steps`` DP-SGD steps.
+
+    Returns the public parameters the server records (z, q, steps, site index, the site's
+    record-level epsilon over all its rounds) and the mean adaptation loss (a diagnostic).
+    Raises ValueError, spending and training nothing, if the round would exceed the site's
+    record-level target.
+    """
+    if spec.text_encoder:
+        raise ValueError("defense dp-sgd trains the UNet's LoRA only: set lora-text-encoder = false")
+    n = len(images)
+    q = site_sample_rate(cfg.dpsgd_batch_size, n)
+    budget = record_budget(cfg)
+    z, eps = begin_round(state, budget, sample_rate=q, steps=cfg.local_steps, site_index=site_index,
+                         round_index=round_index)
+    device = pipe.unet.device
+    training = torch.Generator(device=device)
+    training.manual_seed(derive_seed(cfg.seed, "lora-dpsgd-train", site_index, round_index))
+    if cfg.secure_noise:
+        sampling, noise = sampling_generator(None), NoiseSource.secure()
+    else:
+        sampling = sampling_generator(derive_seed(cfg.seed, "lora-dpsgd-sample", site_index, round_index))
+        noise = NoiseSource.seeded(derive_seed(cfg.seed, "lora-dpsgd", site_index, round_index))
+
+    dist = encode_latents(pipe.vae, images.pixels)
+    with torch.no_grad():
+        hidden_all = pipe.text_encoder(tokenize(pipe, captions_or_default(images, cfg.default_caption)).to(device))[0]
+    params = lora_parameters(pipe, spec)
+    adamw = torch.optim.AdamW(params, lr=cfg.lora_learning_rate)
+    private = budget.private
+    unet = per_sample_unet(pipe) if private else pipe.unet
+    optimizer = (NoiseSourceDPOptimizer(adamw, noise=noise, noise_multiplier=z, max_grad_norm=cfg.dpsgd_max_grad_norm,
+                                        expected_batch_size=min(cfg.dpsgd_batch_size, n)) if private else adamw)
+    losses: list[float] = []
+    try:
+        for _ in range(cfg.local_steps):
+            optimizer.zero_grad(set_to_none=True)
+            keep = poisson_sample(n, q, sampling).to(device)
+            if len(keep) == 0:
+                if private:
+                    optimizer.empty_batch_step()
+                continue
+            loss = denoising_loss(unet, pipe.scheduler, dist.sample(training, keep), hidden_all[keep], training).mean()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if private:
+            unet.cleanup()  # removes Opacus' hooks and its attributes
+        pipe.unet.eval()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise ValueError(f"site {site_index}: DP-SGD produced NaN or infinite LoRA weights in round {round_index}")
+    log.info("site %d round %d: LoRA DP-SGD z=%.4g q=%.4g C=%g, %d step(s), site record epsilon %.4g", site_index,
+             round_index, z, q, cfg.dpsgd_max_grad_norm, cfg.local_steps, eps)
+    return {
+        keys.SITE_EPSILON: float(eps),
+        keys.SITE_NOISE_MULTIPLIER: float(z),
+        keys.SITE_SAMPLE_RATE: float(q),
+        keys.SITE_STEPS: int(cfg.local_steps),
+        keys.SITE_INDEX: int(site_index),
+        keys.DIAG_LOSS: sum(losses) / len(losses) if losses else float("nan"),
+    }

@@ -1,0 +1,167 @@
+"""A site's own record-level accountant for DP-SGD, kept across rounds, and the Opacus
+optimizer that draws its noise from privadapt's noise source.
+
+Flower's Opacus example builds a fresh PrivacyEngine every round, so its accountant forgets
+the rounds before and under-reports. Here the site appends each round's public parameters
+(z, q, steps) to a history kept in Flower's ``context.state`` and recomputes its epsilon from
+the whole history; it refuses a round that would exceed its target before touching a single
+image. Used by the DP-SGD textual-inversion baseline and by LoRA with defense ``dp-sgd``.
+
+DP-SGD: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Poisson batches and
+add/remove adjacency, accounted by Opacus' PRV (headline) and RDP accountants.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+from common.dp import NoiseSource, PrivacyEvent, calibrate_noise_multiplier, epsilon
+
+STATE_KEY = "privadapt-dpsgd"  # ConfigRecord in context.state holding the site's accountant
+
+
+@dataclass(frozen=True)
+class SiteRound:
+    """One round of DP-SGD on a site, as its accountant sees it."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def event(self, site_index: int) -> PrivacyEvent:
+        return PrivacyEvent(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            unit="record",
+            scope=f"site-{site_index}",
+            label=f"dp-sgd site {site_index} round {self.round}",
+        )
+
+
+@dataclass(frozen=True)
+class DPSGDBudget:
+    """The public settings a site's DP-SGD is planned with.
+
+    ``noise_multiplier`` >= 0 fixes z; < 0 calibrates z (PRV) so that ``total_steps`` steps
+    at the site's rate reach ``target_epsilon``. Non-private: z = 0, epsilon = inf.
+    """
+
+    target_epsilon: float
+    delta: float
+    total_steps: int
+    noise_multiplier: float = -1.0
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.target_epsilon)
+
+
+def load_history(state: RecordDict) -> list[SiteRound]:
+    """The rounds this site has already spent (empty on the first round)."""
+    record = state.get(STATE_KEY)
+    if record is None:
+        return []
+    return [SiteRound(**entry) for entry in json.loads(str(record["history"]))]
+
+
+def save_history(state: RecordDict, history: list[SiteRound], calibration: dict | None) -> None:
+    state[STATE_KEY] = ConfigRecord({
+        "history": json.dumps([vars(h) for h in history]),
+        "calibration": json.dumps(calibration),
+    })
+
+
+def site_epsilon(history: list[SiteRound], site_index: int, delta: float, accountant: str = "prv") -> float:
+    """Record-level epsilon of all of this site's rounds composed (inf if any had no noise)."""
+    return epsilon([h.event(site_index) for h in history], delta, accountant)  # type: ignore[arg-type]
+
+
+def site_sample_rate(batch_size: int, num_images: int) -> float:
+    """Poisson rate q giving an expected batch of ``batch_size`` (1 if the site has fewer)."""
+    if num_images < 1:
+        raise ValueError("a site needs at least one image")
+    return min(1.0, batch_size / num_images)
+
+
+def _calibration_key(budget: DPSGDBudget, sample_rate: float) -> dict[str, float | int]:
+    return {"target_epsilon": budget.target_epsilon, "delta": budget.delta, "sample_rate": sample_rate,
+            "steps": budget.total_steps}
+
+
+def site_noise_multiplier(budget: DPSGDBudget, sample_rate: float, state: RecordDict) -> float:
+    """z for every round of this site. The calibration is cached in ``state`` (it is
+    deterministic in public settings and costs seconds)."""
+    if not budget.private:
+        return 0.0
+    if budget.noise_multiplier >= 0:
+        return float(budget.noise_multiplier)
+    key = _calibration_key(budget, sample_rate)
+    record = state.get(STATE_KEY)
+    cached = json.loads(str(record["calibration"])) if record is not None else None
+    if cached and cached.get("key") == key:
+        return float(cached["noise_multiplier"])
+    return calibrate_noise_multiplier(budget.target_epsilon, budget.delta, sample_rate,
+                                      steps=budget.total_steps, unit="record", accountant="prv")
+
+
+def begin_round(state: RecordDict, budget: DPSGDBudget, *, sample_rate: float, steps: int, site_index: int,
+                round_index: int) -> tuple[float, float]:
+    """Check and record the spend of one round BEFORE training: returns (z, the site's
+    epsilon over all its rounds including this one). Raises ValueError, spending nothing,
+    if this round would take the site above its target. Once recorded, the round counts as
+    spent even if training then fails (conservative)."""
+    z = site_noise_multiplier(budget, sample_rate, state)
+    history = load_history(state) + [SiteRound(round=int(round_index), noise_multiplier=z, sample_rate=sample_rate,
+                                               steps=steps)]
+    eps = site_epsilon(history, site_index, budget.delta) if budget.private else math.inf
+    if budget.private and eps > budget.target_epsilon:
+        raise ValueError(
+            f"site {site_index}: DP-SGD round {round_index} would bring this site's record-level epsilon to "
+            f"{eps:.4f} (PRV, delta {budget.delta:g}; {len(history)} round(s) at z={z:.4g}, q={sample_rate:.4g}, "
+            f"{steps} step(s) each), above its target {budget.target_epsilon}: refusing to train"
+        )
+    calibration = ({"key": _calibration_key(budget, sample_rate), "noise_multiplier": z}
+                   if budget.private and budget.noise_multiplier < 0 else None)
+    save_history(state, history, calibration)
+    return z, eps
+
+
+class NoiseSourceDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer (per-sample clipping, sum, noise, scaling by the expected batch
+    size) with the Gaussian noise drawn from a :class:`~common.dp.NoiseSource`.
+
+    Only ``add_noise`` differs from Opacus 1.6: it adds N(0, (z*C)^2) per coordinate of the
+    clipped sum, as Opacus does, but from privadapt's explicit noise source.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int) -> None:
+        super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, loss_reduction="mean")
+        self.noise = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            noise = self.noise.normal(p.summed_grad.shape, std).to(device=p.summed_grad.device, dtype=p.summed_grad.dtype)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def empty_batch_step(self) -> None:
+        """A step on an empty Poisson batch: the clipped sum is zero, the noise is not.
+
+        Skipping the step would reveal that the batch was empty; Opacus' DPDataLoader
+        yields empty batches for the same reason."""
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        self.step()

@@ -1,0 +1,111 @@
+"""A LoRA run on the server: plan, DP-FedAvg rounds, the published adapter and its report.
+
+The initial adapter is public (drawn from the run seed, B = 0 so it leaves the model
+unchanged); the plan fixes the site-level noise multiplier for ``rounds`` rounds at
+``site-sampling-rate`` before any site is contacted, and refuses a target it cannot meet.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from flwr.serverapp import Grid
+
+from client.app import lora_spec
+from common.config import RunConfig
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.sampling import sampling_generator
+from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
+from common.paths import derive_seed
+from common.wire import tree_record
+from server.lora_strategy import DPFedAvgLoRA
+from server.plan import plan_fedavg
+
+DEFENSES = {
+    "none": "plain LoRA (AdamW on the denoising loss)",
+    "mp-lora": "MP-LoRA (Luo et al., arXiv 2402.11989): L_ada - lambda*CE against a proxy membership attacker "
+               "trained alongside on the site's member / non-member split",
+    "smp-lora": "SMP-LoRA (Luo et al., arXiv 2402.11989): L_ada / (1 + lambda*CE + 1e-5) against a proxy membership "
+                "attacker trained alongside on the site's member / non-member split",
+    "dp-sgd": "Opacus DP-SGD on each site (per-image gradients clipped and noised; record-level DP)",
+}
+
+TRUST_CENTRAL_LORA = ("central noise: the server adds the noise, so it sees each site's clipped delta and must be "
+                      "trusted for the site-level guarantee; the published adapter is what carries it.")
+NOT_COVERED = ("round_metrics.json (per-round site diagnostics: losses, proxy-attacker accuracy, clipping, how many "
+               "sites answered) is derived from private data and seen by the trusted server only: do not publish it "
+               "with the adapter.")
+
+
+def server_noise(cfg: RunConfig) -> tuple[NoiseSource, "object"]:
+    """The noise source and the site-sampling generator: both OS-seeded in secure mode."""
+    if cfg.secure_noise:
+        return NoiseSource.secure(), sampling_generator(None)
+    return (NoiseSource.seeded(derive_seed(cfg.seed, "server-noise")),
+            sampling_generator(derive_seed(cfg.seed, "site-sampling")))
+
+
+def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
+    """Run ``rounds`` rounds of DP-FedAvg; leave the final global adapter loaded in ``pipe``
+    and return the privacy report, public metrics and per-round diagnostics."""
+    plan = plan_fedavg(cfg)
+    spec = lora_spec(cfg)
+    attach_lora(pipe, spec, seed=derive_seed(cfg.seed, "lora-init"))
+    initial = lora_state(pipe, spec)
+    noise, sampling = server_noise(cfg)
+    ledger = PrivacyLedger(delta=cfg.target_delta)
+    mechanism = GaussianSumMechanism(clip_norm=cfg.lora_clip_norm, noise_multiplier=plan.noise_multiplier)
+    strategy = DPFedAvgLoRA(
+        plan=plan, mechanism=mechanism, noise=noise, sampling=sampling, ledger=ledger, initial=initial,
+        defense=cfg.defense, private=cfg.private, server_learning_rate=cfg.server_learning_rate,
+        num_sites=cfg.num_sites, ledger_path=out / "ledger.json",
+    )
+    strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=3600.0)
+    load_lora_state(pipe, spec, strategy.global_state)
+    summary = ledger.summary()
+    private = cfg.private
+    privacy = {
+        "method": "dp-fedavg-lora",
+        "defense": cfg.defense,
+        "defense_description": DEFENSES[cfg.defense],
+        "unit": "site" + (" and record" if cfg.defense == "dp-sgd" and private else ""),
+        "private": private,
+        "mechanism": "DP-FedAvg (McMahan et al. 2018): Poisson-subsampled sites, each site's LoRA delta clipped to "
+                     "L2 norm C over all adapter tensors, Gaussian noise N(0, (zC)^2) added once to the sum, divided "
+                     "by the public expected count q*K",
+        "epsilon": summary if private else {"site": {"prv": None, "rdp": None}},
+        "headline_accountant": "prv",
+        "delta": cfg.target_delta,
+        "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
+        "record_target_epsilon": (cfg.record_epsilon_target if cfg.defense == "dp-sgd" and private else None),
+        "sample_rate": plan.sample_rate,
+        "noise_multiplier": plan.noise_multiplier,
+        "clip_norm": cfg.lora_clip_norm if private else None,
+        "num_sites_declared": strategy.num_sites,
+        "denominator": strategy.denominator if private else "number of sites that answered (plain mean)",
+        "num_rounds": len(strategy.rounds),
+        "sampling": "poisson over sites" if plan.sample_rate < 1 else "none (every site every round)",
+        "adjacency": "add/remove one site" + ("; add/remove one image (DP-SGD)" if cfg.defense == "dp-sgd" else ""),
+        "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
+        "site_record_epsilon_reported": dict(sorted(strategy.reported_record_epsilons.items())) or None,
+        "post_processing": [f"global adapter += {cfg.server_learning_rate:g} x the noisy mean delta, every round"],
+        "noise_source": noise.describe() if private else "none (non-private run)",
+        "sampling_source": ("OS-seeded on the server (secret)" if cfg.secure_noise else
+                            "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
+        "trust_model": TRUST_CENTRAL_LORA if private else "non-private reference run: no clipping, no noise.",
+        "not_covered": NOT_COVERED,
+        "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
+                 "server_learning_rate": cfg.server_learning_rate},
+        "events": [e.to_dict() for e in ledger.events],
+        "adapter": {"type": "lora", "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
+                    "text_encoder": spec.text_encoder, "parameters": sum(v.numel() for v in initial.values())},
+    }
+    final = strategy.global_state
+    metrics = {
+        "adapter_norm": flat_norm(final),
+        "distance_from_initial_adapter": flat_norm({k: final[k] - initial[k] for k in final}),
+        "noise_std_per_coordinate_of_mean": (mechanism.noise_std / strategy.denominator) if private else 0.0,
+        "rounds": len(strategy.rounds),
+    }
+    return {"privacy": privacy, "metrics": metrics, "rounds": strategy.round_summaries(), "spec": spec}

@@ -1,0 +1,221 @@
+"""Site-level DP-FedAvg of clipped LoRA deltas on Flower's Message API.
+
+McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language
+Models" (ICLR 2018), Alg. 1 with the fixed-denominator estimator: every round
+
+1. each of the K sites is sampled independently with probability q (Poisson; q = 1 means
+   every site, no amplification); the draws come from the server's sampling generator
+   (OS-seeded in secure mode: they must stay secret for amplification to hold);
+2. every sampled site starts from the global adapter, trains locally (plain LoRA, MP-LoRA,
+   SMP-LoRA or DP-SGD), clips its delta to L2 norm C over all adapter tensors, and sends it;
+3. the server checks every reply (keys, shapes, dtype, finite, norm <= C), re-bounds it with
+   the shared :class:`~common.dp.GaussianSumMechanism` (a no-op within float32 rounding, so
+   the sensitivity is exactly C), sums, adds N(0, (zC)^2 I) once and divides by the public
+   expected count q*K: uniform weights, never example counts;
+4. the global adapter moves by ``server-learning-rate`` times that noisy mean, and the round
+   is written into the ledger as one site-level event (q, z). T rounds compose.
+
+The noise and the denominator are those of the plan whatever happens to the replies: a site
+that is rejected or drops out only removes signal, and a round in which no site answers
+still releases (and pays for) pure noise, so the accounting never depends on who answered.
+
+With defense ``dp-sgd`` every site also reports the public parameters of its own DP-SGD
+(record-level, scope ``site-<index>``); those events enter the same ledger as unit "record".
+
+Non-private mode (target-epsilon = inf): every site, no clipping, no noise, the plain mean of
+the deltas that arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import keys
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.sampling import poisson_sample
+from common.lora import flat_norm, tree_add, tree_shapes
+from common.wire import tree_record
+from server.plan import FedAvgPlan
+from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree
+
+log = logging.getLogger("privadapt.server")
+
+METHOD = "lora"
+
+
+@dataclass
+class RoundLog:
+    """What the server knows about one round (diagnostics are NOT DP: kept by the server)."""
+
+    round: int
+    sampled: list[int]
+    used: list[int] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    ignored: list[int] = field(default_factory=list)
+    noise_norm: float = 0.0
+    update_norm: float = 0.0
+    diagnostics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        diag = list(self.diagnostics.values())
+
+        def mean(name: str) -> float | None:
+            values = [d[name] for d in diag if name in d]
+            return round(sum(values) / len(values), 6) if values else None
+
+        return {
+            "round": self.round,
+            "sites_sampled": len(self.sampled),
+            "sites_used": len(self.used),
+            "rejected": self.rejected,
+            "ignored_unrequested_replies": self.ignored,
+            "noise_norm_of_mean": round(self.noise_norm, 6),
+            "update_norm": round(self.update_norm, 6),
+            "adaptation_loss": mean(keys.DIAG_LOSS),
+            "attacker_accuracy": mean(keys.DIAG_ATTACKER_ACCURACY),
+            "fraction_clipped": mean(keys.DIAG_CLIPPED),
+            "delta_norm_before_clipping": mean(keys.DIAG_DELTA_NORM),
+        }
+
+
+class DPFedAvgLoRA(Strategy):
+    """Central-noise DP-FedAvg for LoRA adapters (trusted server: it sees each clipped delta)."""
+
+    def __init__(
+        self,
+        *,
+        plan: FedAvgPlan,
+        mechanism: GaussianSumMechanism,
+        noise: NoiseSource,
+        sampling: torch.Generator,
+        ledger: PrivacyLedger,
+        initial: dict[str, torch.Tensor],
+        defense: str,
+        private: bool,
+        server_learning_rate: float = 1.0,
+        num_sites: int = 0,
+        ledger_path: Path | None = None,
+    ) -> None:
+        if mechanism.noise_multiplier != plan.noise_multiplier:
+            raise ValueError("the mechanism's noise multiplier must be the plan's")
+        self.plan = plan
+        self.mechanism = mechanism
+        self.noise = noise
+        self.sampling = sampling
+        self.ledger = ledger
+        self.global_state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in initial.items()}
+        self.shapes = tree_shapes(self.global_state)
+        self.defense = defense
+        self.private = private
+        self.server_learning_rate = server_learning_rate
+        self.declared_sites = num_sites
+        self.num_sites = num_sites  # K, fixed at the first round if not declared
+        self.ledger_path = ledger_path
+        self.rounds: list[RoundLog] = []
+        self.reported_record_epsilons: dict[str, float] = {}
+
+    def summary(self) -> None:
+        log.info("DP-FedAvg LoRA (%s): z=%.4f, site rate q=%.4f, C=%g, %d round(s), %d tensors", self.defense,
+                 self.plan.noise_multiplier, self.plan.sample_rate, self.mechanism.clip_norm, self.plan.rounds,
+                 len(self.shapes))
+
+    @property
+    def denominator(self) -> float:
+        return self.plan.denominator(self.num_sites)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        nodes = sorted(grid.get_node_ids())
+        if self.num_sites == 0:
+            self.num_sites = len(nodes)
+            if self.num_sites == 0:
+                raise RuntimeError("no site is connected: cannot fix the public site count K")
+            log.info("DP-FedAvg: K = %d connected sites (public; denominator q*K = %g)", self.num_sites, self.denominator)
+        elif len(nodes) > self.num_sites:
+            log.warning("round %d: %d nodes connected but num-sites declares %d; the denominator stays q*K = %g",
+                        server_round, len(nodes), self.num_sites, self.denominator)
+        chosen = [nodes[i] for i in poisson_sample(len(nodes), self.plan.sample_rate, self.sampling).tolist()]
+        self.rounds.append(RoundLog(round=server_round, sampled=chosen))
+        cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: METHOD, keys.DEFENSE: self.defense})
+        content = RecordDict({keys.ARRAYS: tree_record(self.global_state), keys.CONFIG: cfg})
+        return [Message(content=content, dst_node_id=node, message_type="train") for node in chosen]
+
+    def _reject(self, entry: RoundLog, node: int, err: Exception) -> None:
+        log.warning("round %d: node %s left out: %s", entry.round, node, err)
+        entry.rejected.append({"node": node, "reason": str(err)})
+
+    def _record_site_spend(self, entry: RoundLog, reply: Message, node: int) -> None:
+        """DP-SGD sites report the record-level parameters they spent; the ledger keeps them
+        even if the delta is then rejected (the server saw it)."""
+        report = read_site_report(reply)
+        self.ledger.record(report.event(entry.round, node))
+        self.reported_record_epsilons[f"site-{report.index}"] = report.epsilon
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if not self.rounds or self.rounds[-1].round != server_round:
+            self.rounds.append(RoundLog(round=server_round, sampled=[]))  # configure_train was not called
+        entry = self.rounds[-1]
+        asked = set(entry.sampled)
+        total = None
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in asked or node in entry.used:
+                log.warning("round %d: ignoring a reply from node %s, which was not asked (or answered twice)",
+                            server_round, node)
+                entry.ignored.append(node)
+                continue
+            try:
+                if self.defense == "dp-sgd" and self.private:
+                    self._record_site_spend(entry, reply, node)
+                delta = read_tree(reply, self.shapes, max_norm=self.mechanism.clip_norm if self.private else None)
+            except ReplyError as err:
+                self._reject(entry, node, err)
+                continue
+            if self.private:
+                delta = self.mechanism.bound_tree(delta)  # exact sensitivity C whatever the wire did
+            total = self.mechanism.add(total, delta)
+            entry.used.append(node)
+            entry.diagnostics[node] = read_diagnostics(reply, keys.DIAGNOSTICS)
+
+        if self.private:
+            if total is None:  # nobody sampled or nobody valid: the noise is released all the same
+                total = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
+            mean, event = self.mechanism.release(
+                total, denominator=self.denominator, noise=self.noise, sample_rate=self.plan.sample_rate,
+                unit="site", label=f"dp-fedavg lora round {server_round}",
+            )
+            self.ledger.record(event)
+            entry.noise_norm = flat_norm({k: mean[k] - total[k] / self.denominator for k in mean})
+        else:
+            if total is None:
+                log.warning("round %d: no valid site delta; the global adapter is unchanged", server_round)
+                self._save_ledger()
+                return None, MetricRecord({"sites": 0})
+            mean = {k: v / len(entry.used) for k, v in total.items()}
+        self._save_ledger()
+        entry.update_norm = self.server_learning_rate * flat_norm(mean)
+        self.global_state = tree_add(self.global_state, mean, self.server_learning_rate)
+        metrics = MetricRecord({"sites": len(entry.used), "rejected": len(entry.rejected),
+                                "noise-norm": float(entry.noise_norm), "update-norm": float(entry.update_norm)})
+        return tree_record(self.global_state), metrics
+
+    def _save_ledger(self) -> None:
+        if self.ledger_path is not None:
+            self.ledger.save(self.ledger_path)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def round_summaries(self) -> list[dict]:
+        return [r.summary() for r in self.rounds]
+
