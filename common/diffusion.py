@@ -57,7 +57,8 @@ def denoising_error(
     # forward diffusion q(x_t | x_0)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     # the UNet's prediction
-    pred = unet(noisy, timesteps, encoder_hidden_states.to(unet.dtype)).sample
+    dtype = next(unet.parameters()).dtype  # also through wrappers (Opacus GradSampleModule)
+    pred = unet(noisy, timesteps, encoder_hidden_states.to(dtype)).sample
     # the regression target depends on how the scheduler parameterises the model
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

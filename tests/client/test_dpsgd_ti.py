@@ -20,6 +20,7 @@ from common.config import RunConfig
 from common.data import SiteImages
 from common.dp import NoiseSource, PrivacyEvent, epsilon
 from common.models import load_pipeline
+from tests.client.helpers import FixedDraws, opacus_leftovers
 
 DELTA = 1e-5
 
@@ -42,39 +43,7 @@ def config(**overrides) -> RunConfig:
     return RunConfig(**{**base, **overrides})
 
 
-def opacus_leftovers(pipe) -> list[str]:
-    """Names of pipeline modules or parameters still carrying Opacus hooks or attributes."""
-    found = []
-    for part in ("text_encoder", "unet", "vae"):
-        for name, module in getattr(pipe, part).named_modules():
-            if module._forward_hooks or module._backward_hooks or hasattr(module, "autograd_grad_sample_hooks"):
-                found.append(f"{part}.{name}")
-        for name, p in getattr(pipe, part).named_parameters():
-            if hasattr(p, "grad_sample") or hasattr(p, "_forward_counter"):
-                found.append(f"{part}.{name}")
-    return found
-
-
 # ---- per-sample gradients ---------------------------------------------------------------
-
-class FixedDraws:
-    """Stands in for ``torch`` inside common.diffusion: randn/randint return preset values,
-    so one example alone sees exactly the noise and timestep it saw in the batch."""
-
-    def __init__(self, noise: torch.Tensor, timesteps: torch.Tensor) -> None:
-        self.noise, self.timesteps = noise, timesteps
-
-    def randn(self, shape, **_):
-        assert tuple(shape) == tuple(self.noise.shape)
-        return self.noise.clone()
-
-    def randint(self, low, high, size, **_):
-        assert tuple(size) == tuple(self.timesteps.shape)
-        return self.timesteps.clone()
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-6), (torch.float32, 1e-4)])
 def test_opacus_per_sample_gradients_match_a_loop_over_single_examples(pipe, tiny_sd_path, monkeypatch, dtype,
@@ -129,8 +98,6 @@ def test_opacus_per_sample_gradients_match_a_loop_over_single_examples(pipe, tin
     # the examples' gradients differ: a per-batch gradient would not pass the test above
     assert (loop[0] - loop[1]).norm() > 1e-3 * loop[0].norm()
 
-
-# ---- the DP optimizer with privadapt's noise source ------------------------------------
 
 # ---- a site's rounds --------------------------------------------------------------------
 

@@ -1,0 +1,123 @@
+"""Tests of client/dpsgd_lora.py: LoRA trained with Opacus DP-SGD on one site."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from flwr.app import RecordDict
+
+import common.diffusion
+from client.dpsgd_lora import dpsgd_lora_round, per_sample_unet
+from client.site_accountant import load_history
+from common import keys
+from common.config import RunConfig
+from common.data import SiteImages
+from common.diffusion import denoising_loss
+from common.lora import LoRASpec, attach_lora, lora_parameters, lora_state
+from common.models import load_pipeline
+from tests.client.helpers import FixedDraws, opacus_leftovers
+
+SPEC = LoRASpec(rank=2, alpha=2.0)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd_path):
+    p = load_pipeline(tiny_sd_path, device="cpu")
+    attach_lora(p, SPEC, seed=0)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():  # B != 0, so that A's gradients are not zero
+        for param in lora_parameters(p, SPEC):
+            param.add_(0.05 * torch.randn(param.shape, generator=g))
+    return p
+
+
+def site_images(n: int = 6, seed: int = 3) -> SiteImages:
+    pixels = torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return SiteImages(tuple(f"{i}.png" for i in range(n)), pixels, tuple([None] * n), "site-x")
+
+
+def config(**overrides) -> RunConfig:
+    base = {"adapter": "lora", "defense": "dp-sgd", "rounds": 2, "local-steps": 2, "dpsgd-batch-size": 3,
+            "lora-rank": 2, "lora-alpha": 2.0, "target-epsilon": 8.0}
+    return RunConfig.from_run_config({**base, **overrides})
+
+
+def test_opacus_per_sample_gradients_on_the_lora_unet_match_a_loop(pipe, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8, generator=gen)
+    noise = torch.randn(3, 4, 8, 8, generator=gen)
+    timesteps = torch.tensor([10, 500, 990])
+    ids = pipe.tokenizer(["an image", "a cat", "a dog on a hill"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+    params = lora_parameters(pipe, SPEC)
+
+    loop = []
+    for i in range(3):
+        monkeypatch.setattr(common.diffusion, "torch", FixedDraws(noise[i:i + 1], timesteps[i:i + 1]))
+        for p in params:
+            p.grad = None
+        denoising_loss(pipe.unet, pipe.scheduler, latents[i:i + 1], hidden[i:i + 1], None).sum().backward()
+        loop.append(torch.cat([p.grad.flatten() for p in params]))
+    loop = torch.stack(loop)
+
+    monkeypatch.setattr(common.diffusion, "torch", FixedDraws(noise, timesteps))
+    for p in params:
+        p.grad = None
+    unet = per_sample_unet(pipe)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            denoising_loss(unet, pipe.scheduler, latents, hidden, None).mean().backward()
+        per_sample = torch.stack([torch.cat([p.grad_sample[i].flatten() for p in params]) for i in range(3)])
+    finally:
+        unet.cleanup()
+        pipe.unet.eval()
+        for p in params:
+            p.grad = None
+    assert per_sample.shape == loop.shape
+    for i in range(3):
+        assert loop[i].norm() > 0
+        rel = ((per_sample[i] - loop[i]).norm() / loop[i].norm()).item()
+        assert rel < 1e-4, f"example {i}: relative error {rel}"
+    assert (loop[0] - loop[1]).norm() > 1e-3 * loop[0].norm()
+    assert opacus_leftovers(pipe) == []
+
+
+def test_dp_round_trains_only_lora_and_the_accountant_persists(pipe):
+    state = RecordDict()
+    cfg = config()
+    frozen = {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if "lora_" not in n}
+    before = lora_state(pipe, SPEC)
+    m1 = dpsgd_lora_round(pipe, SPEC, site_images(), cfg, state=state, site_index=1, round_index=1)
+    after = lora_state(pipe, SPEC)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(p, frozen[n]) for n, p in pipe.unet.named_parameters() if "lora_" not in n)
+    assert m1[keys.SITE_SAMPLE_RATE] == 0.5 and m1[keys.SITE_STEPS] == 2 and m1[keys.SITE_INDEX] == 1
+    assert m1[keys.SITE_NOISE_MULTIPLIER] > 0 and math.isfinite(m1[keys.DIAG_LOSS])
+    m2 = dpsgd_lora_round(pipe, SPEC, site_images(), cfg, state=state, site_index=1, round_index=2)
+    assert m2[keys.SITE_EPSILON] > m1[keys.SITE_EPSILON]
+    assert m2[keys.SITE_EPSILON] <= 8.0 + 1e-9  # calibrated for rounds x local-steps
+    assert [h.round for h in load_history(state)] == [1, 2]
+    with pytest.raises(ValueError, match="above its target"):  # a third round is past the plan
+        dpsgd_lora_round(pipe, SPEC, site_images(), cfg, state=state, site_index=1, round_index=3)
+    assert opacus_leftovers(pipe) == [] and not pipe.unet.training
+
+
+def test_record_target_can_differ_from_the_site_target(pipe):
+    state = RecordDict()
+    m = dpsgd_lora_round(pipe, SPEC, site_images(), config(**{"record-target-epsilon": 2.0}), state=state,
+                         site_index=0, round_index=1)
+    strict = m[keys.SITE_NOISE_MULTIPLIER]
+    m8 = dpsgd_lora_round(pipe, SPEC, site_images(), config(), state=RecordDict(), site_index=0, round_index=1)
+    assert strict > m8[keys.SITE_NOISE_MULTIPLIER]
+
+
+def test_text_encoder_lora_is_refused_with_dp_sgd(pipe):
+    with pytest.raises(ValueError, match="lora-text-encoder"):
+        dpsgd_lora_round(pipe, LoRASpec(rank=2, text_encoder=True), site_images(), config(), state=RecordDict(),
+                         site_index=0, round_index=1)
