@@ -21,11 +21,12 @@ from flwr.clientapp import ClientApp
 
 from client.dpagg import site_contribution
 from common.dp.sampling import sampling_generator
+from client.policy import check_round, load_policy, plan_from_message, reserve_run
 from client.ti import TISettings
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages, load_site_images
-from common.dp import GaussianSumMechanism
+from common.dp import GaussianSumMechanism, PrivacyEvent
 from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
@@ -182,10 +183,41 @@ def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name:
     return RecordDict({keys.ARRAYS: tree_record(delta), keys.METRICS: MetricRecord(report)})
 
 
+def own_dpsgd_event(method: str, defense: str, cfg: RunConfig, context: Context, name: str,
+                    folder: str) -> PrivacyEvent | None:
+    """The record-level plan of this site's own DP-SGD (its q depends on its image count)."""
+    if method == "dp-sgd":
+        from client.dpsgd_ti import dpsgd_budget as budget_of
+    elif method == "lora" and defense == "dp-sgd":
+        from client.dpsgd_lora import record_budget as budget_of
+    else:
+        return None
+    from client.site_accountant import site_noise_multiplier, site_sample_rate
+
+    budget = budget_of(cfg)
+    q = site_sample_rate(cfg.dpsgd_batch_size, len(load_images(cfg, name, folder)))
+    z = site_noise_multiplier(budget, q, context.state)
+    return PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=budget.total_steps, unit="record")
+
+
+def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str, folder: str) -> None:
+    """Refuse, before any training, a round that breaks the site's own privacy policy, and
+    reserve the run's planned spend in the site's lifetime ledger (see client.policy)."""
+    policy = load_policy(context.node_config)
+    if policy is None:
+        return
+    config = msg.content[keys.CONFIG]
+    event = own_dpsgd_event(str(config[keys.METHOD]), str(config.get(keys.DEFENSE, "")), cfg, context, name, folder)
+    plan = plan_from_message(config, int(context.run_id), event)
+    check_round(policy, plan, name)
+    reserve_run(policy, plan, name)
+
+
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
     cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
     index, name, folder = site_identity(context.node_config, cfg)
     method = str(msg.content[keys.CONFIG][keys.METHOD])
+    enforce_policy(msg, context, cfg, name, folder)
     if method == "dpagg":
         content = dpagg_reply(msg, cfg, index, name, folder)
     elif method == "dp-sgd":

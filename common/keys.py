@@ -13,6 +13,15 @@ EMBEDDING = "embedding"  # DP-SGD TI: the shared embedding (global, or a site's 
 ROUND = "round"
 METHOD = "method"
 DEFENSE = "defense"  # LoRA: the local training the site must run
+ADAPTER = "adapter"
+AGGREGATION = "aggregation"  # "central" (server adds the noise), "secure", "distributed"
+# the run's privacy plan, sent with every round so that sites can check it against their policy
+PLAN_UNIT = "plan-unit"  # "record", "site", or "" when each site plans its own (DP-SGD TI)
+PLAN_NOISE_MULTIPLIER = "plan-noise-multiplier"
+PLAN_SAMPLE_RATE = "plan-sample-rate"
+PLAN_STEPS = "plan-steps"  # compositions of (z, q) in the whole run
+PLAN_ROUNDS = "plan-rounds"
+PLAN_DELTA = "plan-delta"
 
 # MetricRecord entries (DP-SGD baseline only: every value here depends on public settings)
 SITE_EPSILON = "site-record-epsilon"

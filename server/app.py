@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import model_dir, ti_settings
@@ -35,7 +35,7 @@ from server.export import (
     sample_pairs,
     write_json,
 )
-from server.plan import plan_dpagg
+from server.plan import plan_dpagg, plan_record
 
 log = logging.getLogger("privadapt.server")
 
@@ -73,7 +73,10 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=plan.noise_multiplier, bound_mode=cfg.bound)
     strategy = DPAggTIStrategy(plan=plan, mechanism=mechanism, noise=noise, ledger=ledger, dim=init.numel(),
                                ledger_path=out / "ledger.json")
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=3600.0)
+    plan_sent = plan_record(cfg, unit="record", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                            steps=cfg.num_releases, rounds=cfg.num_releases)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=3600.0,
+                   train_config=ConfigRecord(plan_sent))
     vector, post = postprocess(strategy.mean_release(), init, cfg)
     eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
     privacy = {

@@ -35,6 +35,7 @@ from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyLedger, epsilon
 from server.export import embedding_metrics
+from server.plan import plan_record
 from server.replies import ReplyError, read_site_report, read_vector
 
 log = logging.getLogger("privadapt.server")
@@ -159,7 +160,11 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     init = initializer_vector(pipe, settings)
     ledger = PrivacyLedger(delta=cfg.target_delta)
     strategy = DPSGDTIStrategy(ledger=ledger, initial=init, ledger_path=out / "ledger.json")
-    strategy.start(grid=grid, initial_arrays=embedding_record(init), num_rounds=cfg.dpsgd_rounds, timeout=3600.0)
+    # each site plans its own DP-SGD noise (its q depends on its image count): no server-side unit
+    plan_sent = plan_record(cfg, unit="", noise_multiplier=-1.0, sample_rate=1.0, steps=cfg.dpsgd_rounds,
+                            rounds=cfg.dpsgd_rounds)
+    strategy.start(grid=grid, initial_arrays=embedding_record(init), num_rounds=cfg.dpsgd_rounds, timeout=3600.0,
+                   train_config=ConfigRecord(plan_sent))
     if not any(strategy.contributors):
         raise RuntimeError("no DP-SGD round produced a valid site embedding: nothing to publish")
     vector = strategy.global_embedding.clone()

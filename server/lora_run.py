@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from client.app import lora_spec
@@ -20,7 +21,7 @@ from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
 from common.wire import tree_record
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import plan_fedavg
+from server.plan import plan_fedavg, plan_record
 
 DEFENSES = {
     "none": "plain LoRA (AdamW on the denoising loss)",
@@ -61,7 +62,10 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         defense=cfg.defense, private=cfg.private, server_learning_rate=cfg.server_learning_rate,
         num_sites=cfg.num_sites, ledger_path=out / "ledger.json",
     )
-    strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=3600.0)
+    plan_sent = plan_record(cfg, unit="site", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                            steps=cfg.rounds, rounds=cfg.rounds)
+    strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=3600.0,
+                   train_config=ConfigRecord(plan_sent))
     load_lora_state(pipe, spec, strategy.global_state)
     summary = ledger.summary()
     private = cfg.private

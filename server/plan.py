@@ -79,3 +79,21 @@ def plan_fedavg(cfg: RunConfig) -> FedAvgPlan:
     q = cfg.effective_site_sampling_rate
     z, eps_prv, eps_rdp = _noise_for_target(cfg, q, cfg.rounds, "site", "round(s)")
     return FedAvgPlan(z, q, cfg.rounds, eps_prv, eps_rdp)
+
+
+def plan_record(cfg: RunConfig, *, unit: str, noise_multiplier: float, sample_rate: float, steps: int,
+                rounds: int, aggregation: str = "central") -> dict:
+    """The plan as sent to the sites with every round (a ConfigRecord's content), so that each
+    site can check it against its own policy before it touches its images."""
+    from common import keys
+
+    return {
+        keys.ADAPTER: cfg.adapter,
+        keys.AGGREGATION: aggregation,
+        keys.PLAN_UNIT: unit,
+        keys.PLAN_NOISE_MULTIPLIER: float(noise_multiplier),
+        keys.PLAN_SAMPLE_RATE: float(sample_rate),
+        keys.PLAN_STEPS: int(steps),
+        keys.PLAN_ROUNDS: int(rounds),
+        keys.PLAN_DELTA: float(cfg.target_delta),
+    }
