@@ -13,3 +13,22 @@ def test_exported_embedding_loads_in_a_fresh_stock_pipeline(tiny_sd_path, tmp_pa
     pipe.load_textual_inversion(str(path), token="<S*>")
     token_id = pipe.tokenizer.convert_tokens_to_ids("<S*>")
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], vector, rtol=0, atol=0)
+
+
+def lora_privacy(defense="none", private=True, record=None):
+    eps = {"site": {"prv": 0.98, "rdp": 1.07}}
+    if record:
+        eps["record"] = record
+    return {"private": private, "epsilon": eps, "delta": 1e-5, "defense": defense}
+
+
+def test_lora_claim_states_each_unit_that_applies():
+    from server.export import lora_claim
+
+    plain = lora_claim(lora_privacy())
+    assert "(0.980, 1e-05)-differentially private at the level of **one site**" in plain and "one image" not in plain
+    smp = lora_claim(lora_privacy("smp-lora"))
+    assert "empirical defence" in smp and "no formal guarantee for single images" in smp
+    dpsgd = lora_claim(lora_privacy("dp-sgd", record={"prv": 2.5, "rdp": 3.0}))
+    assert "(2.500, 1e-05)-DP at the level of **one image**" in dpsgd
+    assert "No privacy guarantee" in lora_claim(lora_privacy(private=False))
