@@ -26,10 +26,12 @@ from client.ti import TISettings
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages, load_site_images
-from common.dp import GaussianSumMechanism, PrivacyEvent
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
 from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
+from common.secagg.protocol import ROUND_ID as SECAGG_ROUND
+from common.secagg.protocol import STAGE as SECAGG_STAGE
 from common.tiny_sd import tiny_sd_dir
 from common.wire import record_tree, tree_record
 
@@ -84,7 +86,8 @@ def load_images(cfg: RunConfig, name: str, folder: str) -> SiteImages:
     return load_site_images(folder, site=name, resolution=cfg.resolution)
 
 
-def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
+def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> torch.Tensor:
+    """This site's DPAgg-TI sum of bounded per-image embeddings (float64 [D])."""
     release = int(msg.content[keys.CONFIG][keys.ROUND])
     images = load_images(cfg, name, folder)
     pipe = get_pipeline(cfg)
@@ -104,7 +107,12 @@ def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str
     # Logged on the site only: the count of sampled images is private.
     log.info("%s release %d: %d of %d images sampled, %d clipped", name, release,
              contribution.num_sampled, len(images.names), contribution.num_clipped)
-    arrays = ArrayRecord(array_dict={keys.EMBEDDING_SUM: Array(contribution.total.numpy().astype(np.float64))})
+    return contribution.total
+
+
+def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
+    total = dpagg_contribution(msg, cfg, index, name, folder)
+    arrays = ArrayRecord(array_dict={keys.EMBEDDING_SUM: Array(total.numpy().astype(np.float64))})
     return RecordDict({keys.ARRAYS: arrays})
 
 
@@ -154,8 +162,10 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
     return dict(result.metrics)
 
 
-def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
-    """Train from the server's adapter, clip the delta to ``lora-clip-norm`` and send it."""
+def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int, name: str,
+                      folder: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train from the server's adapter; return the delta clipped to ``lora-clip-norm``
+    (float64 tree) and the public DP-SGD parameters plus, if enabled, diagnostics."""
     config = msg.content[keys.CONFIG]
     defense, round_index = str(config[keys.DEFENSE]), int(config[keys.ROUND])
     if defense != cfg.defense:
@@ -180,7 +190,34 @@ def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name:
         report.update({k: float(v) for k, v in metrics.items() if k in keys.DIAGNOSTICS})
         report[keys.DIAG_DELTA_NORM] = norm
         report[keys.DIAG_CLIPPED] = float(cfg.private and norm > cfg.lora_clip_norm)
+    return delta, report
+
+
+def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
+    """Train from the server's adapter, clip the delta to ``lora-clip-norm`` and send it."""
+    delta, report = lora_contribution(msg, context, cfg, index, name, folder)
     return RecordDict({keys.ARRAYS: tree_record(delta), keys.METRICS: MetricRecord(report)})
+
+
+def secure_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> Message:
+    """Answer a secure-aggregation stage. The contribution is computed (policy checked,
+    images read, training run) only at the setup stage; nothing but masked values, keys and
+    shares leaves the site, so no diagnostics are sent in this mode."""
+    from client.secagg import handle_secagg
+
+    def contribution() -> dict[str, torch.Tensor]:
+        enforce_policy(msg, context, cfg, name, folder)
+        method = str(msg.content[keys.CONFIG][keys.METHOD])
+        if method == "dpagg":
+            return {keys.EMBEDDING_SUM: dpagg_contribution(msg, cfg, index, name, folder)}
+        if method == "lora":
+            return lora_contribution(msg, context, cfg, index, name, folder)[0]
+        raise ValueError(f"{name}: secure aggregation is not available for method {method!r}")
+
+    round_id = int(msg.content[keys.CONFIG][SECAGG_ROUND])
+    noise = (NoiseSource.secure() if cfg.secure_noise
+             else NoiseSource.seeded(derive_seed(cfg.seed, "secagg-noise", index, round_id)))
+    return handle_secagg(msg, context, contribution, noise=noise)
 
 
 def own_dpsgd_event(method: str, defense: str, cfg: RunConfig, context: Context, name: str,
@@ -216,6 +253,8 @@ def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str, fo
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
     cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
     index, name, folder = site_identity(context.node_config, cfg)
+    if SECAGG_STAGE in msg.content[keys.CONFIG]:
+        return secure_reply(msg, context, cfg, index, name, folder)
     method = str(msg.content[keys.CONFIG][keys.METHOD])
     enforce_policy(msg, context, cfg, name, folder)
     if method == "dpagg":

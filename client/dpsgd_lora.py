@@ -63,19 +63,21 @@ def dpsgd_lora_round(
     state: RecordDict,
     site_index: int,
     round_index: int,
+    budget: DPSGDBudget | None = None,
 ) -> dict[str, float | int]:
     """Train the pipeline's attached adapter in place for ``local-steps`` DP-SGD steps.
 
     Returns the public parameters the server records (z, q, steps, site index, the site's
     record-level epsilon over all its rounds) and the mean adaptation loss (a diagnostic).
     Raises ValueError, spending and training nothing, if the round would exceed the site's
-    record-level target.
+    record-level target. ``budget`` overrides the record-level plan read from ``cfg``
+    (benchmarks use it to fix z).
     """
     if spec.text_encoder:
         raise ValueError("defense dp-sgd trains the UNet's LoRA only: set lora-text-encoder = false")
     n = len(images)
     q = site_sample_rate(cfg.dpsgd_batch_size, n)
-    budget = record_budget(cfg)
+    budget = budget or record_budget(cfg)
     z, eps = begin_round(state, budget, sample_rate=q, steps=cfg.local_steps, site_index=site_index,
                          round_index=round_index)
     device = pipe.unet.device

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
 DEFENSES = ("none", "mp-lora", "smp-lora", "dp-sgd")
+AGGREGATIONS = ("central", "secure", "distributed")
 BOUND_MODES = ("clip", "normalize")
 RESCALE_MODES = ("none", "initializer-norm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -39,6 +40,7 @@ class RunConfig:
     num_releases: int = 1
     rescale: str = "none"
     secure_noise: bool = False
+    aggregation: str = "central"  # "central", "secure" (SecAgg, server noise), "distributed" (SecAgg, site noise)
     # textual inversion
     ti_steps: int = 100
     learning_rate: float = 5e-3
@@ -94,6 +96,11 @@ class RunConfig:
         need(self.adapter in ADAPTERS, "adapter", f"must be one of {ADAPTERS}")
         need(self.defense in DEFENSES, "defense", f"must be one of {DEFENSES}")
         need(self.adapter == "lora" or self.defense == "none", "defense", "applies to adapter 'lora' only")
+        need(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+        need(self.aggregation == "central" or (self.ti_method == "dpagg" and self.defense != "dp-sgd"), "aggregation",
+             "secure aggregation carries DPAgg-TI sums and LoRA deltas only (not the DP-SGD baselines' reports)")
+        need(self.aggregation == "central" or self.private, "aggregation",
+             "secure aggregation needs a private run (non-private runs have no noise to distribute)")
         need(self.rounds >= 1, "rounds", "must be >= 1")
         need(0 < self.site_sampling_rate <= 1, "site_sampling_rate", "must be in (0, 1]")
         need(self.num_sites >= 0, "num_sites", "must be >= 0 (0: count the connected nodes)")

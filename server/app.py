@@ -25,6 +25,7 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
+from server.aggregation import noise_description, trust_model
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -38,10 +39,6 @@ from server.export import (
 from server.plan import plan_dpagg, plan_record
 
 log = logging.getLogger("privadapt.server")
-
-TRUST_CENTRAL = ("central noise: the server adds the noise, so it sees each site's un-noised sum and must be "
-                 "trusted; the published embedding is what carries the guarantee.")
-
 
 def noise_source(cfg: RunConfig) -> NoiseSource:
     return NoiseSource.secure() if cfg.secure_noise else NoiseSource.seeded(derive_seed(cfg.seed, "server-noise"))
@@ -72,9 +69,10 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     noise = noise_source(cfg)
     mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=plan.noise_multiplier, bound_mode=cfg.bound)
     strategy = DPAggTIStrategy(plan=plan, mechanism=mechanism, noise=noise, ledger=ledger, dim=init.numel(),
-                               ledger_path=out / "ledger.json")
+                               ledger_path=out / "ledger.json", aggregation=cfg.aggregation,
+                               max_site_norm=cfg.dataset_size * cfg.clip_norm)
     plan_sent = plan_record(cfg, unit="record", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                            steps=cfg.num_releases, rounds=cfg.num_releases)
+                            steps=cfg.num_releases, rounds=cfg.num_releases, aggregation=cfg.aggregation)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=3600.0,
                    train_config=ConfigRecord(plan_sent))
     vector, post = postprocess(strategy.mean_release(), init, cfg)
@@ -103,10 +101,12 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "adjacency": "add/remove one image",
         "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
         "post_processing": post,
-        "noise_source": noise.describe(),
+        "aggregation": cfg.aggregation,
+        "achieved_noise_multipliers": strategy.achieved_noise_multipliers,
+        "noise_source": noise_description(cfg.aggregation, noise, cfg.secure_noise),
         "sampling_source": ("OS-seeded on each site (secret)" if cfg.secure_noise else
                             "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
-        "trust_model": TRUST_CENTRAL,
+        "trust_model": trust_model(cfg.aggregation, "sum of bounded embeddings"),
         "rejected_replies": strategy.rejected,
         "plan": plan.to_dict(),
         "events": [e.to_dict() for e in ledger.events],

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from server.aggregation import SecureRound, release_secure, secure_round
 from server.plan import DPAggPlan
 from server.replies import ReplyError, read_vector
 
@@ -40,6 +41,9 @@ class DPAggTIStrategy(Strategy):
         ledger: PrivacyLedger,
         dim: int,
         ledger_path: Path | None = None,
+        aggregation: str = "central",
+        max_site_norm: float = 0.0,
+        timeout: float = 3600.0,
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
@@ -49,6 +53,11 @@ class DPAggTIStrategy(Strategy):
         self.ledger = ledger
         self.dim = dim
         self.ledger_path = ledger_path
+        self.aggregation = aggregation
+        self.max_site_norm = max_site_norm  # public bound on one site's sum: (declared N) * C
+        self.timeout = timeout
+        self.secure: SecureRound | None = None
+        self.achieved_noise_multipliers: list[float] = []
         self.releases: list[torch.Tensor] = []
         self.contributors: list[list[int]] = []
         self.rejected: list[dict] = []
@@ -59,12 +68,49 @@ class DPAggTIStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: "dpagg"})
+        if self.aggregation != "central":
+            self.secure = secure_round(
+                grid, sorted(grid.get_node_ids()), mode=self.aggregation, round_id=server_round,
+                shapes={keys.EMBEDDING_SUM: (self.dim,)}, mechanism=self.mechanism,
+                contribution_bound=self.max_site_norm, clip_each=False, config=dict(cfg), payload=None,
+                timeout=self.timeout,
+            )
+            return []  # the protocol sent its own messages
         return [
             Message(content=RecordDict({keys.CONFIG: cfg}), dst_node_id=node_id, message_type="train")
             for node_id in grid.get_node_ids()
         ]
 
+    def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        secure, self.secure = self.secure, None
+        if secure is None or secure.round != server_round:
+            raise RuntimeError(f"release {server_round}: no secure-aggregation result (configure_train did not run)")
+        released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
+                                  denominator=self.plan.denominator, sample_rate=self.plan.sample_rate, unit="record",
+                                  label=f"dpagg-ti release {server_round} ({self.aggregation})")
+        if released is None:
+            log.warning("release %d: no secure sum (%s); nothing released, no privacy spent", server_round,
+                        secure.error or "no site")
+            self.rejected.append({"release": server_round, "node": None, "reason": secure.error or "no site"})
+            return None, None
+        mean, event = released
+        for node in secure.result.dropped:
+            self.rejected.append({"release": server_round, "node": node, "reason": "dropped out of secure aggregation"})
+        return self._record_release(server_round, mean, event, list(secure.result.survivors))
+
+    def _record_release(self, server_round: int, released: dict, event, used: list[int]):
+        self.ledger.record(event)
+        if self.ledger_path is not None:
+            self.ledger.save(self.ledger_path)
+        self.achieved_noise_multipliers.append(event.noise_multiplier)
+        self.releases.append(released[keys.EMBEDDING_SUM])
+        self.contributors.append(used)
+        arrays = ArrayRecord(array_dict={keys.EMBEDDING: Array(released[keys.EMBEDDING_SUM].numpy())})
+        return arrays, MetricRecord({"sites": len(used), "noise-std-of-mean": self.mechanism.noise_std / self.plan.denominator})
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.aggregation != "central":
+            return self._aggregate_secure(server_round)
         total = None
         used: list[int] = []
         for reply in replies:
@@ -82,13 +128,7 @@ class DPAggTIStrategy(Strategy):
             total, denominator=self.plan.denominator, noise=self.noise, sample_rate=self.plan.sample_rate,
             unit="record", label=f"dpagg-ti release {server_round}",
         )
-        self.ledger.record(event)
-        if self.ledger_path is not None:
-            self.ledger.save(self.ledger_path)
-        self.releases.append(released[keys.EMBEDDING_SUM])
-        self.contributors.append(used)
-        arrays = ArrayRecord(array_dict={keys.EMBEDDING: Array(released[keys.EMBEDDING_SUM].numpy())})
-        return arrays, MetricRecord({"sites": len(used), "noise-std-of-mean": self.mechanism.noise_std / self.plan.denominator})
+        return self._record_release(server_round, released, event, used)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []

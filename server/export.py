@@ -171,7 +171,7 @@ def lora_claim(p: dict) -> str:
     site = p["epsilon"].get("site", {})
     text = (
         f"This LoRA adapter is ({fmt_eps(site.get('prv'))}, {p['delta']:g})-differentially private at the level of "
-        f"**one site** (site-level DP, add/remove-one-site adjacency), by the PRV accountant (Opacus; the RDP "
+        f"**one site** (site-level DP; adjacency: {p.get('adjacency', 'add/remove one site')}), by the PRV accountant (Opacus; the RDP "
         f"accountant gives {fmt_eps(site.get('rdp'))}): adding or removing all of the images of any one site changes "
         f"the probability of any outcome by at most a factor e^{fmt_eps(site.get('prv'))}, except with probability "
         f"{p['delta']:g}."

@@ -20,6 +20,7 @@ from common.dp.sampling import sampling_generator
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
 from common.wire import tree_record
+from server.aggregation import noise_description, trust_model
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import plan_fedavg, plan_record
 
@@ -32,8 +33,6 @@ DEFENSES = {
     "dp-sgd": "Opacus DP-SGD on each site (per-image gradients clipped and noised; record-level DP)",
 }
 
-TRUST_CENTRAL_LORA = ("central noise: the server adds the noise, so it sees each site's clipped delta and must be "
-                      "trusted for the site-level guarantee; the published adapter is what carries it.")
 NOT_COVERED = ("round_metrics.json (per-round site diagnostics: losses, proxy-attacker accuracy, clipping, how many "
                "sites answered) is derived from private data and seen by the trusted server only: do not publish it "
                "with the adapter.")
@@ -60,10 +59,10 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     strategy = DPFedAvgLoRA(
         plan=plan, mechanism=mechanism, noise=noise, sampling=sampling, ledger=ledger, initial=initial,
         defense=cfg.defense, private=cfg.private, server_learning_rate=cfg.server_learning_rate,
-        num_sites=cfg.num_sites, ledger_path=out / "ledger.json",
+        num_sites=cfg.num_sites, ledger_path=out / "ledger.json", aggregation=cfg.aggregation,
     )
     plan_sent = plan_record(cfg, unit="site", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                            steps=cfg.rounds, rounds=cfg.rounds)
+                            steps=cfg.rounds, rounds=cfg.rounds, aggregation=cfg.aggregation)
     strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=3600.0,
                    train_config=ConfigRecord(plan_sent))
     load_lora_state(pipe, spec, strategy.global_state)
@@ -90,14 +89,19 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "denominator": strategy.denominator if private else "number of sites that answered (plain mean)",
         "num_rounds": len(strategy.rounds),
         "sampling": "poisson over sites" if plan.sample_rate < 1 else "none (every site every round)",
-        "adjacency": "add/remove one site" + ("; add/remove one image (DP-SGD)" if cfg.defense == "dp-sgd" else ""),
+        "adjacency": ("zero-out one site (its delta replaced by zero, its noise share kept; no amplification by "
+                      "site sampling claimed: the server knows who took part)" if cfg.aggregation == "distributed"
+                      else "add/remove one site") + ("; add/remove one image (DP-SGD)" if cfg.defense == "dp-sgd" else ""),
         "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
         "site_record_epsilon_reported": dict(sorted(strategy.reported_record_epsilons.items())) or None,
         "post_processing": [f"global adapter += {cfg.server_learning_rate:g} x the noisy mean delta, every round"],
-        "noise_source": noise.describe() if private else "none (non-private run)",
+        "aggregation": cfg.aggregation,
+        "accounted_sample_rate": plan.accounting_sample_rate,
+        "noise_source": noise_description(cfg.aggregation, noise, cfg.secure_noise) if private else "none (non-private run)",
         "sampling_source": ("OS-seeded on the server (secret)" if cfg.secure_noise else
                             "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
-        "trust_model": TRUST_CENTRAL_LORA if private else "non-private reference run: no clipping, no noise.",
+        "trust_model": trust_model(cfg.aggregation, "clipped delta") if private else
+                       "non-private reference run: no clipping, no noise.",
         "not_covered": NOT_COVERED,
         "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
                  "server_learning_rate": cfg.server_learning_rate},

@@ -43,6 +43,7 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import tree_record
+from server.aggregation import SecureRound, release_secure, secure_round
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree
 
@@ -62,6 +63,7 @@ class RoundLog:
     ignored: list[int] = field(default_factory=list)
     noise_norm: float = 0.0
     update_norm: float = 0.0
+    achieved_noise_multiplier: float | None = None  # distributed noise: z * sqrt(survivors / entered)
     diagnostics: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -79,6 +81,7 @@ class RoundLog:
             "ignored_unrequested_replies": self.ignored,
             "noise_norm_of_mean": round(self.noise_norm, 6),
             "update_norm": round(self.update_norm, 6),
+            "achieved_noise_multiplier": self.achieved_noise_multiplier,
             "adaptation_loss": mean(keys.DIAG_LOSS),
             "attacker_accuracy": mean(keys.DIAG_ATTACKER_ACCURACY),
             "fraction_clipped": mean(keys.DIAG_CLIPPED),
@@ -103,6 +106,8 @@ class DPFedAvgLoRA(Strategy):
         server_learning_rate: float = 1.0,
         num_sites: int = 0,
         ledger_path: Path | None = None,
+        aggregation: str = "central",
+        timeout: float = 3600.0,
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
@@ -121,6 +126,9 @@ class DPFedAvgLoRA(Strategy):
         self.ledger_path = ledger_path
         self.rounds: list[RoundLog] = []
         self.reported_record_epsilons: dict[str, float] = {}
+        self.aggregation = aggregation
+        self.timeout = timeout
+        self.secure: SecureRound | None = None
 
     def summary(self) -> None:
         log.info("DP-FedAvg LoRA (%s): z=%.4f, site rate q=%.4f, C=%g, %d round(s), %d tensors", self.defense,
@@ -144,8 +152,42 @@ class DPFedAvgLoRA(Strategy):
         chosen = [nodes[i] for i in poisson_sample(len(nodes), self.plan.sample_rate, self.sampling).tolist()]
         self.rounds.append(RoundLog(round=server_round, sampled=chosen))
         cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: METHOD, keys.DEFENSE: self.defense})
+        if self.aggregation != "central":
+            # the protocol sends its own messages; Flower gets none and hands aggregate_train no reply
+            self.secure = secure_round(
+                grid, chosen, mode=self.aggregation, round_id=server_round, shapes=self.shapes,
+                mechanism=self.mechanism, contribution_bound=self.mechanism.clip_norm, clip_each=True,
+                config=dict(cfg), payload=RecordDict({keys.ARRAYS: tree_record(self.global_state)}),
+                timeout=self.timeout,
+            )
+            return []
         content = RecordDict({keys.ARRAYS: tree_record(self.global_state), keys.CONFIG: cfg})
         return [Message(content=content, dst_node_id=node, message_type="train") for node in chosen]
+
+    def _aggregate_secure(self, entry: RoundLog) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        secure, self.secure = self.secure, None
+        if secure is None or secure.round != entry.round:
+            raise RuntimeError(f"round {entry.round}: no secure-aggregation result (configure_train did not run)")
+        if secure.result is not None:
+            entry.used = list(secure.result.survivors)
+            entry.rejected = [{"node": n, "reason": "dropped out of secure aggregation"} for n in secure.result.dropped]
+        released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
+                                  denominator=self.denominator, sample_rate=self.plan.accounting_sample_rate,
+                                  unit="site", label=f"dp-fedavg lora round {entry.round} ({self.aggregation})")
+        if released is None:
+            entry.rejected.append({"node": None, "reason": secure.error or "no site sampled"})
+            return None, MetricRecord({"sites": 0})
+        mean, event = released
+        self.ledger.record(event)
+        self._save_ledger()
+        entry.achieved_noise_multiplier = event.noise_multiplier
+        if self.aggregation == "secure":  # the server drew the noise: it knows its norm
+            total = secure.result.total
+            entry.noise_norm = flat_norm({k: mean[k] - total[k] / self.denominator for k in mean})
+        entry.update_norm = self.server_learning_rate * flat_norm(mean)
+        self.global_state = tree_add(self.global_state, mean, self.server_learning_rate)
+        return tree_record(self.global_state), MetricRecord({"sites": len(entry.used),
+                                                             "update-norm": float(entry.update_norm)})
 
     def _reject(self, entry: RoundLog, node: int, err: Exception) -> None:
         log.warning("round %d: node %s left out: %s", entry.round, node, err)
@@ -162,6 +204,8 @@ class DPFedAvgLoRA(Strategy):
         if not self.rounds or self.rounds[-1].round != server_round:
             self.rounds.append(RoundLog(round=server_round, sampled=[]))  # configure_train was not called
         entry = self.rounds[-1]
+        if self.aggregation != "central":
+            return self._aggregate_secure(entry)
         asked = set(entry.sampled)
         total = None
         for reply in replies:
@@ -188,7 +232,7 @@ class DPFedAvgLoRA(Strategy):
             if total is None:  # nobody sampled or nobody valid: the noise is released all the same
                 total = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
             mean, event = self.mechanism.release(
-                total, denominator=self.denominator, noise=self.noise, sample_rate=self.plan.sample_rate,
+                total, denominator=self.denominator, noise=self.noise, sample_rate=self.plan.accounting_sample_rate,
                 unit="site", label=f"dp-fedavg lora round {server_round}",
             )
             self.ledger.record(event)

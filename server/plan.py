@@ -34,6 +34,11 @@ class FedAvgPlan:
     rounds: int
     planned_epsilon_prv: float
     planned_epsilon_rdp: float
+    accounting_sample_rate: float = 0.0  # the q the ledger claims: 1 when the server knows who took part
+
+    def __post_init__(self) -> None:
+        if self.accounting_sample_rate == 0.0:
+            object.__setattr__(self, "accounting_sample_rate", self.sample_rate)
 
     def denominator(self, num_sites: int) -> float:
         if num_sites < 1:
@@ -77,8 +82,11 @@ def plan_fedavg(cfg: RunConfig) -> FedAvgPlan:
     """Calibrate the site-level z for ``rounds`` rounds at ``site-sampling-rate`` to reach
     ``target-epsilon`` (PRV), or check an explicit ``noise-multiplier``. Non-private: q = 1, z = 0."""
     q = cfg.effective_site_sampling_rate
-    z, eps_prv, eps_rdp = _noise_for_target(cfg, q, cfg.rounds, "site", "round(s)")
-    return FedAvgPlan(z, q, cfg.rounds, eps_prv, eps_rdp)
+    # With distributed noise the server picks, and so knows, the sites of every round while
+    # the noise it sees comes from those same sites: no amplification by sampling is claimed.
+    q_accounted = 1.0 if cfg.aggregation == "distributed" else q
+    z, eps_prv, eps_rdp = _noise_for_target(cfg, q_accounted, cfg.rounds, "site", "round(s)")
+    return FedAvgPlan(z, q, cfg.rounds, eps_prv, eps_rdp, accounting_sample_rate=q_accounted)
 
 
 def plan_record(cfg: RunConfig, *, unit: str, noise_multiplier: float, sample_rate: float, steps: int,

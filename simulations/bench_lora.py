@@ -49,13 +49,31 @@ Arm = Callable[[int], object]  # runs one round of the given number of local ste
 
 
 def extra_arms(pipe, spec: LoRASpec, images: SiteImages, args: argparse.Namespace) -> dict[str, Arm]:
-    """Hook for more arms, timed like the built-in ones: name -> callable(step_count).
+    """More arms, timed like the built-in ones: name -> callable(step_count).
 
-    Each callable must start from the same adapter state (``lora_state`` at benchmark start
-    is restored before every built-in run) and train ``step_count`` steps on ``images`` with
-    ``args.batch_size``. Empty here; the DP-SGD arm goes here.
+    Each callable starts from the same adapter state and trains ``step_count`` steps on
+    ``images``. The DP-SGD arm runs :func:`client.dpsgd_lora.dpsgd_lora_round` (Opacus
+    per-sample gradients, clipping, noise) with Poisson batches of expected size
+    ``args.batch_size`` (q = batch / images), at a fixed z so no calibration is timed.
     """
-    return {}
+    from flwr.app import RecordDict
+
+    from client.dpsgd_lora import dpsgd_lora_round
+    from client.site_accountant import DPSGDBudget
+    from common.config import RunConfig
+
+    start = lora_state(pipe, spec)
+
+    def dp_sgd(steps: int) -> None:
+        load_lora_state(pipe, spec, start)
+        cfg = RunConfig.from_run_config({
+            "adapter": "lora", "defense": "dp-sgd", "rounds": 1, "local-steps": steps,
+            "dpsgd-batch-size": args.batch_size, "lora-rank": spec.rank, "lora-alpha": spec.alpha,
+        })
+        budget = DPSGDBudget(target_epsilon=1e9, delta=1e-5, total_steps=steps, noise_multiplier=1.0)  # fixed z
+        dpsgd_lora_round(pipe, spec, images, cfg, state=RecordDict(), site_index=0, round_index=1, budget=budget)
+
+    return {"dp_sgd": dp_sgd}
 
 
 def synchronize(device: torch.device) -> None:
