@@ -250,8 +250,13 @@ def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str, fo
     reserve_run(policy, plan, name)
 
 
+SITE_KEYS = ("model-path", "device")  # node-config keys a site may set for itself
+
+
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
-    cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {})})
+    # where the model lives and which device to use are the site's own business
+    local = {k: context.node_config[k] for k in SITE_KEYS if k in context.node_config}
+    cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {}), **local})
     index, name, folder = site_identity(context.node_config, cfg)
     if SECAGG_STAGE in msg.content[keys.CONFIG]:
         return secure_reply(msg, context, cfg, index, name, folder)
