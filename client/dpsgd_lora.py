@@ -18,13 +18,12 @@ site) and does not count amplification by the server's sampling of sites (conser
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 from flwr.app import RecordDict
 from opacus import GradSampleModule
 
-from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, site_sample_rate
+from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, poisson_step, site_sample_rate
 from client.ti import tokenize
 from common import keys
 from common.config import RunConfig
@@ -101,18 +100,11 @@ def dpsgd_lora_round(
     losses: list[float] = []
     try:
         for _ in range(cfg.local_steps):
-            optimizer.zero_grad(set_to_none=True)
-            keep = poisson_sample(n, q, sampling).to(device)
-            if len(keep) == 0:
-                if private:
-                    optimizer.empty_batch_step()
-                continue
-            loss = denoising_loss(unet, pipe.scheduler, dist.sample(training, keep), hidden_all[keep], training).mean()
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            loss = poisson_step(optimizer, poisson_sample(n, q, sampling).to(device), private=private, loss_fn=lambda keep:
+                                denoising_loss(unet, pipe.scheduler, dist.sample(training, keep), hidden_all[keep],
+                                               training).mean())
+            if loss is not None:
+                losses.append(loss)
     finally:
         optimizer.zero_grad(set_to_none=True)
         if private:

@@ -35,13 +35,12 @@ Notes:
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 from flwr.app import RecordDict
 from opacus import GradSampleModule
 
-from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, site_sample_rate
+from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, poisson_step, site_sample_rate
 from client.ti import TISettings, build_prompts, initializer_vector, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
@@ -167,21 +166,9 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
                      if private else adam)
         try:
             for _ in range(cfg.dpsgd_local_steps):
-                optimizer.zero_grad(set_to_none=True)
                 # Poisson batch: each image independently with probability q
-                keep = poisson_sample(n, q, sampling).to(device)
-                if len(keep) == 0:
-                    if private:
-                        optimizer.empty_batch_step()
-                    continue
-                latents = dist.sample(training, keep)
-                # mean over the batch: Opacus rescales by the actual B to get per-sample gradients
-                loss = batch_losses(pipe, table, ids[keep], latents, training).mean()
-                with warnings.catch_warnings():
-                    # the row table's input is token indices: PyTorch notes that no input needs a gradient
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                optimizer.step()
+                poisson_step(optimizer, poisson_sample(n, q, sampling).to(device), private=private, loss_fn=lambda keep:
+                             batch_losses(pipe, table, ids[keep], dist.sample(training, keep), training).mean())
         finally:
             optimizer.zero_grad(set_to_none=True)
             if hooks is not None:

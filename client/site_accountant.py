@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -165,3 +167,25 @@ class NoiseSourceDPOptimizer(DPOptimizer):
         for p in self.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
         self.step()
+
+
+def poisson_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                 *, private: bool) -> float | None:
+    """One optimisation step on a Poisson batch ``keep``; returns the batch's mean loss.
+
+    An empty batch still takes a DP step (noise only, :meth:`NoiseSourceDPOptimizer.empty_batch_step`)
+    so that its emptiness is not revealed; without privacy it is skipped. ``loss_fn(keep)`` must
+    return the MEAN loss over the batch: Opacus rescales by the actual batch size to get
+    per-sample gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    if len(keep) == 0:
+        if private:
+            optimizer.empty_batch_step()  # type: ignore[attr-defined]
+        return None
+    loss = loss_fn(keep)
+    with warnings.catch_warnings():
+        # Opacus' hooks on layers whose input needs no gradient (token indices, frozen activations)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
+    optimizer.step()
+    return float(loss.detach())

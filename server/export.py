@@ -115,6 +115,25 @@ def dpsgd_steps(p: dict) -> list[str]:
     ]
 
 
+def samples_and_metrics(adapter: str, samples: list[dict], metrics: dict) -> list[str]:
+    """The model card's sample table and metrics, the same for every adapter."""
+    return [
+        "",
+        "## Samples",
+        f"`samples/grid.png`: top row the base model, bottom row with {adapter}; same prompts and seeds.",
+        "",
+        "| kind | prompt | seed | file |",
+        "|---|---|---|---|",
+        *[f"| {s['kind']} | {s['prompt']} | {s['seed']} | {s['file']} |" for s in samples],
+        "",
+        "## Metrics",
+        "```json",
+        json.dumps(metrics, indent=2),
+        "```",
+        "",
+    ]
+
+
 def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
     """README.md of the output folder: the adapter, how to load it, and its privacy in words."""
     p = privacy
@@ -147,19 +166,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         f'pipe.load_textual_inversion("{EMBEDS_FILE}", token="{token}")',
         f'image = pipe("an emoji of a cat in the style of {token}").images[0]',
         "```",
-        "",
-        "## Samples",
-        "`samples/grid.png`: top row the base model, bottom row with the embedding; same prompts and seeds.",
-        "",
-        "| kind | prompt | seed | file |",
-        "|---|---|---|---|",
-        *[f"| {s['kind']} | {s['prompt']} | {s['seed']} | {s['file']} |" for s in samples],
-        "",
-        "## Metrics",
-        "```json",
-        json.dumps(metrics, indent=2),
-        "```",
-        "",
+        *samples_and_metrics("the embedding", samples, metrics),
         "Full privacy report: `privacy.json`.",
     ]
     return "\n".join(lines) + "\n"
@@ -226,19 +233,7 @@ def lora_model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         "pipe.load_lora_weights(OUTPUT_DIR)  # reads pytorch_lora_weights.safetensors",
         'image = pipe("an emoji of a cat").images[0]',
         "```",
-        "",
-        "## Samples",
-        "`samples/grid.png`: top row the base model, bottom row with the adapter; same prompts and seeds.",
-        "",
-        "| kind | prompt | seed | file |",
-        "|---|---|---|---|",
-        *[f"| {s['kind']} | {s['prompt']} | {s['seed']} | {s['file']} |" for s in samples],
-        "",
-        "## Metrics",
-        "```json",
-        json.dumps(metrics, indent=2),
-        "```",
-        "",
+        *samples_and_metrics("the adapter", samples, metrics),
         "Full privacy report: `privacy.json`; per-round server diagnostics: `round_metrics.json`.",
     ]
     return "\n".join(lines) + "\n"
