@@ -31,12 +31,12 @@ def read_samples(run_dir: Path, kind: str) -> list[Image.Image]:
 
 
 def run_label(run_dir: Path) -> str:
-    """"DPAgg-TI, ε = 1.00" or "non-private TI", from the run's privacy.json."""
+    """Row label from the run's privacy.json (ASCII: PIL's default font has no Greek)."""
     privacy = json.loads((Path(run_dir) / "privacy.json").read_text())
     if not privacy.get("private"):
-        return "non-private TI (ε = ∞)"
+        return "non-private TI (eps = inf)"
     eps = privacy["epsilon"]["prv"]
-    return f"DPAgg-TI, ε = {eps:.2f}" if math.isfinite(eps) else "DPAgg-TI"
+    return f"DPAgg-TI, eps = {eps:.2f}" if math.isfinite(eps) else "DPAgg-TI"
 
 
 def run_prompts(run_dir: Path) -> list[str]:

@@ -26,7 +26,7 @@ def test_grid_has_a_base_row_and_one_row_per_run(tmp_path):
     nonprivate = fake_run(tmp_path, "np", False, "blue")
     out = tmp_path / "grid" / "comparison.png"
     report = comparison([dp, nonprivate], out)
-    assert report["rows"] == ["base model", "DPAgg-TI, ε = 0.99", "non-private TI (ε = ∞)"]
+    assert report["rows"] == ["base model", "DPAgg-TI, eps = 0.99", "non-private TI (eps = inf)"]
     assert report["prompts"] == ["an emoji of a cat", "an emoji of a dog"]
     sheet = Image.open(out)
     assert sheet.size == (230 + 2 * 128, 28 + 3 * 128)
