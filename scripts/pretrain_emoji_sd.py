@@ -27,9 +27,12 @@ checkpoint interval (a finished stage is skipped when the script is run again):
 Outputs in ``--out``: the pipeline (fp16 safetensors), ``training.json`` (settings, timings,
 losses) and ``loss_curve.png``; in ``--work``: checkpoints and sample grids during training.
 
-Rebuild (the package from ``npm pack emoji-datasource-twitter@16.0.0``, unpacked)::
+Rebuild (the package from ``npm pack emoji-datasource-twitter@16.0.0``, unpacked); the
+committed checkpoint was made by these two calls (the second resumes the UNet stage from its
+step-3,500 checkpoint), see assets/emoji-sd/README.md::
 
-    nice -n 15 python scripts/pretrain_emoji_sd.py --package-dir PATH/package --out assets/emoji-sd
+    nice -n 15 python scripts/pretrain_emoji_sd.py --package-dir PATH/package --threads 1 --unet-steps 3500 --checkpoint-every 500
+    nice -n 15 python scripts/pretrain_emoji_sd.py --package-dir PATH/package --threads 1 --unet-steps 4500 --checkpoint-every 500
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--google-dir", type=Path, required=True)
     p.add_argument("--out", type=Path, default=DEFAULT_DIR)
     p.add_argument("--demo-data", type=Path, default=REPO_ROOT / "data" / "demo")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)

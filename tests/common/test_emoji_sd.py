@@ -39,7 +39,7 @@ def test_encoder_is_deterministic_and_latents_are_unit_scale():
 
     pipe = load_pipeline(MODEL, device="cpu")
     paths = sorted((MODEL.parents[1] / "data" / "demo").glob("site-*/*.png"))[:16]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BOX)))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((32, 32), Image.BOX)))
                      for p in paths]).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         dist = pipe.vae.encode(x).latent_dist
