@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: 4 simulated sites, DPAgg-TI at epsilon = 1.
-# Extra arguments go to simulations.run, e.g. --run-config "target-epsilon=inf output-dir=outputs/nonprivate".
+# The main job on the embedded base model (assets/emoji-sd, pretrained on Twemoji): 4 simulated
+# sites holding Noto emoji (data/demo). Runs DPAgg-TI at epsilon = 1 (outputs/demo), the same
+# job without privacy (outputs/demo-nonprivate), and composes base | DP | non-private samples
+# for the same prompts and seeds into outputs/demo/comparison.png.
+# Extra arguments are run-config overrides for both runs, e.g. bash scripts/demo.sh "ti-steps=50".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/privadapt-ray-$(id -u)}
 mkdir -p "$RAY_TMPDIR"
-exec .venv/bin/python -m simulations.run --num-sites 4 --run-config "output-dir=outputs/demo" "$@"
+demo="model-path=assets/emoji-sd resolution=32 clip-norm=0.5"
+demo="$demo sample-prompts='an emoji of a cat|an emoji of a dog|an emoji of a red heart|an emoji of a sun|an emoji of a car|an emoji of a deciduous tree|an emoji of a pizza|an emoji of a rocket'"
+.venv/bin/python -m simulations.run --num-sites 4 --run-config "$demo output-dir=outputs/demo ${1:-}"
+.venv/bin/python -m simulations.run --num-sites 4 --run-config "$demo target-epsilon=inf output-dir=outputs/demo-nonprivate ${1:-}"
+.venv/bin/python -m simulations.demo_grid outputs/demo outputs/demo-nonprivate --out outputs/demo/comparison.png

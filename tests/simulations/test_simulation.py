@@ -45,7 +45,7 @@ def test_two_sites_dp_and_a_broken_site_left_out(tmp_path, tiny_sd_path):
     for index in range(2):
         shutil.copytree(REPO_ROOT / "data/demo" / f"site-{index}", data / f"site-{index}")
     (data / "site-2").mkdir()
-    good = (REPO_ROOT / "data/demo/site-0/cat.png").read_bytes()
+    good = sorted((REPO_ROOT / "data/demo/site-0").glob("*.png"))[0].read_bytes()
     (data / "site-2" / "broken.png").write_bytes(good[: len(good) // 2])
     out, cfg = run(tmp_path, tiny_sd_path, sites=3, **{"data-path": str(data)})
     privacy, _ = check_outputs(out, tiny_sd_path)
