@@ -378,6 +378,10 @@ def export(args, work: Path, tokenizer, scale: float, meta: dict) -> None:
     # dtype while diffusers loads the UNet in fp32, so declare fp32 as the text encoder's dtype
     te_config = staging / "text_encoder" / "config.json"
     te_config.write_text(te_config.read_text().replace('"dtype": "float16"', '"dtype": "float32"'))
+    for config in staging.glob("*/config.json"):  # no path of the building machine in the asset
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2) + "\n")
     (staging / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     plot_curves({"UNet loss (mean of 100 steps)": smooth(ck["state"]["losses"], 100)}, staging / "loss_curve.png",
                 f"UNet epsilon-prediction MSE, {ck['state']['step']} steps")
