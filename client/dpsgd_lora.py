@@ -23,16 +23,21 @@ import torch
 from flwr.app import RecordDict
 from opacus import GradSampleModule
 
-from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, poisson_step, site_sample_rate
+from client.site_accountant import (
+    DPSGDBudget,
+    NoiseSourceDPOptimizer,
+    begin_round,
+    dpsgd_draws,
+    poisson_step,
+    site_sample_rate,
+)
 from client.ti import tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
-from common.dp import NoiseSource
-from common.dp.sampling import poisson_sample, sampling_generator
+from common.dp.sampling import poisson_sample
 from common.lora import LoRASpec, lora_parameters
-from common.paths import derive_seed
 
 log = logging.getLogger("privadapt.client")
 
@@ -80,13 +85,8 @@ def dpsgd_lora_round(
     z, eps = begin_round(state, budget, sample_rate=q, steps=cfg.local_steps, site_index=site_index,
                          round_index=round_index)
     device = pipe.unet.device
-    training = torch.Generator(device=device)
-    training.manual_seed(derive_seed(cfg.seed, "lora-dpsgd-train", site_index, round_index))
-    if cfg.secure_noise:
-        sampling, noise = sampling_generator(None), NoiseSource.secure()
-    else:
-        sampling = sampling_generator(derive_seed(cfg.seed, "lora-dpsgd-sample", site_index, round_index))
-        noise = NoiseSource.seeded(derive_seed(cfg.seed, "lora-dpsgd", site_index, round_index))
+    training, sampling, noise = dpsgd_draws(cfg.seed, "lora-dpsgd", device, site_index, round_index,
+                                            secure=cfg.secure_noise)
 
     dist = encode_latents(pipe.vae, images.pixels)
     with torch.no_grad():

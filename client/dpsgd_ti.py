@@ -40,15 +40,20 @@ import torch
 from flwr.app import RecordDict
 from opacus import GradSampleModule
 
-from client.site_accountant import DPSGDBudget, NoiseSourceDPOptimizer, begin_round, poisson_step, site_sample_rate
+from client.site_accountant import (
+    DPSGDBudget,
+    NoiseSourceDPOptimizer,
+    begin_round,
+    dpsgd_draws,
+    poisson_step,
+    site_sample_rate,
+)
 from client.ti import TISettings, build_prompts, initializer_vector, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
-from common.dp import NoiseSource
-from common.dp.sampling import poisson_sample, sampling_generator
-from common.paths import derive_seed
+from common.dp.sampling import poisson_sample
 from common.textual_inversion import PlaceholderEmbedding
 
 log = logging.getLogger("privadapt.client")
@@ -145,13 +150,8 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
     device = pipe.unet.device
     start = global_embedding.detach().reshape(-1)
     # random draws: latents/diffusion noise (training), batches and DP noise (both secret)
-    training = torch.Generator(device=device)
-    training.manual_seed(derive_seed(cfg.seed, "dpsgd-train", site_index, round_index))
-    if cfg.secure_noise:
-        sampling, noise = sampling_generator(None), NoiseSource.secure()
-    else:
-        sampling = sampling_generator(derive_seed(cfg.seed, "dpsgd-sample", site_index, round_index))
-        noise = NoiseSource.seeded(derive_seed(cfg.seed, "dpsgd", site_index, round_index))
+    training, sampling, noise = dpsgd_draws(cfg.seed, "dpsgd", device, site_index, round_index,
+                                            secure=cfg.secure_noise)
 
     dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size)
     with placeholder_rows(pipe, settings, num_rows=1) as table:

@@ -25,6 +25,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from common.dp import NoiseSource, PrivacyEvent, calibrate_noise_multiplier, epsilon
+from common.dp.sampling import sampling_generator
+from common.paths import derive_seed
 
 STATE_KEY = "privadapt-dpsgd"  # ConfigRecord in context.state holding the site's accountant
 
@@ -167,6 +169,20 @@ class NoiseSourceDPOptimizer(DPOptimizer):
         for p in self.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
         self.step()
+
+
+def dpsgd_draws(seed: int, label: str, device, site_index: int, round_index: int, *,
+                secure: bool) -> tuple[torch.Generator, torch.Generator, NoiseSource]:
+    """The three random sources of a DP-SGD round: training draws (latents, diffusion noise,
+    timesteps; on ``device``), Poisson batches and DP noise. The last two must stay secret:
+    OS-seeded when ``secure``, else derived from the run seed, ``label``, site and round
+    (``<label>-train``, ``<label>-sample``, ``<label>``) for replay."""
+    training = torch.Generator(device=device)
+    training.manual_seed(derive_seed(seed, f"{label}-train", site_index, round_index))
+    if secure:
+        return training, sampling_generator(None), NoiseSource.secure()
+    return (training, sampling_generator(derive_seed(seed, f"{label}-sample", site_index, round_index)),
+            NoiseSource.seeded(derive_seed(seed, label, site_index, round_index)))
 
 
 def poisson_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],

@@ -18,18 +18,18 @@ from typing import Iterable
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
-from server.aggregation import SecureRound, release_secure, secure_round
+from server.aggregation import release_secure, secure_round
 from server.plan import DPAggPlan
 from server.replies import ReplyError, read_vector
+from server.strategy_base import LedgerStrategy
 
 log = logging.getLogger("privadapt.server")
 
 
-class DPAggTIStrategy(Strategy):
+class DPAggTIStrategy(LedgerStrategy):
     """Central-noise DPAgg-TI aggregation (trusted server: it sees each site's sum)."""
 
     def __init__(
@@ -47,16 +47,14 @@ class DPAggTIStrategy(Strategy):
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
+        super().__init__(ledger=ledger, ledger_path=ledger_path)
         self.plan = plan
         self.mechanism = mechanism
         self.noise = noise
-        self.ledger = ledger
         self.dim = dim
-        self.ledger_path = ledger_path
         self.aggregation = aggregation
         self.max_site_norm = max_site_norm  # public bound on one site's sum: (declared N) * C
         self.timeout = timeout
-        self.secure: SecureRound | None = None
         self.achieved_noise_multipliers: list[float] = []
         self.releases: list[torch.Tensor] = []
         self.contributors: list[list[int]] = []
@@ -82,9 +80,7 @@ class DPAggTIStrategy(Strategy):
         ]
 
     def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        secure, self.secure = self.secure, None
-        if secure is None or secure.round != server_round:
-            raise RuntimeError(f"release {server_round}: no secure-aggregation result (configure_train did not run)")
+        secure = self.take_secure(server_round)
         released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
                                   denominator=self.plan.denominator, sample_rate=self.plan.sample_rate, unit="record",
                                   label=f"dpagg-ti release {server_round} ({self.aggregation})")
@@ -100,8 +96,7 @@ class DPAggTIStrategy(Strategy):
 
     def _record_release(self, server_round: int, released: dict, event, used: list[int]):
         self.ledger.record(event)
-        if self.ledger_path is not None:
-            self.ledger.save(self.ledger_path)
+        self.save_ledger()
         self.achieved_noise_multipliers.append(event.noise_multiplier)
         self.releases.append(released[keys.EMBEDDING_SUM])
         self.contributors.append(used)
@@ -129,12 +124,6 @@ class DPAggTIStrategy(Strategy):
             unit="record", label=f"dpagg-ti release {server_round}",
         )
         return self._record_release(server_round, released, event, used)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
 
     def mean_release(self) -> torch.Tensor:
         """The average of the releases (post-processing of DP outputs: free)."""

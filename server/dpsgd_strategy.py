@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from client.app import ti_settings
 from client.ti import initializer_vector
@@ -37,6 +36,7 @@ from common.dp import PrivacyLedger, epsilon
 from server.export import embedding_metrics
 from server.plan import plan_record
 from server.replies import ReplyError, read_site_report, read_vector
+from server.strategy_base import LedgerStrategy
 
 log = logging.getLogger("privadapt.server")
 
@@ -52,16 +52,15 @@ def embedding_record(vector: torch.Tensor) -> ArrayRecord:
     return ArrayRecord(array_dict={keys.EMBEDDING: Array(vector.detach().cpu().numpy().astype(np.float32).reshape(-1))})
 
 
-class DPSGDTIStrategy(Strategy):
+class DPSGDTIStrategy(LedgerStrategy):
     """Federated DP-SGD textual inversion: broadcast, collect, check, uniform mean, account."""
 
     def __init__(self, *, ledger: PrivacyLedger, initial: torch.Tensor, ledger_path: Path | None = None) -> None:
         initial = initial.detach().reshape(-1).to(torch.float32).cpu()
         if not torch.isfinite(initial).all():
             raise ValueError("the initial embedding has NaN or infinite entries")
-        self.ledger = ledger
+        super().__init__(ledger=ledger, ledger_path=ledger_path)
         self.dim = initial.numel()
-        self.ledger_path = ledger_path
         self.global_embedding = initial.clone()
         self.contributors: list[list[int]] = []  # per round: nodes whose embedding entered the mean
         self.reported_epsilons: dict[str, float] = {}  # scope -> the latest epsilon the site reported
@@ -113,8 +112,8 @@ class DPSGDTIStrategy(Strategy):
                 used.append(node)
             except ReplyError as err:
                 self._reject(server_round, node, err)
-        if scopes and self.ledger_path is not None:
-            self.ledger.save(self.ledger_path)
+        if scopes:
+            self.save_ledger()
         self.contributors.append(used)
         if not valid:
             log.warning("round %d: no valid site embedding; the global embedding is unchanged", server_round)
@@ -123,12 +122,6 @@ class DPSGDTIStrategy(Strategy):
         self.global_embedding = torch.stack(valid).mean(dim=0).to(torch.float32)
         metrics = MetricRecord({"sites": len(used), "rejected": len(scopes) - len(used)})
         return embedding_record(self.global_embedding), metrics
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
 
     def site_epsilons(self, accountant: str = "prv") -> dict[str, float | None]:
         """Each site's record-level epsilon recomputed from the ledger (None for infinity)."""

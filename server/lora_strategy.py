@@ -36,16 +36,16 @@ from typing import Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import tree_record
-from server.aggregation import SecureRound, release_secure, secure_round
+from server.aggregation import release_secure, secure_round
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree
+from server.strategy_base import LedgerStrategy
 
 log = logging.getLogger("privadapt.server")
 
@@ -89,7 +89,7 @@ class RoundLog:
         }
 
 
-class DPFedAvgLoRA(Strategy):
+class DPFedAvgLoRA(LedgerStrategy):
     """Central-noise DP-FedAvg for LoRA adapters (trusted server: it sees each clipped delta)."""
 
     def __init__(
@@ -111,24 +111,21 @@ class DPFedAvgLoRA(Strategy):
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
+        super().__init__(ledger=ledger, ledger_path=ledger_path)
         self.plan = plan
         self.mechanism = mechanism
         self.noise = noise
         self.sampling = sampling
-        self.ledger = ledger
         self.global_state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in initial.items()}
         self.shapes = tree_shapes(self.global_state)
         self.defense = defense
         self.private = private
         self.server_learning_rate = server_learning_rate
-        self.declared_sites = num_sites
         self.num_sites = num_sites  # K, fixed at the first round if not declared
-        self.ledger_path = ledger_path
         self.rounds: list[RoundLog] = []
         self.reported_record_epsilons: dict[str, float] = {}
         self.aggregation = aggregation
         self.timeout = timeout
-        self.secure: SecureRound | None = None
 
     def summary(self) -> None:
         log.info("DP-FedAvg LoRA (%s): z=%.4f, site rate q=%.4f, C=%g, %d round(s), %d tensors", self.defense,
@@ -165,9 +162,7 @@ class DPFedAvgLoRA(Strategy):
         return [Message(content=content, dst_node_id=node, message_type="train") for node in chosen]
 
     def _aggregate_secure(self, entry: RoundLog) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        secure, self.secure = self.secure, None
-        if secure is None or secure.round != entry.round:
-            raise RuntimeError(f"round {entry.round}: no secure-aggregation result (configure_train did not run)")
+        secure = self.take_secure(entry.round)
         if secure.result is not None:
             entry.used = list(secure.result.survivors)
             entry.rejected = [{"node": n, "reason": "dropped out of secure aggregation"} for n in secure.result.dropped]
@@ -179,7 +174,7 @@ class DPFedAvgLoRA(Strategy):
             return None, MetricRecord({"sites": 0})
         mean, event = released
         self.ledger.record(event)
-        self._save_ledger()
+        self.save_ledger()
         entry.achieved_noise_multiplier = event.noise_multiplier
         if self.aggregation == "secure":  # the server drew the noise: it knows its norm
             total = secure.result.total
@@ -240,25 +235,15 @@ class DPFedAvgLoRA(Strategy):
         else:
             if total is None:
                 log.warning("round %d: no valid site delta; the global adapter is unchanged", server_round)
-                self._save_ledger()
+                self.save_ledger()
                 return None, MetricRecord({"sites": 0})
             mean = {k: v / len(entry.used) for k, v in total.items()}
-        self._save_ledger()
+        self.save_ledger()
         entry.update_norm = self.server_learning_rate * flat_norm(mean)
         self.global_state = tree_add(self.global_state, mean, self.server_learning_rate)
         metrics = MetricRecord({"sites": len(entry.used), "rejected": len(entry.rejected),
                                 "noise-norm": float(entry.noise_norm), "update-norm": float(entry.update_norm)})
         return tree_record(self.global_state), metrics
-
-    def _save_ledger(self) -> None:
-        if self.ledger_path is not None:
-            self.ledger.save(self.ledger_path)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
 
     def round_summaries(self) -> list[dict]:
         return [r.summary() for r in self.rounds]

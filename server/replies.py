@@ -22,13 +22,19 @@ class ReplyError(ValueError):
     """A site's reply that cannot enter the aggregate."""
 
 
-def _arrays(reply: Message) -> ArrayRecord:
+def _record(reply: Message, name: str, kind: type):
+    """The record ``name`` of a reply, of type ``kind``; an error reply or a missing record
+    is a :class:`ReplyError`."""
     if reply.has_error():
         raise ReplyError(f"site reported an error: {reply.error.reason}")
-    arrays = reply.content.get(keys.ARRAYS)
-    if not isinstance(arrays, ArrayRecord):
-        raise ReplyError(f"reply has no {keys.ARRAYS} record")
-    return arrays
+    record = reply.content.get(name)
+    if not isinstance(record, kind):
+        raise ReplyError(f"reply has no {name} record")
+    return record
+
+
+def _arrays(reply: Message) -> ArrayRecord:
+    return _record(reply, keys.ARRAYS, ArrayRecord)
 
 
 def _float64(arrays: ArrayRecord, key: str) -> torch.Tensor:
@@ -109,11 +115,7 @@ def _number(metrics: MetricRecord, key: str) -> float:
 
 def read_site_report(reply: Message) -> SiteReport:
     """The privacy parameters in a site's reply, checked (they enter the ledger)."""
-    if reply.has_error():
-        raise ReplyError(f"site reported an error: {reply.error.reason}")
-    metrics = reply.content.get(keys.METRICS)
-    if not isinstance(metrics, MetricRecord):
-        raise ReplyError(f"reply has no {keys.METRICS} record")
+    metrics = _record(reply, keys.METRICS, MetricRecord)
     z = _number(metrics, keys.SITE_NOISE_MULTIPLIER)
     q = _number(metrics, keys.SITE_SAMPLE_RATE)
     steps = _number(metrics, keys.SITE_STEPS)
