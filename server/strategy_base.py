@@ -1,18 +1,26 @@
-"""What every privadapt strategy shares: a privacy ledger saved after every change, no
-federated evaluation, and (for secure aggregation) the round's secure sum held between
-``configure_train``, which runs the protocol, and ``aggregate_train``, which releases it."""
+"""What every privadapt strategy shares: one round loop, a privacy ledger saved after every
+change, no federated evaluation, and (for secure aggregation) the round's secure sum held
+between ``configure_train``, which runs the protocol, and ``aggregate_train``, which releases it.
+
+The round loop replaces Flower's ``Strategy.start`` (which also runs a federated evaluation we
+never use) with three seams: where the loop starts (:meth:`LedgerStrategy.first_round`), how
+the replies come back (:meth:`LedgerStrategy.receive`) and what happens once a round is
+complete (:meth:`LedgerStrategy.end_round`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+import logging
 from typing import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from common.dp import PrivacyLedger
 from server.aggregation import SecureRound
+
+log = logging.getLogger("privadapt.server")
 
 
 class LedgerStrategy(Strategy):
@@ -34,6 +42,39 @@ class LedgerStrategy(Strategy):
         if secure is None or secure.round != server_round:
             raise RuntimeError(f"round {server_round}: no secure-aggregation result (configure_train did not run)")
         return secure
+
+    def first_round(self) -> int:
+        """The round the loop starts at (1 for a fresh run)."""
+        return 1
+
+    def receive(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
+        """Send the round's messages and return the replies (handed to ``aggregate_train``)."""
+        return grid.send_and_receive(messages=messages, timeout=timeout)
+
+    def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Called once a round's release is complete and recorded."""
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None) -> Result:
+        """Run rounds ``first_round() .. num_rounds``: configure, receive, aggregate, end."""
+        if evaluate_config is not None or evaluate_fn is not None:
+            raise ValueError("privadapt strategies run no federated or central evaluation")
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        for server_round in range(self.first_round(), num_rounds + 1):
+            log.info("[ROUND %d/%d]", server_round, num_rounds)
+            messages = self.configure_train(server_round, arrays, train_config, grid)
+            new_arrays, metrics = self.aggregate_train(server_round, self.receive(grid, messages, timeout))
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            if metrics is not None:
+                log.info("round %d: %s", server_round, metrics)
+                result.train_metrics_clientapp[server_round] = metrics
+            self.end_round(server_round, arrays)
+        return result
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return []
