@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -12,13 +13,17 @@ from server.checkpoint import CHECKPOINT_FILE
 from simulations.run import simulate
 
 FAST = {"adapter": "lora", "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2, "lora-alpha": 2.0,
-        "sample-steps": 1, "sample-prompts": "an emoji of a cat", "site-sampling-rate": 0.9, "seed": 3}
+        "sample-steps": 1, "sample-prompts": "an emoji of a cat", "site-sampling-rate": 0.9, "seed": 3,
+        # explicit: a noise multiplier calibrated to the target changes with the number of rounds,
+        # and a checkpoint made under another noise is refused (tests/server/test_checkpoint.py)
+        "noise-multiplier": 6.0}
 
 
 def events(out):
     return json.loads((out / "ledger.json").read_text())["events"]
 
 
+@pytest.mark.slow  # three simulations: ~4 min on 2 busy cores
 def test_a_run_resumed_after_two_rounds_equals_an_uninterrupted_three_round_run(tmp_path, tiny_sd_path):
     common = {**FAST, "model-path": str(tiny_sd_path)}
     whole = simulate(2, {**common, "rounds": 3, "output-dir": str(tmp_path / "whole")})
