@@ -15,10 +15,12 @@ from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger, epsilon
 from common.dp.sampling import sampling_generator
 from common.wire import record_tree
+from server.dpagg_strategy import DPAggTIStrategy
 from server.checkpoint import CHECKPOINT_FILE, CheckpointError, CheckpointStore, config_fingerprint
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import FedAvgPlan
+from server.plan import DPAggPlan, FedAvgPlan
 from server.strategy_base import RunControl
+from tests.server.test_dpagg_strategy import reply_with
 from tests.server.test_lora_strategy import SHAPES, reply, zeros
 
 DELTA = 1e-5
@@ -201,6 +203,52 @@ def test_sites_that_fail_or_stay_silent_do_not_fail_the_run(tmp_path):
 def test_unrequested_replies_are_ignored(tmp_path):
     s = strategy(tmp_path, q=1.0)
     list(s.configure_train(1, ArrayRecord(), ConfigRecord(), ReplyingGrid(n=2)))
-    replies: list[Message] = [reply({k: torch.full(v, 0.1) for k, v in SHAPES.items()}, 9)]
+    delta = {k: torch.full(v, 0.1) for k, v in SHAPES.items()}
+    replies: list[Message] = [reply(delta, 9), reply(delta, 1), reply(delta, 1)]
     s.aggregate_train(1, replies)
-    assert s.rounds[0].ignored == [9] and s.rounds[0].used == []
+    assert s.rounds[0].ignored == [9, 1] and s.rounds[0].used == [1]  # unrequested, then a second answer
+
+
+class SumGrid:
+    """DPAgg-TI sites: node k returns the sum k * 0.1 * ones(4); the ``bad`` ones send NaN."""
+
+    def __init__(self, n: int = 3, bad: tuple[int, ...] = ()) -> None:
+        self.nodes, self.bad = list(range(1, n + 1)), set(bad)
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout):
+        nodes = [m.metadata.dst_node_id for m in messages]
+        return [reply_with([math.nan if n in self.bad else 0.1 * n] * 4, node_id=n) for n in nodes]
+
+
+def dpagg(out, z=2.0, **control_kw):
+    plan = DPAggPlan(noise_multiplier=z, sample_rate=0.5, releases=3, denominator=5.0,
+                     planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+    store = CheckpointStore(out, fingerprint="f", plan={"noise_multiplier": z, "sample_rate": 0.5})
+    return DPAggTIStrategy(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=z),
+                           noise=NoiseSource.seeded(3), ledger=PrivacyLedger(delta=DELTA), dim=4,
+                           ledger_path=out / "ledger.json", max_site_norm=10.0,
+                           control=RunControl(checkpoint=store, delta=DELTA, unit="record", **control_kw))
+
+
+def test_dpagg_resumed_releases_are_bit_identical(tmp_path):
+    whole = dpagg(tmp_path / "whole")
+    whole.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    first = dpagg(tmp_path / "split")
+    first.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=1, timeout=1.0)
+    resumed = dpagg(tmp_path / "split")
+    resumed.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    assert resumed.resumed_from == 1
+    assert all(torch.equal(a, b) for a, b in zip(whole.releases, resumed.releases, strict=True))
+    assert torch.equal(whole.mean_release(), resumed.mean_release())
+    assert whole.ledger.events == resumed.ledger.events and whole.contributors == resumed.contributors
+
+
+def test_dpagg_release_without_a_valid_site_is_charged_not_released(tmp_path):
+    s = dpagg(tmp_path)
+    assert s.aggregate_train(1, SumGrid(bad=(1, 2, 3)).send_and_receive(
+        list(s.configure_train(1, ArrayRecord(), ConfigRecord(), SumGrid())), 1.0)) == (None, None)
+    (event,) = s.ledger.events
+    assert "short" in event.label and event.unit == "record" and not s.releases and s.short
