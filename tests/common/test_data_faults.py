@@ -118,17 +118,10 @@ def test_any_json_in_captions_loads_or_is_refused_by_name(tmp_path: Path, value)
     _loaded_or_refused(tmp_path, "captions.json")
 
 
+@pytest.mark.parametrize("name", ["captions.json", "a.txt"])
 @_hypothesis
 @given(blob=st.binary(max_size=512))
-def test_any_bytes_in_captions_json_load_or_are_refused_by_name(tmp_path: Path, blob: bytes) -> None:
+def test_any_bytes_in_a_captions_file_load_or_are_refused_by_name(tmp_path: Path, name: str, blob: bytes) -> None:
     colour(1).save(tmp_path / "a.png")
-    (tmp_path / "captions.json").write_bytes(blob)
-    _loaded_or_refused(tmp_path, "captions.json")
-
-
-@_hypothesis
-@given(blob=st.binary(max_size=512))
-def test_any_bytes_in_a_sidecar_load_or_are_refused_by_name(tmp_path: Path, blob: bytes) -> None:
-    colour(1).save(tmp_path / "a.png")
-    (tmp_path / "a.txt").write_bytes(blob)
-    _loaded_or_refused(tmp_path, "a.txt")
+    (tmp_path / name).write_bytes(blob)
+    _loaded_or_refused(tmp_path, name)
