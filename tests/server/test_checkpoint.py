@@ -153,20 +153,21 @@ def test_secure_noise_resumes_with_fresh_noise(tmp_path):
 
 
 def test_the_run_stops_before_the_release_that_would_pass_the_target(tmp_path):
-    event = PrivacyEvent(noise_multiplier=PLAN["noise_multiplier"], sample_rate=PLAN["sample_rate"], unit="site")
-    two = epsilon([event] * 2, DELTA, "prv")
-    three = epsilon([event] * 3, DELTA, "prv")
+    event = PrivacyEvent(noise_multiplier=PLAN["noise_multiplier"], sample_rate=1.0, unit="site")
+    # q = 1 and RDP only to keep the test fast (runs check with PRV, the accountant the plan uses)
+    two = epsilon([event] * 2, DELTA, "rdp")
+    three = epsilon([event] * 3, DELTA, "rdp")
     target = (two + three) / 2
-    s = strategy(tmp_path, control_kw={"target_epsilon": target})
+    s = strategy(tmp_path, control_kw={"target_epsilon": target, "accountant": "rdp"}, q=1.0)
     result = run(s, 5)
     assert len(s.ledger.events) == 2 and s.stopped is not None
-    assert "round 3: stopping before it spends" in s.stopped and f"{three:.4f}" in s.stopped
-    assert s.ledger.epsilon("site") <= target
+    assert "round 3: stopping before it spends" in s.stopped and f"{three:.4f} (RDP" in s.stopped
+    assert s.ledger.epsilon("site", "rdp") <= target
     # what was released so far is still there to export, and the checkpoint holds round 2
     assert result.arrays is not None and len(s.rounds) == 2
     assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["completed_round"] == 2
     # resuming with more rounds than the budget allows stops again, spending nothing
-    again = strategy(tmp_path, control_kw={"target_epsilon": target})
+    again = strategy(tmp_path, control_kw={"target_epsilon": target, "accountant": "rdp"}, q=1.0)
     run(again, 5)
     assert len(again.ledger.events) == 2 and "round 3" in again.stopped
 
