@@ -5,8 +5,9 @@ node authentication, three SuperNodes with long-lived ClientApps on 127.0.0.1).
   on the same output-dir resumes and ends with the adapter and ledger of an uninterrupted run,
   bit for bit (seeded noise and sampling, deterministic sites).
 - A SuperNode is killed (SIGKILL, with its ClientApp) once round 1 is checkpointed (round 2
-  starting); the run goes on with the other sites, every round keeps the planned noise and denominator (the ledger equals the
-  uninterrupted run's), and round 1, which all sites answered, equals the uninterrupted round 1.
+  starting); the run goes on with the other sites, every round keeps the planned noise and
+  denominator (the ledger equals the uninterrupted run's), and round 1, which all sites
+  answered, equals the uninterrupted round 1.
 
 Slow (several minutes): marked ``slow``, kept out of the default run."""
 
