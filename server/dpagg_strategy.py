@@ -60,6 +60,7 @@ class DPAggTIStrategy(LedgerStrategy):
         self.releases: list[torch.Tensor] = []
         self.contributors: list[list[int]] = []
         self.rejected: list[dict] = []
+        self.asked: set[int] | None = None  # nodes sent this release's message (None: not sent by configure_train)
 
     def summary(self) -> None:
         log.info("DPAgg-TI: z=%.4f, q=%.4f, C=%g, denominator q*N=%g, %d release(s)", self.plan.noise_multiplier,
@@ -101,9 +102,10 @@ class DPAggTIStrategy(LedgerStrategy):
                 timeout=self.timeout,
             )
             return []  # the protocol sent its own messages
+        self.asked = set(grid.get_node_ids())
         return [
             Message(content=RecordDict({keys.CONFIG: cfg}), dst_node_id=node_id, message_type="train")
-            for node_id in grid.get_node_ids()
+            for node_id in sorted(self.asked)
         ]
 
     def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -137,6 +139,12 @@ class DPAggTIStrategy(LedgerStrategy):
         used: list[int] = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node in used or (self.asked is not None and node not in self.asked):
+                # one sum per site: a second or unrequested sum would break the per-image bound
+                log.warning("release %d: ignoring a reply from node %s, which was not asked (or answered twice)",
+                            server_round, node)
+                self.rejected.append({"release": server_round, "node": node, "reason": "not asked, or a second reply"})
+                continue
             try:
                 total = self.mechanism.add(total, {keys.EMBEDDING_SUM: read_vector(reply, keys.EMBEDDING_SUM, self.dim)})
                 used.append(node)

@@ -253,3 +253,12 @@ def test_dpagg_release_without_a_valid_site_is_charged_not_released(tmp_path):
         list(s.configure_train(1, ArrayRecord(), ConfigRecord(), SumGrid())), 1.0)) == (None, None)
     (event,) = s.ledger.events
     assert "short" in event.label and event.unit == "record" and not s.releases and s.short
+
+
+def test_dpagg_ignores_unrequested_and_second_replies(tmp_path):
+    s = dpagg(tmp_path, z=0.0)
+    list(s.configure_train(1, ArrayRecord(), ConfigRecord(), SumGrid(n=2)))
+    arrays, _ = s.aggregate_train(1, [reply_with([1.0] * 4, node_id=1), reply_with([1.0] * 4, node_id=1),
+                                      reply_with([1.0] * 4, node_id=9)])
+    np.testing.assert_allclose(arrays[keys.EMBEDDING].numpy(), np.full(4, 1.0 / 5.0))
+    assert [r["node"] for r in s.rejected] == [1, 9] and s.contributors == [[1]]
