@@ -19,6 +19,8 @@ AGGREGATIONS = ("central", "secure", "distributed")
 BOUND_MODES = ("clip", "normalize")
 RESCALE_MODES = ("none", "initializer-norm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+RESUME_MODES = ("auto", "never")
+SHORT_ROUND_POLICIES = ("skip", "retry")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,12 @@ class RunConfig:
     attacker_weight_decay: float = 1e-4
     record_target_epsilon: float = 0.0  # defense = dp-sgd: record-level target; <= 0 means target-epsilon
     site_diagnostics: bool = True  # sites send loss / attacker accuracy / clipping to the (trusted) server
+    # reliability
+    resume: str = "auto"  # "auto": go on from output-dir's checkpoint if the config matches; "never": refuse one
+    min_sites: int = 0  # a round with fewer valid site contributions is short (charged, not applied); 0: never
+    short_round: str = "skip"  # "skip" a short round, or "retry" it with a fresh sample (within max-retries)
+    max_retries: int = 0  # retries allowed over the whole run; the plan's noise covers rounds + max-retries
+    round_timeout: float = 3600.0  # seconds the server waits for a round's replies; late sites are left out
     # model, data, outputs
     model_path: str = ""  # "" = the embedded tiny model, built on first use
     data_path: str = "data/demo"  # holds site-<partition-id>/ folders
@@ -140,6 +148,12 @@ class RunConfig:
         need(self.dpsgd_max_grad_norm > 0, "dpsgd_max_grad_norm", "must be > 0")
         need(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "must be a positive multiple of 8")
         need(self.sample_steps >= 1, "sample_steps", "must be >= 1")
+        need(self.resume in RESUME_MODES, "resume", f"must be one of {RESUME_MODES}")
+        need(self.min_sites >= 0, "min_sites", "must be >= 0 (0: no minimum)")
+        need(self.short_round in SHORT_ROUND_POLICIES, "short_round", f"must be one of {SHORT_ROUND_POLICIES}")
+        need(self.max_retries >= 0, "max_retries", "must be >= 0")
+        need(self.short_round == "retry" or self.max_retries == 0, "max_retries", "needs short-round = 'retry'")
+        need(math.isfinite(self.round_timeout) and self.round_timeout > 0, "round_timeout", "must be finite and > 0")
         if problems:
             raise ValueError("invalid run config:\n  " + "\n  ".join(problems))
 
@@ -160,6 +174,11 @@ class RunConfig:
     def record_epsilon_target(self) -> float:
         """Record-level target of DP-SGD inside a site (defense = dp-sgd)."""
         return self.record_target_epsilon if self.record_target_epsilon > 0 else self.target_epsilon
+
+    @property
+    def planned_attempts_extra(self) -> int:
+        """Round attempts beyond ``rounds`` / ``num-releases`` the plan must pay for (retries)."""
+        return self.max_retries if self.short_round == "retry" else 0
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:

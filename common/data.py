@@ -12,6 +12,7 @@ which are local to the site: do not forward them to the server if names are priv
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ def load_site_images(
     blank caption counts as none). A sidecar applies to every image with its stem (``a.png`` and
     ``a.jpg`` share ``a.txt``). An image may get a caption from both sources only if they agree.
 
+    Duplicates are refused: two files whose decoded RGB pixels are identical (the same file
+    copied, or the same picture saved as PNG and BMP) would make one private image count twice,
+    so its contribution could exceed the per-image bound the DP guarantee rests on.
+
     Args:
         folder: the site's data folder.
         site: the site's name, used in error messages and kept in the result.
@@ -102,8 +107,10 @@ def load_site_images(
 
     Raises:
         SiteDataError: the folder is missing, not a directory or holds no image; an image is
-            empty, unreadable, truncated, too large or of an unsupported mode; ``captions.json``
-            or a sidecar is malformed; a file (e.g. a symlink) resolves outside the folder.
+            empty, unreadable, truncated, too large or of an unsupported mode; ``captions.json`` (also one
+            naming a file twice)
+            or a sidecar is malformed; a file (e.g. a symlink) resolves outside the folder; two
+            images have the same pixels.
         ValueError: ``resolution``, ``max_images`` or ``max_pixels`` is not a positive integer.
     """
     for arg, value in (("resolution", resolution), ("max_pixels", max_pixels), ("max_images", max_images)):
@@ -132,9 +139,15 @@ def load_site_images(
 
     pixels = []
     captions: list[str | None] = []
+    seen: dict[str, str] = {}  # digest of the decoded pixels -> first file with them
     for name in names:
         path = _inside(folder / name, root, site)
-        pixels.append(_load_pixels(path, site, resolution, max_pixels))
+        arr, digest = _load_pixels(path, site, resolution, max_pixels)
+        if digest in seen:
+            raise SiteDataError(site, path, f"has the same pixels as {seen[digest]}: a duplicate would count one "
+                                            "image twice (remove one of them)")
+        seen[digest] = name
+        pixels.append(arr)
         captions.append(_caption(folder, root, site, name, json_captions.get(name)))
     return SiteImages(
         names=tuple(names), pixels=torch.from_numpy(np.stack(pixels)), captions=tuple(captions), site=site
@@ -159,9 +172,11 @@ def _read_captions_json(folder: Path, root: Path, site: str, images: set[str]) -
         return {}
     _inside(path, root, site)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SiteDataError(site, path, f"is not readable UTF-8 JSON ({exc})") from exc
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SiteDataError(site, path, f"is not readable UTF-8 JSON ({type(exc).__name__}: {exc})") from exc
+    except _DuplicateKey as exc:
+        raise SiteDataError(site, path, f"names {exc.args[0]!r} more than once") from None
     if not isinstance(data, dict):
         raise SiteDataError(
             site, path, f"must be a JSON object mapping file name -> caption, got {type(data).__name__}"
@@ -173,6 +188,20 @@ def _read_captions_json(folder: Path, root: Path, site: str, images: set[str]) -
         if name not in images:
             raise SiteDataError(site, path, f"names {name!r}, which is not an image file in {folder}")
         out[name] = caption.strip() or None
+    return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's dict; a key given twice (json keeps the last silently) is an error."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
     return out
 
 
@@ -191,8 +220,9 @@ def _caption(folder: Path, root: Path, site: str, name: str, from_json: str | No
     return text or from_json
 
 
-def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> np.ndarray:
-    """Decode, check, convert and resize one image; float32 [3, R, R] in [-1, 1]."""
+def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> tuple[np.ndarray, str]:
+    """Decode, check, convert and resize one image: float32 [3, R, R] in [-1, 1], and a
+    SHA-256 of the full-size RGB pixels (for duplicates)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -218,12 +248,13 @@ def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> np.
     except Exception as exc:  # Pillow raises many types on hostile input; all mean "unreadable"
         problem = f"is not a readable image or is truncated ({type(exc).__name__}: {exc})"
         raise SiteDataError(site, path, problem) from exc
+    digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
     side = min(rgb.size)
     left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
     # Crop first: resize(box=...) would let bicubic taps reach pixels outside the square.
     square = rgb.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
     arr = np.asarray(square, dtype=np.float32)  # [R, R, 3], 0..255
-    return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1))
+    return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1)), digest
 
 
 def _to_rgb(img: Image.Image, site: str, path: Path) -> Image.Image:

@@ -37,6 +37,7 @@ from server.export import (
     write_json,
 )
 from server.plan import plan_dpagg, plan_record
+from server.strategy_base import reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")
 
@@ -70,10 +71,13 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=plan.noise_multiplier, bound_mode=cfg.bound)
     strategy = DPAggTIStrategy(plan=plan, mechanism=mechanism, noise=noise, ledger=ledger, dim=init.numel(),
                                ledger_path=out / "ledger.json", aggregation=cfg.aggregation,
-                               max_site_norm=cfg.dataset_size * cfg.clip_norm)
+                               max_site_norm=cfg.dataset_size * cfg.clip_norm, timeout=cfg.round_timeout,
+                               control=run_control(cfg, out, unit="record", plan={
+                                   "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}))
+    attempts = cfg.num_releases + cfg.planned_attempts_extra
     plan_sent = plan_record(cfg, unit="record", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                            steps=cfg.num_releases, rounds=cfg.num_releases, aggregation=cfg.aggregation)
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=3600.0,
+                            steps=attempts, rounds=attempts, aggregation=cfg.aggregation)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     vector, post = postprocess(strategy.mean_release(), init, cfg)
     eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
@@ -108,6 +112,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
                             "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
         "trust_model": trust_model(cfg.aggregation, "sum of bounded embeddings"),
         "rejected_replies": strategy.rejected,
+        **reliability_report(strategy),
         "plan": plan.to_dict(),
         "events": [e.to_dict() for e in ledger.events],
         "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},

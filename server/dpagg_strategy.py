@@ -20,11 +20,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 
 from common import keys
-from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from server.aggregation import release_secure, secure_round
 from server.plan import DPAggPlan
 from server.replies import ReplyError, read_vector
-from server.strategy_base import LedgerStrategy
+from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
 
@@ -44,10 +44,11 @@ class DPAggTIStrategy(LedgerStrategy):
         aggregation: str = "central",
         max_site_norm: float = 0.0,
         timeout: float = 3600.0,
+        control: RunControl | None = None,
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
-        super().__init__(ledger=ledger, ledger_path=ledger_path)
+        super().__init__(ledger=ledger, ledger_path=ledger_path, control=control)
         self.plan = plan
         self.mechanism = mechanism
         self.noise = noise
@@ -59,10 +60,37 @@ class DPAggTIStrategy(LedgerStrategy):
         self.releases: list[torch.Tensor] = []
         self.contributors: list[list[int]] = []
         self.rejected: list[dict] = []
+        self.asked: set[int] | None = None  # nodes sent this release's message (None: not sent by configure_train)
 
     def summary(self) -> None:
         log.info("DPAgg-TI: z=%.4f, q=%.4f, C=%g, denominator q*N=%g, %d release(s)", self.plan.noise_multiplier,
                  self.plan.sample_rate, self.mechanism.clip_norm, self.plan.denominator, self.plan.releases)
+
+    def next_event(self, server_round: int) -> PrivacyEvent | None:
+        if self.plan.noise_multiplier == 0:
+            return None  # non-private run
+        return PrivacyEvent(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,
+                            unit="record", label=f"dpagg-ti release {server_round}")
+
+    def state_dict(self) -> dict:
+        return {"releases": [r.clone() for r in self.releases], "contributors": [list(c) for c in self.contributors],
+                "rejected": [dict(r) for r in self.rejected],
+                "achieved_noise_multipliers": list(self.achieved_noise_multipliers), "noise": self.noise.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        releases = [r.to(torch.float64) for r in state["releases"]]
+        if any(tuple(r.shape) != (self.dim,) for r in releases):
+            raise ValueError(f"the checkpointed releases are not {self.dim}-dimensional")
+        self.releases = releases
+        self.contributors = [list(c) for c in state["contributors"]]
+        self.rejected = [dict(r) for r in state["rejected"]]
+        self.achieved_noise_multipliers = [float(z) for z in state["achieved_noise_multipliers"]]
+        self.noise.set_state(state["noise"])
+
+    def current_arrays(self) -> ArrayRecord:
+        if not self.releases:
+            return ArrayRecord()
+        return ArrayRecord(array_dict={keys.EMBEDDING: Array(self.releases[-1].numpy())})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: "dpagg"})
@@ -74,9 +102,10 @@ class DPAggTIStrategy(LedgerStrategy):
                 timeout=self.timeout,
             )
             return []  # the protocol sent its own messages
+        self.asked = set(grid.get_node_ids())
         return [
             Message(content=RecordDict({keys.CONFIG: cfg}), dst_node_id=node_id, message_type="train")
-            for node_id in grid.get_node_ids()
+            for node_id in sorted(self.asked)
         ]
 
     def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -110,14 +139,28 @@ class DPAggTIStrategy(LedgerStrategy):
         used: list[int] = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if node in used or (self.asked is not None and node not in self.asked):
+                # one sum per site: a second or unrequested sum would break the per-image bound
+                log.warning("release %d: ignoring a reply from node %s, which was not asked (or answered twice)",
+                            server_round, node)
+                self.rejected.append({"release": server_round, "node": node, "reason": "not asked, or a second reply"})
+                continue
             try:
                 total = self.mechanism.add(total, {keys.EMBEDDING_SUM: read_vector(reply, keys.EMBEDDING_SUM, self.dim)})
                 used.append(node)
             except ReplyError as err:
                 log.warning("release %d: node %s left out: %s", server_round, node, err)
                 self.rejected.append({"release": server_round, "node": node, "reason": str(err)})
-        if total is None:
-            log.warning("release %d: no valid site sum; nothing released, no privacy spent", server_round)
+        if total is None or self.is_short(len(used)):
+            # Whether a release happens depends on who answered: the attempt is charged as one
+            # release although nothing is released, so the ledger never says less than was observable.
+            self.short = True
+            event = self.next_event(server_round)
+            log.warning("release %d: %d valid site sum(s) (min-sites %d); nothing released%s", server_round, len(used),
+                        self.control.min_sites, "; charged as one release" if event else "")
+            if event is not None:
+                self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not released)"}))
+                self.save_ledger()
             return None, None
         released, event = self.mechanism.release(
             total, denominator=self.plan.denominator, noise=self.noise, sample_rate=self.plan.sample_rate,

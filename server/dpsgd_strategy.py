@@ -36,7 +36,7 @@ from common.dp import PrivacyLedger, epsilon
 from server.export import embedding_metrics
 from server.plan import plan_record
 from server.replies import ReplyError, read_site_report, read_vector
-from server.strategy_base import LedgerStrategy
+from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")
 
@@ -55,16 +55,33 @@ def embedding_record(vector: torch.Tensor) -> ArrayRecord:
 class DPSGDTIStrategy(LedgerStrategy):
     """Federated DP-SGD textual inversion: broadcast, collect, check, uniform mean, account."""
 
-    def __init__(self, *, ledger: PrivacyLedger, initial: torch.Tensor, ledger_path: Path | None = None) -> None:
+    def __init__(self, *, ledger: PrivacyLedger, initial: torch.Tensor, ledger_path: Path | None = None,
+                 control: RunControl | None = None) -> None:
         initial = initial.detach().reshape(-1).to(torch.float32).cpu()
         if not torch.isfinite(initial).all():
             raise ValueError("the initial embedding has NaN or infinite entries")
-        super().__init__(ledger=ledger, ledger_path=ledger_path)
+        super().__init__(ledger=ledger, ledger_path=ledger_path, control=control)
         self.dim = initial.numel()
         self.global_embedding = initial.clone()
         self.contributors: list[list[int]] = []  # per round: nodes whose embedding entered the mean
         self.reported_epsilons: dict[str, float] = {}  # scope -> the latest epsilon the site reported
         self.rejected: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"global_embedding": self.global_embedding.clone(), "contributors": [list(c) for c in self.contributors],
+                "reported_epsilons": dict(self.reported_epsilons), "rejected": [dict(r) for r in self.rejected]}
+
+    def load_state_dict(self, state: dict) -> None:
+        embedding = state["global_embedding"].to(torch.float32).reshape(-1)
+        if embedding.numel() != self.dim:
+            raise ValueError(f"the checkpointed embedding has {embedding.numel()} entries, expected {self.dim}")
+        self.global_embedding = embedding
+        self.contributors = [list(c) for c in state["contributors"]]
+        self.reported_epsilons = dict(state["reported_epsilons"])
+        self.rejected = [dict(r) for r in state["rejected"]]
+
+    def current_arrays(self) -> ArrayRecord:
+        return embedding_record(self.global_embedding)
 
     def summary(self) -> None:
         log.info("DP-SGD TI baseline: %d-dim shared embedding, uniform mean of site updates, noise added on the sites",
@@ -152,11 +169,13 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     settings = ti_settings(cfg)
     init = initializer_vector(pipe, settings)
     ledger = PrivacyLedger(delta=cfg.target_delta)
-    strategy = DPSGDTIStrategy(ledger=ledger, initial=init, ledger_path=out / "ledger.json")
+    # each site adds its own noise: the server has no (z, q) of its own to check or to pin on resume
+    strategy = DPSGDTIStrategy(ledger=ledger, initial=init, ledger_path=out / "ledger.json",
+                               control=run_control(cfg, out, unit="record", plan={}))
     # each site plans its own DP-SGD noise (its q depends on its image count): no server-side unit
     plan_sent = plan_record(cfg, unit="", noise_multiplier=-1.0, sample_rate=1.0, steps=cfg.dpsgd_rounds,
                             rounds=cfg.dpsgd_rounds)
-    strategy.start(grid=grid, initial_arrays=embedding_record(init), num_rounds=cfg.dpsgd_rounds, timeout=3600.0,
+    strategy.start(grid=grid, initial_arrays=embedding_record(init), num_rounds=cfg.dpsgd_rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     if not any(strategy.contributors):
         raise RuntimeError("no DP-SGD round produced a valid site embedding: nothing to publish")
@@ -201,6 +220,7 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": ["uniform average of the sites' DP-SGD embeddings (post-processing)"],
         "noise_source": noise_source_description(cfg),
         "trust_model": TRUST_LOCAL if cfg.private else TRUST_NONE,
+        **reliability_report(strategy),
         "rejected_replies": strategy.rejected,
         "plan": {
             "rounds": cfg.dpsgd_rounds,

@@ -23,6 +23,7 @@ from common.wire import tree_record
 from server.aggregation import noise_description, trust_model
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import plan_fedavg, plan_record
+from server.strategy_base import reliability_report, run_control
 
 DEFENSES = {
     "none": "plain LoRA (AdamW on the denoising loss)",
@@ -59,11 +60,14 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     strategy = DPFedAvgLoRA(
         plan=plan, mechanism=mechanism, noise=noise, sampling=sampling, ledger=ledger, initial=initial,
         defense=cfg.defense, private=cfg.private, server_learning_rate=cfg.server_learning_rate,
-        num_sites=cfg.num_sites, ledger_path=out / "ledger.json", aggregation=cfg.aggregation,
+        num_sites=cfg.num_sites, ledger_path=out / "ledger.json", aggregation=cfg.aggregation, timeout=cfg.round_timeout,
+        control=run_control(cfg, out, unit="site", plan={"noise_multiplier": plan.noise_multiplier,
+                                                         "sample_rate": plan.sample_rate}),
     )
+    attempts = cfg.rounds + cfg.planned_attempts_extra
     plan_sent = plan_record(cfg, unit="site", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                            steps=cfg.rounds, rounds=cfg.rounds, aggregation=cfg.aggregation)
-    strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=3600.0,
+                            steps=attempts, rounds=attempts, aggregation=cfg.aggregation)
+    strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     load_lora_state(pipe, spec, strategy.global_state)
     summary = ledger.summary()
@@ -103,6 +107,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "trust_model": trust_model(cfg.aggregation, "clipped delta") if private else
                        "non-private reference run: no clipping, no noise.",
         "not_covered": NOT_COVERED,
+        **reliability_report(strategy),
         "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
                  "server_learning_rate": cfg.server_learning_rate},
         "events": [e.to_dict() for e in ledger.events],

@@ -29,7 +29,7 @@ the deltas that arrived.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -38,14 +38,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from common import keys
-from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import tree_record
 from server.aggregation import release_secure, secure_round
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree
-from server.strategy_base import LedgerStrategy
+from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
 
@@ -65,6 +65,7 @@ class RoundLog:
     update_norm: float = 0.0
     achieved_noise_multiplier: float | None = None  # distributed noise: z * sqrt(survivors / entered)
     diagnostics: dict[int, dict[str, float]] = field(default_factory=dict)
+    short: bool = False  # fewer valid sites than min-sites: charged, not applied
 
     def summary(self) -> dict:
         diag = list(self.diagnostics.values())
@@ -82,6 +83,7 @@ class RoundLog:
             "noise_norm_of_mean": round(self.noise_norm, 6),
             "update_norm": round(self.update_norm, 6),
             "achieved_noise_multiplier": self.achieved_noise_multiplier,
+            "short_round_not_applied": self.short,
             "adaptation_loss": mean(keys.DIAG_LOSS),
             "attacker_accuracy": mean(keys.DIAG_ATTACKER_ACCURACY),
             "fraction_clipped": mean(keys.DIAG_CLIPPED),
@@ -108,10 +110,11 @@ class DPFedAvgLoRA(LedgerStrategy):
         ledger_path: Path | None = None,
         aggregation: str = "central",
         timeout: float = 3600.0,
+        control: RunControl | None = None,
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
-        super().__init__(ledger=ledger, ledger_path=ledger_path)
+        super().__init__(ledger=ledger, ledger_path=ledger_path, control=control)
         self.plan = plan
         self.mechanism = mechanism
         self.noise = noise
@@ -135,6 +138,39 @@ class DPFedAvgLoRA(LedgerStrategy):
     @property
     def denominator(self) -> float:
         return self.plan.denominator(self.num_sites)
+
+    def next_event(self, server_round: int) -> PrivacyEvent | None:
+        if not self.private:
+            return None
+        return PrivacyEvent(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.accounting_sample_rate,
+                            unit="site", label=f"dp-fedavg lora round {server_round}")
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: adapter, K, round logs, site reports, and the
+        seeded generators' states (secure mode keeps none: its draws are fresh after a resume)."""
+        return {
+            "global_state": {k: v.clone() for k, v in self.global_state.items()},
+            "num_sites": self.num_sites,
+            "rounds": [asdict(r) for r in self.rounds],
+            "reported_record_epsilons": dict(self.reported_record_epsilons),
+            "noise": self.noise.get_state(),
+            "sampling": None if self.noise.secure_mode else self.sampling.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        restored = {k: v.to(torch.float32) for k, v in state["global_state"].items()}
+        if tree_shapes(restored) != self.shapes:
+            raise ValueError("the checkpointed adapter does not have this run's tensors and shapes")
+        self.global_state = restored
+        self.num_sites = int(state["num_sites"])
+        self.rounds = [RoundLog(**r) for r in state["rounds"]]
+        self.reported_record_epsilons = dict(state["reported_record_epsilons"])
+        self.noise.set_state(state["noise"])
+        if state["sampling"] is not None:
+            self.sampling.set_state(state["sampling"])
+
+    def current_arrays(self) -> ArrayRecord:
+        return tree_record(self.global_state)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = sorted(grid.get_node_ids())
@@ -223,6 +259,8 @@ class DPFedAvgLoRA(LedgerStrategy):
             entry.used.append(node)
             entry.diagnostics[node] = read_diagnostics(reply, keys.DIAGNOSTICS)
 
+        if self.is_short(len(entry.used)):
+            return self._short_round(entry)
         if self.private:
             if total is None:  # nobody sampled or nobody valid: the noise is released all the same
                 total = {k: torch.zeros(s, dtype=torch.float64) for k, s in self.shapes.items()}
@@ -244,6 +282,19 @@ class DPFedAvgLoRA(LedgerStrategy):
         metrics = MetricRecord({"sites": len(entry.used), "rejected": len(entry.rejected),
                                 "noise-norm": float(entry.noise_norm), "update-norm": float(entry.update_norm)})
         return tree_record(self.global_state), metrics
+
+    def _short_round(self, entry: RoundLog) -> tuple[None, MetricRecord]:
+        """Fewer valid sites than min-sites: the update is not applied, but the attempt is
+        charged as a full release (whether it was short is observable, and depends on who
+        answered), so skipping or retrying never spends less than the ledger says."""
+        entry.short = True
+        log.warning("round %d: %d valid site(s), fewer than min-sites %d: not applied%s", entry.round,
+                    len(entry.used), self.control.min_sites, "; charged as one release" if self.private else "")
+        if self.private:
+            event = self.next_event(entry.round)
+            self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not applied)"}))
+            self.save_ledger()
+        return None, MetricRecord({"sites": len(entry.used), "short": 1})
 
     def round_summaries(self) -> list[dict]:
         return [r.summary() for r in self.rounds]

@@ -74,7 +74,9 @@ def plan_dpagg(cfg: RunConfig) -> DPAggPlan:
     """Calibrate z for ``num-releases`` releases at rate q to reach ``target-epsilon`` (PRV),
     or check an explicit ``noise-multiplier`` against it. Non-private: q = 1, z = 0."""
     q = cfg.effective_sampling_rate
-    z, eps_prv, eps_rdp = _noise_for_target(cfg, q, cfg.num_releases, "record", "release(s)")
+    # every retry of a short release is charged: the plan pays for them up front
+    z, eps_prv, eps_rdp = _noise_for_target(cfg, q, cfg.num_releases + cfg.planned_attempts_extra, "record",
+                                            "release attempt(s)")
     return DPAggPlan(z, q, cfg.num_releases, q * cfg.dataset_size, eps_prv, eps_rdp)
 
 
@@ -85,7 +87,8 @@ def plan_fedavg(cfg: RunConfig) -> FedAvgPlan:
     # With distributed noise the server picks, and so knows, the sites of every round while
     # the noise it sees comes from those same sites: no amplification by sampling is claimed.
     q_accounted = 1.0 if cfg.aggregation == "distributed" else q
-    z, eps_prv, eps_rdp = _noise_for_target(cfg, q_accounted, cfg.rounds, "site", "round(s)")
+    z, eps_prv, eps_rdp = _noise_for_target(cfg, q_accounted, cfg.rounds + cfg.planned_attempts_extra, "site",
+                                            "round attempt(s)")
     return FedAvgPlan(z, q, cfg.rounds, eps_prv, eps_rdp, accounting_sample_rate=q_accounted)
 
 

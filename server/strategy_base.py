@@ -5,31 +5,156 @@ between ``configure_train``, which runs the protocol, and ``aggregate_train``, w
 The round loop replaces Flower's ``Strategy.start`` (which also runs a federated evaluation we
 never use) with three seams: where the loop starts (:meth:`LedgerStrategy.first_round`), how
 the replies come back (:meth:`LedgerStrategy.receive`) and what happens once a round is
-complete (:meth:`LedgerStrategy.end_round`)."""
+complete (:meth:`LedgerStrategy.end_round`).
+
+Reliability (:class:`RunControl`): ``first_round`` resumes from the run's checkpoint,
+``end_round`` writes one after every complete round (:mod:`server.checkpoint`); before every
+round attempt the privacy budget is checked with the release the attempt would spend, and the
+run stops before spending if the ledger would pass the target (:class:`BudgetExceeded`); a
+round with fewer valid contributions than ``min-sites`` is charged, not applied, and retried
+(``short-round = retry``) while the run's retry allowance lasts."""
 
 from __future__ import annotations
 
-from pathlib import Path
 import logging
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from common.dp import PrivacyLedger
+from common.config import RunConfig
+from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from server.aggregation import SecureRound
+from server.checkpoint import CheckpointStore, config_fingerprint
 
 log = logging.getLogger("privadapt.server")
 
 
-class LedgerStrategy(Strategy):
-    """Base of the DPAgg-TI, DP-SGD TI and DP-FedAvg LoRA strategies."""
+SHORT_ROUND_POLICIES = ("skip", "retry")
 
-    def __init__(self, *, ledger: PrivacyLedger, ledger_path: Path | None) -> None:
+
+class BudgetExceeded(RuntimeError):
+    """The next release would take the ledger past the target epsilon: nothing was spent."""
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """How the round loop resumes, enforces the budget and treats short rounds.
+
+    Args:
+        checkpoint: where the run state is saved after every round (None: not saved).
+        target_epsilon: the budget of ``unit`` (inf: not enforced, e.g. non-private runs).
+        delta: the delta the budget is checked at; ``accountant`` the accountant checked (PRV,
+            the headline one the plan is calibrated with).
+        min_sites: a round with fewer valid contributions is short (0: never short).
+        short_round: ``"skip"`` leaves a short round's update out; ``"retry"`` also runs the
+            round again with a fresh sample, at most ``max_retries`` times over the whole run.
+    """
+
+    checkpoint: CheckpointStore | None = None
+    target_epsilon: float = math.inf
+    delta: float = 1e-5
+    unit: str = "site"
+    accountant: str = "prv"
+    min_sites: int = 0
+    short_round: str = "skip"
+    max_retries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.short_round not in SHORT_ROUND_POLICIES:
+            raise ValueError(f"short_round must be one of {SHORT_ROUND_POLICIES}, got {self.short_round!r}")
+        if self.min_sites < 0 or self.max_retries < 0:
+            raise ValueError("min_sites and max_retries must be >= 0")
+
+
+def run_control(cfg: RunConfig, out: Path, *, plan: Mapping[str, float], unit: str) -> RunControl:
+    """The :class:`RunControl` of a run: its checkpoint in ``out``, its budget and short-round policy."""
+    store = CheckpointStore(out, fingerprint=config_fingerprint(cfg.to_run_config()), plan=plan, resume=cfg.resume)
+    return RunControl(checkpoint=store, target_epsilon=cfg.target_epsilon if cfg.private else math.inf,
+                      delta=cfg.target_delta, unit=unit, min_sites=cfg.min_sites, short_round=cfg.short_round,
+                      max_retries=cfg.max_retries)
+
+
+def reliability_report(strategy: "LedgerStrategy") -> dict:
+    """What privacy.json says about resumption, early stops and retries."""
+    return {"resumed_after_round": strategy.resumed_from or None, "stopped_early": strategy.stopped,
+            "retries_used": strategy.retries_used}
+
+
+class LedgerStrategy(Strategy):
+    """Base of the DPAgg-TI, DP-SGD TI and DP-FedAvg LoRA strategies.
+
+    Subclasses provide :meth:`state_dict` / :meth:`load_state_dict` (what a checkpoint keeps),
+    :meth:`current_arrays` (the global state handed to ``configure_train`` after a resume) and
+    :meth:`next_event` (the privacy event a round attempt would spend, for the budget check).
+    """
+
+    def __init__(self, *, ledger: PrivacyLedger, ledger_path: Path | None, control: RunControl | None = None) -> None:
         self.ledger = ledger
         self.ledger_path = ledger_path
         self.secure: SecureRound | None = None
+        self.control = control or RunControl()
+        self.stopped: str | None = None  # why the run stopped before its last round
+        self.resumed_from: int = 0  # the last complete round of the checkpoint resumed from
+        self.retries_used = 0
+        self.short = False  # set by aggregate_train: this attempt had too few valid contributions
+
+    # ---- what subclasses provide ------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} cannot be checkpointed")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be resumed")
+
+    def current_arrays(self) -> ArrayRecord:
+        raise NotImplementedError(f"{type(self).__name__} cannot be resumed")
+
+    def next_event(self, server_round: int) -> PrivacyEvent | None:
+        """The event the next round attempt would spend (None: nothing the server can check)."""
+        return None
+
+    # ---- reliability --------------------------------------------------------------------
+    def is_short(self, valid: int) -> bool:
+        """Whether ``valid`` contributions make a short round (recorded in :attr:`short`)."""
+        self.short = valid < self.control.min_sites
+        return self.short
+
+    def check_budget(self, server_round: int) -> None:
+        """Raise :class:`BudgetExceeded` if the ledger plus the next attempt's event would pass
+        the target epsilon (checked with the same accountant the plan is calibrated with)."""
+        event = self.next_event(server_round)
+        target = self.control.target_epsilon
+        if event is None or math.isinf(target):
+            return
+        spent = [e for e in self.ledger.events if e.unit == event.unit and e.scope == event.scope]
+        after = epsilon(spent + [event], self.control.delta, self.control.accountant)  # type: ignore[arg-type]
+        if after > target:
+            before = epsilon(spent, self.control.delta, self.control.accountant)  # type: ignore[arg-type]
+            raise BudgetExceeded(
+                f"round {server_round}: stopping before it spends: its release (z={event.noise_multiplier:g}, "
+                f"q={event.sample_rate:g}) would take the {event.unit}-level epsilon from {before:.4f} to {after:.4f} "
+                f"({self.control.accountant.upper()}, delta {self.control.delta:g}), above target-epsilon {target:g}")
+
+    def restore(self) -> int:
+        """Load the run's checkpoint, if any, into the strategy and the ledger; return the
+        last complete round (0 for a fresh run)."""
+        store = self.control.checkpoint
+        ckpt = store.load() if store is not None else None
+        if ckpt is None:
+            return 0
+        if ckpt.ledger.delta != self.ledger.delta:
+            raise ValueError(f"the checkpoint's ledger is at delta {ckpt.ledger.delta}, this run at {self.ledger.delta}")
+        self.ledger.events[:] = ckpt.ledger.events  # in place: the app holds the same ledger
+        state = dict(ckpt.strategy)
+        self.retries_used = int(state.pop("retries_used", 0))
+        self.load_state_dict(state)
+        self.resumed_from = ckpt.completed_round
+        self.save_ledger()  # ledger.json may hold a release the crash kept out of the checkpoint
+        return ckpt.completed_round
 
     def save_ledger(self) -> None:
         """Write the ledger atomically (kept with the run; restored from it)."""
@@ -44,15 +169,19 @@ class LedgerStrategy(Strategy):
         return secure
 
     def first_round(self) -> int:
-        """The round the loop starts at (1 for a fresh run)."""
-        return 1
+        """The round the loop starts at: 1 for a fresh run, the one after the checkpoint's last
+        complete round when resuming."""
+        return self.restore() + 1
 
     def receive(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
         """Send the round's messages and return the replies (handed to ``aggregate_train``)."""
         return grid.send_and_receive(messages=messages, timeout=timeout)
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Called once a round's release is complete and recorded."""
+        """Called once a round's release is complete and recorded: checkpoint it (state and
+        ledger in one atomic write)."""
+        if self.control.checkpoint is not None:
+            self.control.checkpoint.save(server_round, self.ledger, {**self.state_dict(), "retries_used": self.retries_used})
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -64,10 +193,26 @@ class LedgerStrategy(Strategy):
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
-        for server_round in range(self.first_round(), num_rounds + 1):
+        first = self.first_round()
+        if first > 1:
+            arrays = result.arrays = self.current_arrays()
+        for server_round in range(first, num_rounds + 1):
             log.info("[ROUND %d/%d]", server_round, num_rounds)
-            messages = self.configure_train(server_round, arrays, train_config, grid)
-            new_arrays, metrics = self.aggregate_train(server_round, self.receive(grid, messages, timeout))
+            while True:
+                try:
+                    self.check_budget(server_round)
+                except BudgetExceeded as err:
+                    self.stopped = str(err)
+                    log.error("%s", err)
+                    return result
+                self.short = False
+                messages = self.configure_train(server_round, arrays, train_config, grid)
+                new_arrays, metrics = self.aggregate_train(server_round, self.receive(grid, messages, timeout))
+                if not (self.short and self.control.short_round == "retry" and self.retries_used < self.control.max_retries):
+                    break
+                self.retries_used += 1
+                log.warning("round %d: short round (fewer than %d valid sites): retry %d of %d", server_round,
+                            self.control.min_sites, self.retries_used, self.control.max_retries)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
             if metrics is not None:

@@ -54,6 +54,17 @@ class NoiseSource:
     def describe(self) -> str:
         return "os.urandom Box-Muller (secure)" if self.secure_mode else f"torch.Generator seed={self.seed} (not secure)"
 
+    def get_state(self) -> torch.Tensor | None:
+        """The seeded generator's state (for checkpoints); None in secure mode (nothing to replay)."""
+        return None if self._generator is None else self._generator.get_state()
+
+    def set_state(self, state: torch.Tensor | None) -> None:
+        """Restore a state from :meth:`get_state`; secure mode takes none (its noise is always fresh)."""
+        if (state is None) != (self._generator is None):
+            raise ValueError("a seeded noise state can only be restored into a seeded source, and vice versa")
+        if self._generator is not None:
+            self._generator.set_state(state)
+
     def normal(self, shape: tuple[int, ...] | torch.Size, std: float) -> torch.Tensor:
         """Return a float64 CPU tensor of i.i.d. N(0, std^2) samples."""
         if std < 0 or not math.isfinite(std):

@@ -60,8 +60,8 @@ def test_demo_site() -> None:
 
 
 def test_max_images_takes_first_names(tmp_path: Path) -> None:
-    for name in ("c.png", "a.png", "b.png"):
-        save(Image.new("RGB", (4, 4)), tmp_path / name)
+    for i, name in enumerate(("c.png", "a.png", "b.png")):
+        save(Image.new("RGB", (4, 4), (i, 0, 0)), tmp_path / name)
     assert load(tmp_path, max_images=2).names == ("a.png", "b.png")
     assert load(tmp_path).names == ("a.png", "b.png", "c.png")
 
@@ -78,20 +78,22 @@ def test_bad_arguments_raise_value_error(tmp_path: Path, bad: dict) -> None:
 
 # ---- formats, extensions and conversions -------------------------------------------------
 def test_extensions_and_ignored_files(tmp_path: Path) -> None:
-    rgb = Image.new("RGB", (6, 6), (10, 20, 30))
-    save(rgb, tmp_path / "b.PNG")
-    save(rgb, tmp_path / "a.JpEg", format="JPEG")
-    save(rgb, tmp_path / "c.jpg")
-    save(rgb, tmp_path / "d.webp", lossless=True)
-    save(rgb, tmp_path / "e.bmp")
-    save(rgb, tmp_path / "f.gif")  # not an accepted extension
-    save(rgb, tmp_path / ".hidden.png")  # hidden (e.g. macOS ._ fork)
+    def rgb(i: int) -> Image.Image:  # a different picture per file (duplicates are refused)
+        return Image.new("RGB", (6, 6), (10 + 20 * i, 20, 30))
+
+    save(rgb(1), tmp_path / "b.PNG")
+    save(rgb(0), tmp_path / "a.JpEg", format="JPEG")
+    save(rgb(2), tmp_path / "c.jpg")
+    save(rgb(3), tmp_path / "d.webp", lossless=True)
+    save(rgb(4), tmp_path / "e.bmp")
+    save(rgb(5), tmp_path / "f.gif")  # not an accepted extension
+    save(rgb(6), tmp_path / ".hidden.png")  # hidden (e.g. macOS ._ fork)
     (tmp_path / "notes.md").write_text("not an image")
     (tmp_path / "sub.png").mkdir()  # a folder, not a file
     data = load(tmp_path)
     assert data.names == ("a.JpEg", "b.PNG", "c.jpg", "d.webp", "e.bmp")
-    exact = torch.tensor([value(10), value(20), value(30)])
     for i in (1, 3, 4):  # lossless formats decode exactly
+        exact = torch.tensor([value(10 + 20 * i), value(20), value(30)])
         assert torch.allclose(data.pixels[i, :, 0, 0], exact, atol=1e-6)
 
 
@@ -207,8 +209,8 @@ def test_cmyk_converted(tmp_path: Path) -> None:
 
 # ---- captions ---------------------------------------------------------------------------
 def test_captions_json_and_sidecars(tmp_path: Path) -> None:
-    for name in ("a.png", "b.png", "c.png", "d.png", "e.png"):
-        save(Image.new("RGB", (4, 4)), tmp_path / name)
+    for i, name in enumerate(("a.png", "b.png", "c.png", "d.png", "e.png")):
+        save(Image.new("RGB", (4, 4), (i, 0, 0)), tmp_path / name)
     (tmp_path / "captions.json").write_text(json.dumps({"a.png": "from json", "c.png": " same ", "e.png": "  "}))
     (tmp_path / "b.txt").write_text("from sidecar\n", encoding="utf-8")
     (tmp_path / "c.txt").write_text("same")
@@ -361,9 +363,18 @@ def test_symlink_escaping_folder(site_and_outside: tuple[Path, Path], link: str,
 
 def test_symlink_inside_folder_is_fine(site_and_outside: tuple[Path, Path]) -> None:
     site, _ = site_and_outside
-    os.symlink(site / "a.png", site / "b.png")
-    os.symlink("a.png", site / "c.png")  # relative link
+    (site / "store").mkdir()
+    save(Image.new("RGB", (4, 4), (1, 2, 3)), site / "store" / "b.png")
+    save(Image.new("RGB", (4, 4), (4, 5, 6)), site / "store" / "c.png")
+    os.symlink(site / "store" / "b.png", site / "b.png")
+    os.symlink("store/c.png", site / "c.png")  # relative link
     assert load(site).names == ("a.png", "b.png", "c.png")
+
+
+def test_symlink_to_an_image_of_the_folder_is_a_duplicate(site_and_outside: tuple[Path, Path]) -> None:
+    site, _ = site_and_outside
+    os.symlink("a.png", site / "b.png")
+    expect_error(site, "b.png", "same pixels as a.png")
 
 
 def test_symlinked_site_folder_is_fine(site_and_outside: tuple[Path, Path], tmp_path: Path) -> None:

@@ -1,0 +1,264 @@
+"""Tests of server/checkpoint.py and the round loop's reliability seams (server/strategy_base.py):
+resume bit-identical to an uninterrupted run, a crash between a release and its checkpoint,
+refused checkpoints, the budget stop, and short rounds (skip / retry)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from common import keys
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger, epsilon
+from common.dp.sampling import sampling_generator
+from common.wire import record_tree
+from server.dpagg_strategy import DPAggTIStrategy
+from server.checkpoint import CHECKPOINT_FILE, CheckpointError, CheckpointStore, config_fingerprint
+from server.lora_strategy import DPFedAvgLoRA
+from server.plan import DPAggPlan, FedAvgPlan
+from server.strategy_base import RunControl
+from tests.server.test_dpagg_strategy import reply_with
+from tests.server.test_lora_strategy import SHAPES, reply, zeros
+
+DELTA = 1e-5
+PLAN = {"noise_multiplier": 1.5, "sample_rate": 0.7}
+
+
+class ReplyingGrid:
+    """Sites 1..n answer every train message with a delta that depends on the adapter they got
+    (so a wrong resumed adapter shows), except the ``silent`` ones and any in ``bad``."""
+
+    def __init__(self, n: int = 4, silent: tuple[int, ...] = (), bad: tuple[int, ...] = ()) -> None:
+        self.nodes = list(range(1, n + 1))
+        self.silent, self.bad = set(silent), set(bad)
+        self.asked: list[list[int]] = []
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout):
+        messages = list(messages)
+        self.asked.append([m.metadata.dst_node_id for m in messages])
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            state = record_tree(m.content[keys.ARRAYS])
+            delta = {k: 0.05 * node * torch.ones(s, dtype=torch.float64) - 0.5 * state[k].double()
+                     for k, s in SHAPES.items()}
+            if node in self.bad:
+                delta = {k: v * np.nan for k, v in delta.items()}
+            out.append(reply(delta, node))
+        return out
+
+
+def strategy(out, *, control_kw=None, fingerprint="f", z=PLAN["noise_multiplier"], q=PLAN["sample_rate"], resume="auto"):
+    plan = FedAvgPlan(noise_multiplier=z, sample_rate=q, rounds=3, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+    store = CheckpointStore(out, fingerprint=fingerprint, plan={"noise_multiplier": z, "sample_rate": q}, resume=resume)
+    control = RunControl(checkpoint=store, delta=DELTA, unit="site", **(control_kw or {}))
+    return DPFedAvgLoRA(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=z),
+                        noise=NoiseSource.seeded(11), sampling=sampling_generator(12),
+                        ledger=PrivacyLedger(delta=DELTA), initial=zeros(), defense="none", private=True,
+                        num_sites=4, ledger_path=out / "ledger.json", control=control)
+
+
+def run(s, rounds, grid=None):
+    return s.start(grid=grid or ReplyingGrid(), initial_arrays=s.current_arrays(), num_rounds=rounds, timeout=1.0,
+                   train_config=ConfigRecord())
+
+
+def assert_same_run(a, b):
+    for k in a.global_state:
+        assert torch.equal(a.global_state[k], b.global_state[k]), k
+    assert a.ledger.events == b.ledger.events
+    assert [r.summary() for r in a.rounds] == [r.summary() for r in b.rounds]
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    whole = strategy(tmp_path / "whole")
+    run(whole, 3)
+    first = strategy(tmp_path / "split")
+    run(first, 2)
+    assert len(first.ledger.events) == 2 and (tmp_path / "split" / CHECKPOINT_FILE).exists()
+    resumed = strategy(tmp_path / "split")  # a fresh process: nothing but the output folder
+    grid = ReplyingGrid()
+    run(resumed, 3, grid)
+    assert resumed.resumed_from == 2 and len(grid.asked) == 1  # only round 3 was run again
+    assert_same_run(whole, resumed)
+    assert PrivacyLedger.load(tmp_path / "split" / "ledger.json").events == whole.ledger.events
+
+
+def test_a_crash_after_a_release_before_its_checkpoint_counts_the_round_once(tmp_path):
+    whole = strategy(tmp_path / "whole")
+    run(whole, 3)
+    crashing = strategy(tmp_path / "crash")
+    original_end = crashing.end_round
+
+    def end_round(server_round, arrays):
+        if server_round == 3:
+            raise KeyboardInterrupt("killed after the release of round 3, before its checkpoint")
+        original_end(server_round, arrays)
+
+    crashing.end_round = end_round
+    with pytest.raises(KeyboardInterrupt):
+        run(crashing, 3)
+    assert len(PrivacyLedger.load(tmp_path / "crash" / "ledger.json").events) == 3  # saved at the release
+    resumed = strategy(tmp_path / "crash")
+    run(resumed, 3)
+    assert len(resumed.ledger.events) == 3  # not 4: the redone round replaced the unpublished one
+    assert_same_run(whole, resumed)
+
+
+def test_a_finished_run_resumed_runs_no_round(tmp_path):
+    s = strategy(tmp_path)
+    run(s, 2)
+    again = strategy(tmp_path)
+    grid = ReplyingGrid()
+    run(again, 2, grid)
+    assert grid.asked == [] and again.ledger.events == s.ledger.events
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path):
+    run(strategy(tmp_path), 1)
+    with pytest.raises(CheckpointError, match="another config"):
+        run(strategy(tmp_path, fingerprint="other"), 2)
+    with pytest.raises(CheckpointError, match="noise-multiplier to 1.5"):
+        run(strategy(tmp_path, z=2.0), 2)
+    with pytest.raises(CheckpointError, match="resume = 'never'"):
+        run(strategy(tmp_path, resume="never"), 2)
+    (tmp_path / CHECKPOINT_FILE).write_bytes((tmp_path / CHECKPOINT_FILE).read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        run(strategy(tmp_path), 2)
+
+
+def test_the_fingerprint_ignores_only_keys_that_do_not_change_the_rounds():
+    base = {"rounds": 3, "seed": 0, "output-dir": "a", "lora-clip-norm": 0.1}
+    assert config_fingerprint(base) == config_fingerprint({**base, "rounds": 5, "output-dir": "b"})
+    assert config_fingerprint(base) != config_fingerprint({**base, "seed": 1})
+    assert config_fingerprint(base) != config_fingerprint({**base, "lora-clip-norm": 0.2})
+
+
+def test_secure_noise_resumes_with_fresh_noise(tmp_path):
+    s = strategy(tmp_path)
+    s.noise = NoiseSource.secure()
+    run(s, 1)
+    resumed = strategy(tmp_path)
+    resumed.noise = NoiseSource.secure()
+    run(resumed, 2)
+    assert len(resumed.ledger.events) == 2 and resumed.resumed_from == 1
+
+
+def test_the_run_stops_before_the_release_that_would_pass_the_target(tmp_path):
+    event = PrivacyEvent(noise_multiplier=PLAN["noise_multiplier"], sample_rate=1.0, unit="site")
+    # q = 1 and RDP only to keep the test fast (runs check with PRV, the accountant the plan uses)
+    two = epsilon([event] * 2, DELTA, "rdp")
+    three = epsilon([event] * 3, DELTA, "rdp")
+    target = (two + three) / 2
+    s = strategy(tmp_path, control_kw={"target_epsilon": target, "accountant": "rdp"}, q=1.0)
+    result = run(s, 5)
+    assert len(s.ledger.events) == 2 and s.stopped is not None
+    assert "round 3: stopping before it spends" in s.stopped and f"{three:.4f} (RDP" in s.stopped
+    assert s.ledger.epsilon("site", "rdp") <= target
+    # what was released so far is still there to export, and the checkpoint holds round 2
+    assert result.arrays is not None and len(s.rounds) == 2
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["completed_round"] == 2
+    # resuming with more rounds than the budget allows stops again, spending nothing
+    again = strategy(tmp_path, control_kw={"target_epsilon": target, "accountant": "rdp"}, q=1.0)
+    run(again, 5)
+    assert len(again.ledger.events) == 2 and "round 3" in again.stopped
+
+
+def test_a_short_round_is_charged_and_not_applied(tmp_path):
+    s = strategy(tmp_path, control_kw={"min_sites": 3}, q=1.0)
+    grid = ReplyingGrid(silent=(1, 2))  # sites 3 and 4 answer: 2 < 3
+    run(s, 1, grid)
+    assert all(torch.equal(v, torch.zeros(SHAPES[k])) for k, v in s.global_state.items())
+    (event,) = s.ledger.events
+    assert "short" in event.label and event.noise_multiplier == PLAN["noise_multiplier"]
+    assert s.rounds[0].short and s.round_summaries()[0]["short_round_not_applied"]
+
+
+def test_a_retried_round_charges_every_attempt_within_the_allowance(tmp_path):
+    s = strategy(tmp_path, control_kw={"min_sites": 2, "short_round": "retry", "max_retries": 2})
+    grid = ReplyingGrid(bad=(1, 2, 3))  # only site 4 is ever valid: every attempt is short
+    run(s, 2, grid)
+    assert s.retries_used == 2 and len(grid.asked) == 4  # round 1: 3 attempts, round 2: 1 (allowance spent)
+    assert len(s.ledger.events) == 4 and all("short" in e.label for e in s.ledger.events)
+    assert [r.round for r in s.rounds] == [1, 1, 1, 2]
+
+
+def test_sites_that_fail_or_stay_silent_do_not_fail_the_run(tmp_path):
+    s = strategy(tmp_path, q=1.0)
+    run(s, 2, ReplyingGrid(silent=(2,), bad=(3,)))
+    assert len(s.ledger.events) == 2  # the noise and denominator are the plan's whoever answered
+    for entry in s.rounds:
+        assert sorted(entry.used) == [1, 4] and entry.rejected[0]["node"] == 3
+    assert s.denominator == pytest.approx(1.0 * 4)
+    assert not math.isnan(s.rounds[-1].noise_norm)
+
+
+def test_unrequested_replies_are_ignored(tmp_path):
+    s = strategy(tmp_path, q=1.0)
+    list(s.configure_train(1, ArrayRecord(), ConfigRecord(), ReplyingGrid(n=2)))
+    delta = {k: torch.full(v, 0.1) for k, v in SHAPES.items()}
+    replies: list[Message] = [reply(delta, 9), reply(delta, 1), reply(delta, 1)]
+    s.aggregate_train(1, replies)
+    assert s.rounds[0].ignored == [9, 1] and s.rounds[0].used == [1]  # unrequested, then a second answer
+
+
+class SumGrid:
+    """DPAgg-TI sites: node k returns the sum k * 0.1 * ones(4); the ``bad`` ones send NaN."""
+
+    def __init__(self, n: int = 3, bad: tuple[int, ...] = ()) -> None:
+        self.nodes, self.bad = list(range(1, n + 1)), set(bad)
+
+    def get_node_ids(self):
+        return self.nodes
+
+    def send_and_receive(self, messages, timeout):
+        nodes = [m.metadata.dst_node_id for m in messages]
+        return [reply_with([math.nan if n in self.bad else 0.1 * n] * 4, node_id=n) for n in nodes]
+
+
+def dpagg(out, z=2.0, **control_kw):
+    plan = DPAggPlan(noise_multiplier=z, sample_rate=0.5, releases=3, denominator=5.0,
+                     planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+    store = CheckpointStore(out, fingerprint="f", plan={"noise_multiplier": z, "sample_rate": 0.5})
+    return DPAggTIStrategy(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=z),
+                           noise=NoiseSource.seeded(3), ledger=PrivacyLedger(delta=DELTA), dim=4,
+                           ledger_path=out / "ledger.json", max_site_norm=10.0,
+                           control=RunControl(checkpoint=store, delta=DELTA, unit="record", **control_kw))
+
+
+def test_dpagg_resumed_releases_are_bit_identical(tmp_path):
+    whole = dpagg(tmp_path / "whole")
+    whole.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    first = dpagg(tmp_path / "split")
+    first.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=1, timeout=1.0)
+    resumed = dpagg(tmp_path / "split")
+    resumed.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    assert resumed.resumed_from == 1
+    assert all(torch.equal(a, b) for a, b in zip(whole.releases, resumed.releases, strict=True))
+    assert torch.equal(whole.mean_release(), resumed.mean_release())
+    assert whole.ledger.events == resumed.ledger.events and whole.contributors == resumed.contributors
+
+
+def test_dpagg_release_without_a_valid_site_is_charged_not_released(tmp_path):
+    s = dpagg(tmp_path)
+    assert s.aggregate_train(1, SumGrid(bad=(1, 2, 3)).send_and_receive(
+        list(s.configure_train(1, ArrayRecord(), ConfigRecord(), SumGrid())), 1.0)) == (None, None)
+    (event,) = s.ledger.events
+    assert "short" in event.label and event.unit == "record" and not s.releases and s.short
+
+
+def test_dpagg_ignores_unrequested_and_second_replies(tmp_path):
+    s = dpagg(tmp_path, z=0.0)
+    list(s.configure_train(1, ArrayRecord(), ConfigRecord(), SumGrid(n=2)))
+    arrays, _ = s.aggregate_train(1, [reply_with([1.0] * 4, node_id=1), reply_with([1.0] * 4, node_id=1),
+                                      reply_with([1.0] * 4, node_id=9)])
+    np.testing.assert_allclose(arrays[keys.EMBEDDING].numpy(), np.full(4, 1.0 / 5.0))
+    assert [r["node"] for r in s.rejected] == [1, 9] and s.contributors == [[1]]
