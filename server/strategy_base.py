@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from common.dp import PrivacyLedger
 from server.aggregation import SecureRound
+from server.streaming import ReceiveStats, stream_replies
 
 log = logging.getLogger("privadapt.server")
 
@@ -30,6 +31,7 @@ class LedgerStrategy(Strategy):
         self.ledger = ledger
         self.ledger_path = ledger_path
         self.secure: SecureRound | None = None
+        self.receive_stats = ReceiveStats()  # the latest round's (see server.streaming)
 
     def save_ledger(self) -> None:
         """Write the ledger atomically (kept with the run; restored from it)."""
@@ -48,8 +50,11 @@ class LedgerStrategy(Strategy):
         return 1
 
     def receive(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
-        """Send the round's messages and return the replies (handed to ``aggregate_train``)."""
-        return grid.send_and_receive(messages=messages, timeout=timeout)
+        """Send the round's messages and yield the replies one at a time as they arrive
+        (:mod:`server.streaming`): ``aggregate_train`` consumes them once, so the server
+        never holds more than a few replies whatever the number of sites."""
+        self.receive_stats = ReceiveStats()
+        return stream_replies(grid, messages, timeout, stats=self.receive_stats)
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Called once a round's release is complete and recorded."""
