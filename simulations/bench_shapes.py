@@ -13,6 +13,7 @@ are SD 1.5's published ones, which :func:`sd15_parameter_counts` lets a benchmar
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -76,16 +77,23 @@ def meta_unet(config: dict[str, Any]):
         return UNet2DConditionModel.from_config(config)
 
 
+@functools.lru_cache(maxsize=8)
+def _linear_layers(config_json: str) -> tuple[tuple[str, int, int], ...]:
+    """(name, in_features, out_features) of every linear layer of the UNet (built once per config)."""
+    return tuple((name, m.in_features, m.out_features) for name, m in meta_unet(json.loads(config_json)).named_modules()
+                 if isinstance(m, torch.nn.Linear))
+
+
 def lora_shapes(unet_config: dict[str, Any], rank: int, targets: tuple[str, ...] = LORA_TARGETS) -> dict[str, tuple[int, ...]]:
     """The shapes of a peft LoRA of ``rank`` on the UNet's attention projections ``targets``,
     keyed as privadapt sends them (``unet.<module>.lora_A.weight`` / ``lora_B.weight``)."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, module in meta_unet(unet_config).named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets):
-            shapes[f"unet.{name}.lora_A.weight"] = (rank, module.in_features)
-            shapes[f"unet.{name}.lora_B.weight"] = (module.out_features, rank)
+    for name, d_in, d_out in _linear_layers(json.dumps(unet_config, sort_keys=True)):
+        if any(name.endswith("." + t) for t in targets):
+            shapes[f"unet.{name}.lora_A.weight"] = (rank, d_in)
+            shapes[f"unet.{name}.lora_B.weight"] = (d_out, rank)
     if not shapes:
         raise ValueError(f"the UNet has no linear layer named like {targets}")
     return shapes
