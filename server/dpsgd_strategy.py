@@ -106,7 +106,7 @@ class DPSGDTIStrategy(LedgerStrategy):
         self.rejected.append({"round": server_round, "node": node, "reason": str(err)})
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid: list[torch.Tensor] = []
+        total: torch.Tensor | None = None  # running sum: replies are streamed, never kept
         used: list[int] = []
         scopes: dict[str, int] = {}
         for reply in replies:
@@ -125,18 +125,19 @@ class DPSGDTIStrategy(LedgerStrategy):
             self.ledger.record(event)
             self.reported_epsilons[event.scope] = report.epsilon
             try:
-                valid.append(read_vector(reply, keys.EMBEDDING, self.dim))
+                vector = read_vector(reply, keys.EMBEDDING, self.dim)
+                total = vector if total is None else total + vector
                 used.append(node)
             except ReplyError as err:
                 self._reject(server_round, node, err)
         if scopes:
             self.save_ledger()
         self.contributors.append(used)
-        if not valid:
+        if total is None:
             log.warning("round %d: no valid site embedding; the global embedding is unchanged", server_round)
             return None, None
         # uniform: each site counts once, whatever its number of images
-        self.global_embedding = torch.stack(valid).mean(dim=0).to(torch.float32)
+        self.global_embedding = (total / len(used)).to(torch.float32)
         metrics = MetricRecord({"sites": len(used), "rejected": len(scopes) - len(used)})
         return embedding_record(self.global_embedding), metrics
 

@@ -253,9 +253,10 @@ class DPFedAvgLoRA(LedgerStrategy):
             except ReplyError as err:
                 self._reject(entry, node, err)
                 continue
-            if self.private:
-                delta = self.mechanism.bound_tree(delta)  # exact sensitivity C whatever the wire did
-            total = self.mechanism.add(total, delta)
+            if self.private:  # re-bound: exact sensitivity C whatever the wire did
+                total = self.mechanism.add_bounded(total, delta)
+            else:
+                total = self.mechanism.add(total, delta)
             entry.used.append(node)
             entry.diagnostics[node] = read_diagnostics(reply, keys.DIAGNOSTICS)
 

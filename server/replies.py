@@ -6,6 +6,7 @@ strategies log it with the node, leave that reply out of the round and go on wit
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass
 from typing import Mapping
@@ -37,11 +38,68 @@ def _arrays(reply: Message) -> ArrayRecord:
     return _record(reply, keys.ARRAYS, ArrayRecord)
 
 
+# npy headers parsed so far (header bytes -> dtype, Fortran order, shape). Every reply of a run
+# carries the same few headers, one per adapter tensor shape, so parsing each once (not once per
+# tensor per reply, as ``Array.numpy()``'s ``np.load`` does) removes most of the per-tensor cost.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, bool, tuple[int, ...]]] = {}
+_NPY_HEADERS_MAX = 4096
+
+
+def _npy_header(header: bytes, key: str) -> tuple[np.dtype, bool, tuple[int, ...]]:
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        try:
+            d = ast.literal_eval(header.decode("latin1"))
+            dtype = np.lib.format.descr_to_dtype(d["descr"])
+            shape = tuple(int(n) for n in d["shape"])
+            parsed = (dtype, bool(d["fortran_order"]), shape)
+        except (ValueError, SyntaxError, KeyError, TypeError) as err:
+            raise ReplyError(f"{key} is not a valid .npy array: bad header ({err})") from None
+        if min(shape, default=0) < 0:
+            raise ReplyError(f"{key} has a negative dimension {shape}")
+        if len(_NPY_HEADERS) < _NPY_HEADERS_MAX:
+            _NPY_HEADERS[header] = parsed
+    return parsed
+
+
+def _ndarray(arrays: ArrayRecord, key: str) -> np.ndarray:
+    """The array ``key`` of a reply, as a read-only view of the message bytes.
+
+    Reads the .npy bytes Flower's ``Array`` carries (``stype`` "numpy.ndarray", written by
+    ``np.save``) as ``np.load`` does, for plain (non-object) dtypes: magic, version, header
+    (dtype, Fortran order, shape), then exactly prod(shape) items."""
+    array = arrays[key]
+    if array.stype != "numpy.ndarray":
+        raise ReplyError(f"{key} has serialization {array.stype!r}, expected 'numpy.ndarray'")
+    data = array.data
+    if data[:6] != b"\x93NUMPY" or len(data) < 10 or data[6] not in (1, 2, 3):
+        raise ReplyError(f"{key} is not a valid .npy array (bad magic or version)")
+    size = 2 if data[6] == 1 else 4  # header length field: uint16 in version 1, uint32 after
+    start = 8 + size + int.from_bytes(data[8:8 + size], "little")
+    dtype, fortran, shape = _npy_header(data[8 + size:start], key)
+    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
+        raise ReplyError(f"{key} has dtype {dtype}, expected a floating-point type")
+    count = math.prod(shape)
+    if len(data) - start != count * dtype.itemsize:
+        raise ReplyError(f"{key} holds {len(data) - start} data bytes, expected {count * dtype.itemsize} for {shape}")
+    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
+
+
 def _float64(arrays: ArrayRecord, key: str) -> torch.Tensor:
-    array = arrays[key].numpy()
+    array = _ndarray(arrays, key)
     if not np.issubdtype(array.dtype, np.floating):
         raise ReplyError(f"{key} has dtype {array.dtype}, expected a floating-point type")
-    return torch.from_numpy(np.asarray(array, dtype=np.float64).copy())
+    return torch.from_numpy(array.astype(np.float64, order="C"))
+
+
+def _sum_of_squares(value: torch.Tensor, key: str) -> float:
+    """sum(value^2) in float64; it is finite iff every entry is (squares of float32-range
+    values cannot overflow float64), so this one pass also rejects NaN and infinities."""
+    flat = value.reshape(-1)
+    squares = float(torch.dot(flat, flat))
+    if not math.isfinite(squares):
+        raise ReplyError(f"{key} has NaN or infinite entries")
+    return squares
 
 
 def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
@@ -53,8 +111,7 @@ def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
     value = _float64(arrays, key)
     if value.shape != (dim,):
         raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected ({dim},)")
-    if not torch.isfinite(value).all():
-        raise ReplyError(f"{key} has NaN or infinite entries")
+    _sum_of_squares(value, key)
     return value
 
 
@@ -69,15 +126,15 @@ def read_tree(reply: Message, shapes: Mapping[str, tuple[int, ...]], *, max_norm
         raise ReplyError(f"reply tensors do not match the adapter: {len(missing)} missing (e.g. {missing[:1]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:1]})")
     tree: dict[str, torch.Tensor] = {}
+    squares = 0.0
     for key, shape in shapes.items():
         value = _float64(arrays, key)
         if tuple(value.shape) != tuple(shape):
             raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected {tuple(shape)}")
-        if not torch.isfinite(value).all():
-            raise ReplyError(f"{key} has NaN or infinite entries")
+        squares += _sum_of_squares(value, key)
         tree[key] = value
     if max_norm is not None:
-        norm = math.sqrt(sum(float((v * v).sum()) for v in tree.values()))
+        norm = math.sqrt(squares)
         if norm > max_norm * (1 + 1e-5):
             raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
     return tree

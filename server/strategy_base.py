@@ -30,6 +30,7 @@ from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from server.aggregation import SecureRound
 from server.checkpoint import CheckpointStore, config_fingerprint
+from server.streaming import ReceiveStats, stream_replies
 
 log = logging.getLogger("privadapt.server")
 
@@ -102,6 +103,7 @@ class LedgerStrategy(Strategy):
         self.resumed_from: int = 0  # the last complete round of the checkpoint resumed from
         self.retries_used = 0
         self.short = False  # set by aggregate_train: this attempt had too few valid contributions
+        self.receive_stats = ReceiveStats()  # the latest round's (see server.streaming)
 
     # ---- what subclasses provide ------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -174,8 +176,11 @@ class LedgerStrategy(Strategy):
         return self.restore() + 1
 
     def receive(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
-        """Send the round's messages and return the replies (handed to ``aggregate_train``)."""
-        return grid.send_and_receive(messages=messages, timeout=timeout)
+        """Send the round's messages and yield the replies one at a time as they arrive
+        (:mod:`server.streaming`): ``aggregate_train`` consumes them once, so the server
+        never holds more than a few replies whatever the number of sites."""
+        self.receive_stats = ReceiveStats()
+        return stream_replies(grid, messages, timeout, stats=self.receive_stats)
 
     def end_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Called once a round's release is complete and recorded: checkpoint it (state and

@@ -118,12 +118,19 @@ class GaussianSumMechanism:
         factors = self.scale_factors(torch.linalg.vector_norm(flat, dim=1))
         return (flat * factors[:, None]).reshape(records.shape)
 
+    @staticmethod
+    def tree_norm(record: Tree) -> torch.Tensor:
+        """The flat L2 norm of a record made of several tensors, computed in float64."""
+        squares = torch.zeros((), dtype=torch.float64)
+        for t in record.values():
+            flat = t.detach().reshape(-1).to(torch.float64)
+            squares = squares + torch.dot(flat, flat)
+        return torch.sqrt(squares)
+
     def bound_tree(self, record: Tree) -> dict[str, torch.Tensor]:
         """Bound one record made of several tensors by its flat L2 norm over all of them."""
-        tensors = {k: v.detach().to(torch.float64) for k, v in record.items()}
-        norm = torch.sqrt(sum((t * t).sum() for t in tensors.values()) if tensors else torch.zeros((), dtype=torch.float64))
-        factor = self.scale_factors(norm.reshape(1))[0]
-        return {k: t * factor for k, t in tensors.items()}
+        factor = self.scale_factors(self.tree_norm(record).reshape(1))[0]
+        return {k: v.detach().to(torch.float64) * factor for k, v in record.items()}
 
     # ---- aggregation and release (runs on the server) --------------------------------
     @staticmethod
@@ -138,6 +145,27 @@ class GaussianSumMechanism:
             if v.shape != total[k].shape:
                 raise ValueError(f"partial sum {k!r} has shape {tuple(v.shape)}, expected {tuple(total[k].shape)}")
         return {k: total[k] + part64[k] for k in total}
+
+    def add_bounded(self, total: dict[str, torch.Tensor] | None, record: Tree) -> dict[str, torch.Tensor]:
+        """``add(total, bound_tree(record))`` without the intermediate copies (the server's hot path).
+
+        The record is scaled by the same factor :meth:`bound_tree` uses and added into
+        ``total`` IN PLACE: ``total`` must be a running sum this method returned (pass None
+        for the first record). A record within the bound (factor exactly 1) adds exactly as
+        :meth:`add` does; a clipped one is added as ``total + factor * record`` in float64.
+        """
+        factor = self.scale_factors(self.tree_norm(record).reshape(1))[0]
+        if total is None:  # the first record starts the sum: bound_tree's own arithmetic
+            return {k: v.detach().to(torch.float64, copy=True) if factor == 1 else v.detach().to(torch.float64) * factor
+                    for k, v in record.items()}
+        factor = float(factor)
+        if total.keys() != record.keys():
+            raise ValueError(f"record has keys {sorted(record)}, expected {sorted(total)}")
+        for k, v in record.items():
+            if v.shape != total[k].shape:
+                raise ValueError(f"record {k!r} has shape {tuple(v.shape)}, expected {tuple(total[k].shape)}")
+            total[k].add_(v.detach(), alpha=factor)
+        return total
 
     def release(
         self,

@@ -1,0 +1,100 @@
+"""Replies handed to the aggregation one at a time, as they arrive.
+
+Flower's ``Grid.send_and_receive`` returns every reply of a round in one list, so the server
+holds all n sites' contributions at once: its peak memory grows with sites x adapter size.
+:func:`stream_replies` pushes the round's messages, then pulls the replies in small batches
+of message ids while they arrive and yields each one. Pulling a reply removes it from the
+SuperLink's link state (``InMemoryGrid`` deletes it, the HTTP grid confirms its receipt), so
+once the consumer has folded a reply into its running sum nothing keeps it alive: the server
+holds at most ``batch`` replies (plus whatever the link state has received but not yet been
+pulled) whatever the number of sites.
+
+Timeout: as in ``send_and_receive``, replies that have not arrived ``timeout`` seconds after
+the push are not waited for; the round goes on with the replies that did.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger("privadapt.server")
+
+PULL_BATCH = 8  # message ids asked for per pull: at most this many replies held by one pull
+FIRST_WAIT = 0.02  # seconds between pulls when nothing arrived; doubles up to MAX_WAIT
+MAX_WAIT = 1.0
+
+
+@dataclass
+class ReceiveStats:
+    """What one round's :func:`stream_replies` saw (for logs and benchmarks)."""
+
+    sent: int = 0
+    received: int = 0
+    seconds: float = 0.0  # from the push to the last reply handed over (or the timeout)
+    pulls: int = 0
+    timed_out: list[str] = field(default_factory=list)  # message ids with no reply in time
+
+
+def stream_replies(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    *,
+    batch: int = PULL_BATCH,
+    stats: ReceiveStats | None = None,
+) -> Iterator[Message]:
+    """Push ``messages`` and yield their replies one by one as they arrive.
+
+    Args:
+        grid: the run's grid (``InMemoryGrid`` in simulation, the HTTP grid in deployment).
+        messages: the round's messages (may be empty: nothing is pushed, nothing yielded).
+        timeout: seconds to wait for replies after the push; ``None`` waits for all of them.
+        batch: message ids asked for per ``pull_messages`` call (>= 1).
+        stats: filled in as the round goes (sent, received, pulls, seconds, timed-out ids).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
+    stats = ReceiveStats() if stats is None else stats
+    start = time.monotonic()
+    # the HTTP grid returns None for a message it could not push: nothing will answer it
+    pending = [mid for mid in grid.push_messages(messages) if mid]
+    del messages
+    stats.sent = len(pending)
+    deadline = None if timeout is None else start + timeout
+    wait = FIRST_WAIT
+    while pending:
+        arrived: set[str] = set()
+        for lo in range(0, len(pending), batch):
+            replies = list(grid.pull_messages(pending[lo:lo + batch]))
+            stats.pulls += 1
+            while replies:
+                reply = replies.pop(0)  # the list must not keep a reply the consumer dropped
+                arrived.add(reply.metadata.reply_to_message_id)
+                stats.received += 1
+                stats.seconds = time.monotonic() - start
+                yield reply
+                del reply
+        if arrived:
+            pending = [mid for mid in pending if mid not in arrived]
+            wait = FIRST_WAIT
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        if arrived:
+            continue
+        time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
+        wait = min(2 * wait, MAX_WAIT)
+    stats.timed_out = pending
+    stats.seconds = time.monotonic() - start
+    log.info("received %d of %d replies in %.3f s (%d pulls)", stats.received, stats.sent, stats.seconds, stats.pulls,
+             extra={"receive_stats": stats})
+    if pending:
+        log.warning("%d of %d replies did not arrive within %s s; the round goes on without them",
+                    len(pending), stats.sent, timeout)

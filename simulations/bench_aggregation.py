@@ -1,0 +1,160 @@
+"""Benchmark: the server's aggregation path against a memory copy of the same bytes.
+
+For n real reply messages (Flower ``Message`` with an ``ArrayRecord`` of float32 tensors, as a
+site sends them), the server path is what the strategies run per reply: LoRA
+(:class:`server.lora_strategy.DPFedAvgLoRA`): ``read_tree`` (keys, shapes, dtype, finite, flat
+norm <= C) + ``GaussianSumMechanism.add_bounded`` (bound + add); DPAgg-TI
+(:class:`server.dpagg_strategy.DPAggTIStrategy`): ``read_vector`` + ``add``; then one
+``release`` (seeded Gaussian noise over the total, divided by the denominator). The baseline
+copies the same float32 bytes (every reply's tensors, out of the same Array objects) into a
+preallocated buffer with ``numpy.copyto``, in the same process, interleaved with the server
+path. Throughput = float32 payload bytes / seconds.
+
+    .venv/bin/python -m simulations.bench_aggregation --replies 16 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common import Metadata
+
+from common import keys
+from common.dp import GaussianSumMechanism, NoiseSource
+from server.replies import read_tree, read_vector
+from simulations.bench_shapes import SD15_EMBEDDING_DIM, SD15_UNET, lora_shapes, tiny_unet_config
+
+CLIP = 1.0
+
+
+def reply_message(arrays: dict[str, np.ndarray], node: int) -> Message:
+    meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    return Message(content=RecordDict({keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})}),
+                   metadata=meta)
+
+
+def random_update(shapes: dict[str, tuple[int, ...]], seed: int, norm: float) -> dict[str, np.ndarray]:
+    """float32 tensors of the given shapes with flat L2 norm ``norm`` (a clipped site delta)."""
+    rng = np.random.default_rng(seed)
+    tree = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
+    scale = norm / math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in tree.values()))
+    return {k: (v * np.float32(scale)) for k, v in tree.items()}
+
+
+def sum_lora(replies: list[Message], shapes, mechanism: GaussianSumMechanism) -> dict[str, torch.Tensor]:
+    total = None
+    for reply in replies:
+        total = mechanism.add_bounded(total, read_tree(reply, shapes, max_norm=mechanism.clip_norm))
+    return total
+
+
+def sum_ti(replies: list[Message], dim: int, mechanism: GaussianSumMechanism) -> dict[str, torch.Tensor]:
+    total = None
+    for reply in replies:
+        total = mechanism.add(total, {keys.EMBEDDING_SUM: read_vector(reply, keys.EMBEDDING_SUM, dim)})
+    return total
+
+
+def release(total: dict[str, torch.Tensor], mechanism: GaussianSumMechanism, n: int) -> dict[str, torch.Tensor]:
+    return mechanism.release(total, denominator=n, noise=NoiseSource.seeded(0), sample_rate=1.0, unit="site")[0]
+
+
+def copy_bytes(replies: list[Message], buffer: np.ndarray) -> None:
+    """Copy every reply's float32 payload into ``buffer`` (the memcpy baseline)."""
+    for reply in replies:
+        offset = 0
+        for array in reply.content[keys.ARRAYS].values():
+            src = np.frombuffer(array.data, dtype=np.uint8)
+            np.copyto(buffer[offset:offset + src.size], src)
+            offset += src.size
+
+
+def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int, ti: bool) -> dict:
+    mechanism = GaussianSumMechanism(clip_norm=CLIP, noise_multiplier=1.0)
+    replies = []
+    for i in range(n):
+        update = random_update(shapes, i, 0.9 * CLIP)
+        replies.append(reply_message({keys.EMBEDDING_SUM: update["v"]} if ti else update, node=i + 1))
+    payload = sum(a.nbytes for a in random_update(shapes, 0, 1.0).values())
+    wire = max(sum(len(a.data) for a in r.content[keys.ARRAYS].values()) for r in replies)
+    buffer = np.empty(wire, dtype=np.uint8)
+    dim = shapes["v"][0] if ti else 0
+
+    def add_all() -> dict[str, torch.Tensor]:
+        return sum_ti(replies, dim, mechanism) if ti else sum_lora(replies, shapes, mechanism)
+
+    total = add_all()
+
+    def noise() -> None:
+        release(total, mechanism, n)
+
+    def copy() -> None:
+        copy_bytes(replies, buffer)
+
+    noise(), copy()  # warm-up
+    times: dict[str, list[float]] = {"sum": [], "release": [], "copy": []}
+    for _ in range(repeats):  # interleaved, so every arm sees the same load
+        for arm, fn in (("sum", add_all), ("release", noise), ("copy", copy)):
+            start = time.perf_counter()
+            fn()
+            times[arm].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in times.items()}
+    gb = n * payload / 1e9
+    whole = best["sum"] + best["release"]
+    return {
+        "adapter": name,
+        "tensors": len(shapes),
+        "parameters": payload // 4,
+        "adapter_mb": round(payload / 1e6, 3),
+        "replies": n,
+        "server_path": ("read_vector + add" if ti else "read_tree + add_bounded") + ", then one release",
+        "validate_clip_sum_s": round(best["sum"], 5),
+        "release_noise_s": round(best["release"], 5),
+        "copy_s": round(best["copy"], 5),
+        "validate_clip_sum_gb_s": round(gb / best["sum"], 3),
+        "with_release_gb_s": round(gb / whole, 3),
+        "copy_gb_s": round(gb / best["copy"], 3),
+        "ratio_validate_clip_sum_to_copy": round(best["copy"] / best["sum"], 3),
+        "ratio_with_release_to_copy": round(best["copy"] / whole, 3),
+        "noise_ns_per_parameter": round(best["release"] / (payload // 4) * 1e9, 1),
+    }
+
+
+def adapters(include_sd15: bool) -> list[tuple[str, dict, bool]]:
+    out = [("tiny model LoRA r4 (UNet attention)", lora_shapes(tiny_unet_config(), 4), False)]
+    if include_sd15:
+        out += [("SD 1.5 LoRA r4 (to_q/k/v/out.0)", lora_shapes(SD15_UNET, 4), False),
+                ("SD 1.5 LoRA r64 (to_q/k/v/out.0)", lora_shapes(SD15_UNET, 64), False),
+                ("SD 1.5 TI embedding (768)", {"v": (SD15_EMBEDDING_DIM,)}, True)]
+    return out
+
+
+def run(replies: int = 16, repeats: int = 5, large_replies: int = 4, include_sd15: bool = True) -> list[dict]:
+    rows = []
+    for name, shapes, ti in adapters(include_sd15):
+        n = large_replies if "r64" in name else replies
+        rows.append(measure(name, shapes, n, repeats, ti))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replies", type=int, default=16, help="replies per aggregation")
+    parser.add_argument("--large-replies", type=int, default=4, help="replies for the SD 1.5 rank-64 LoRA (51 MB each)")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N, arms interleaved")
+    parser.add_argument("--tiny-only", action="store_true", help="only the tiny model's adapter")
+    args = parser.parse_args(argv)
+    rows = run(args.replies, args.repeats, args.large_replies, not args.tiny_only)
+    print(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

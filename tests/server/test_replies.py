@@ -1,0 +1,98 @@
+"""Tests of server/replies.py's array reading: what np.load would give, or a named ReplyError."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common import Metadata
+
+from common import keys
+from common.dp import GaussianSumMechanism
+from server.replies import ReplyError, read_tree, read_vector
+
+
+def reply(arrays: dict[str, Array]) -> Message:
+    meta = Metadata(run_id=1, message_id="r", src_node_id=3, dst_node_id=0, reply_to_message_id="q", group_id="1",
+                    created_at=0.0, ttl=60.0, message_type="train")
+    return Message(content=RecordDict({keys.ARRAYS: ArrayRecord(array_dict=arrays)}), metadata=meta)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(12, dtype=np.float32).reshape(3, 4),
+    np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),  # Fortran order on the wire
+    np.arange(12, dtype=">f8").reshape(3, 4),  # big-endian float64
+    np.arange(12, dtype=np.float16).reshape(3, 4),
+])
+def test_read_tree_gives_what_np_load_gives_in_float64(array):
+    tree = read_tree(reply({"a": Array(array)}), {"a": (3, 4)})
+    assert tree["a"].dtype == torch.float64
+    assert torch.equal(tree["a"], torch.from_numpy(np.asarray(array, dtype=np.float64)))
+
+
+def test_the_norm_bound_is_checked_on_the_float64_values():
+    a = np.full((2, 2), 0.5, dtype=np.float32)  # flat norm exactly 1
+    assert read_tree(reply({"a": Array(a)}), {"a": (2, 2)}, max_norm=1.0)["a"].sum() == 2.0
+    with pytest.raises(ReplyError, match="L2 norm 2"):
+        read_tree(reply({"a": Array(2 * a)}), {"a": (2, 2)}, max_norm=1.0)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.array([[1.0, np.nan]], dtype=np.float32), "NaN or infinite"),
+    (np.array([[np.inf, 0.0]], dtype=np.float32), "NaN or infinite"),
+    (np.array([[1, 2]], dtype=np.int32), "floating-point"),
+    (np.zeros((2, 1), dtype=np.float32), "shape"),
+])
+def test_bad_arrays_are_rejected_by_name(bad, match):
+    with pytest.raises(ReplyError, match=match):
+        read_tree(reply({"a": Array(bad)}), {"a": (1, 2)})
+
+
+def test_huge_but_finite_values_are_not_called_infinite():
+    big = np.full((1, 2), 3e38, dtype=np.float32)  # squares overflow float32, not float64
+    assert torch.isfinite(read_tree(reply({"a": Array(big)}), {"a": (1, 2)})["a"]).all()
+
+
+@pytest.mark.parametrize("data, match", [
+    (npy(np.zeros(4, np.float32))[:-4], "data bytes"),  # truncated
+    (npy(np.zeros(4, np.float32)) + b"\0\0\0\0", "data bytes"),  # trailing bytes
+    (b"NOTNUMPY" + b"\0" * 40, "magic"),
+    (npy(np.zeros(4, np.float32)).replace(b"'descr'", b"'dexcr'"), "header"),
+])
+def test_malformed_npy_bytes_are_rejected(data, match):
+    arrays = {keys.EMBEDDING_SUM: Array(dtype="float32", shape=(4,), stype="numpy.ndarray", data=data)}
+    with pytest.raises(ReplyError, match=match):
+        read_vector(reply(arrays), keys.EMBEDDING_SUM, 4)
+
+
+def test_other_serializations_are_rejected():
+    arrays = {keys.EMBEDDING_SUM: Array(dtype="float32", shape=(4,), stype="torch.raw", data=b"\0" * 16)}
+    with pytest.raises(ReplyError, match="serialization"):
+        read_vector(reply(arrays), keys.EMBEDDING_SUM, 4)
+
+
+def test_add_bounded_is_add_of_bound_tree():
+    mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    g = torch.Generator().manual_seed(0)
+    records = [{"a": torch.randn(3, 4, generator=g, dtype=torch.float64) * s, "b": torch.randn(5, generator=g,
+                                                                                               dtype=torch.float64) * s}
+               for s in (0.1, 3.0, 0.2, 10.0)]  # within the bound and clipped, mixed
+    fused, reference = None, None
+    for record in records:
+        fused = mechanism.add_bounded(fused, record)
+        reference = mechanism.add(reference, mechanism.bound_tree(record))
+    for k in reference:
+        torch.testing.assert_close(fused[k], reference[k], rtol=1e-15, atol=1e-15)
+    assert torch.equal(mechanism.add_bounded(None, records[0])["a"], records[0]["a"])  # within C: unchanged
+    assert records[0]["a"] is not mechanism.add_bounded(None, records[0])["a"]  # ... and copied, not aliased
+    with pytest.raises(ValueError, match="keys"):
+        mechanism.add_bounded(fused, {"a": records[0]["a"]})

@@ -1,0 +1,41 @@
+"""Smoke test of simulations/bench_all.py: one real section, written to JSON and Markdown.
+
+Timings are not checked (they belong in BENCHMARKS.md, not in tests); the test checks that the
+command runs a section, records where and when, and regenerates only its own part of the file.
+"""
+
+from __future__ import annotations
+
+import json
+
+from simulations import bench_all
+
+HAND_WRITTEN = "# Benchmarks\n\nHand-written analysis that must survive.\n"
+
+
+def test_one_quick_section_writes_json_and_only_the_generated_block(tmp_path):
+    md, js = tmp_path / "BENCHMARKS.md", tmp_path / "benchmarks.json"
+    md.write_text(HAND_WRITTEN + "\n" + bench_all.BEGIN + "\nstale figures\n" + bench_all.END + "\n\nMore analysis.\n")
+    other = {"section": "ti", "command": "earlier run", "quick": True, "date": "2026-01-01 00:00 UTC",
+             "machine": {"cpu": "x", "cores": 2, "torch_threads": 2, "gpu": None}, "load_before": "1", "load_after": "1",
+             "seconds": 1.0, "result": {"images": 4, "steps": 5, "batched_s": 1.0, "one_run_per_image_s": 2.0,
+                                        "speedup": 2.0}}
+    js.write_text(json.dumps({"ti": other}))  # another section's earlier entry stays, with its own date
+    entries = bench_all.main(["--quick", "--sections", "aggregation", "--json", str(js), "--markdown", str(md)])
+
+    saved = json.loads(js.read_text())
+    assert saved["ti"] == other and set(saved) == {"ti", "aggregation"}
+    entry = saved["aggregation"]
+    assert entry == json.loads(json.dumps(entries["aggregation"]))
+    assert entry["command"].startswith(".venv/bin/python -m simulations.bench_aggregation")
+    assert entry["quick"] and entry["machine"]["cores"] >= 1 and entry["date"].endswith("UTC")
+    adapters = [row["adapter"] for row in entry["result"]]
+    assert any("tiny" in a for a in adapters) and any("r64" in a for a in adapters) and any("TI" in a for a in adapters)
+    for row in entry["result"]:
+        assert row["validate_clip_sum_gb_s"] > 0 and row["copy_gb_s"] > 0 and row["ratio_validate_clip_sum_to_copy"] > 0
+
+    text = md.read_text()
+    assert text.startswith(HAND_WRITTEN) and text.rstrip().endswith("More analysis.")
+    assert "stale figures" not in text and text.count(bench_all.BEGIN) == 1
+    assert "3. Server aggregation vs memcpy" in text and "| SD 1.5 LoRA r64" in text
+    assert "2026-01-01 00:00 UTC" in text and "| 4 | 5 | 1.0 | 2.0 | 2.0x |" in text
