@@ -20,6 +20,7 @@ from server.checkpoint import CHECKPOINT_FILE, CheckpointError, CheckpointStore,
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import DPAggPlan, FedAvgPlan
 from server.strategy_base import RunControl
+from tests.server.grids import PushPullGrid
 from tests.server.test_dpagg_strategy import reply_with
 from tests.server.test_lora_strategy import SHAPES, reply, zeros
 
@@ -27,33 +28,30 @@ DELTA = 1e-5
 PLAN = {"noise_multiplier": 1.5, "sample_rate": 0.7}
 
 
-class ReplyingGrid:
+class ReplyingGrid(PushPullGrid):
     """Sites 1..n answer every train message with a delta that depends on the adapter they got
     (so a wrong resumed adapter shows), except the ``silent`` ones and any in ``bad``."""
 
     def __init__(self, n: int = 4, silent: tuple[int, ...] = (), bad: tuple[int, ...] = ()) -> None:
-        self.nodes = list(range(1, n + 1))
+        super().__init__(range(1, n + 1))
         self.silent, self.bad = set(silent), set(bad)
         self.asked: list[list[int]] = []
 
-    def get_node_ids(self):
-        return self.nodes
-
-    def send_and_receive(self, messages, timeout):
+    def push_messages(self, messages):
         messages = list(messages)
         self.asked.append([m.metadata.dst_node_id for m in messages])
-        out = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            if node in self.silent:
-                continue
-            state = record_tree(m.content[keys.ARRAYS])
-            delta = {k: 0.05 * node * torch.ones(s, dtype=torch.float64) - 0.5 * state[k].double()
-                     for k, s in SHAPES.items()}
-            if node in self.bad:
-                delta = {k: v * np.nan for k, v in delta.items()}
-            out.append(reply(delta, node))
-        return out
+        return super().push_messages(messages)
+
+    def answer(self, m: Message) -> Message | None:
+        node = m.metadata.dst_node_id
+        if node in self.silent:
+            return None
+        state = record_tree(m.content[keys.ARRAYS])
+        delta = {k: 0.05 * node * torch.ones(s, dtype=torch.float64) - 0.5 * state[k].double()
+                 for k, s in SHAPES.items()}
+        if node in self.bad:
+            delta = {k: v * np.nan for k, v in delta.items()}
+        return reply(delta, node)
 
 
 def strategy(out, *, control_kw=None, fingerprint="f", z=PLAN["noise_multiplier"], q=PLAN["sample_rate"], resume="auto"):
@@ -210,18 +208,16 @@ def test_unrequested_replies_are_ignored(tmp_path):
     assert s.rounds[0].ignored == [9, 1] and s.rounds[0].used == [1]  # unrequested, then a second answer
 
 
-class SumGrid:
+class SumGrid(PushPullGrid):
     """DPAgg-TI sites: node k returns the sum k * 0.1 * ones(4); the ``bad`` ones send NaN."""
 
     def __init__(self, n: int = 3, bad: tuple[int, ...] = ()) -> None:
-        self.nodes, self.bad = list(range(1, n + 1)), set(bad)
+        super().__init__(range(1, n + 1))
+        self.bad = set(bad)
 
-    def get_node_ids(self):
-        return self.nodes
-
-    def send_and_receive(self, messages, timeout):
-        nodes = [m.metadata.dst_node_id for m in messages]
-        return [reply_with([math.nan if n in self.bad else 0.1 * n] * 4, node_id=n) for n in nodes]
+    def answer(self, m: Message) -> Message:
+        n = m.metadata.dst_node_id
+        return reply_with([math.nan if n in self.bad else 0.1 * n] * 4, node_id=n)
 
 
 def dpagg(out, z=2.0, **control_kw):

@@ -15,44 +15,22 @@ from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from common.models import load_pipeline
 from server.dpagg_strategy import ReplyError
+from tests.server.grids import PushPullGrid
 from server.dpsgd_strategy import DPSGDTIStrategy, read_site_report, run_dpsgd_baseline
 
 DIM = 4
 DELTA = 1e-5
 
 
-class FakeGrid:
-    """The Grid methods a strategy uses; ``answer(msg)`` plays the site when its reply is pulled."""
+class FakeGrid(PushPullGrid):
+    """``answer(msg)`` plays the site when its reply is pulled."""
 
     def __init__(self, node_ids, answer=None) -> None:
-        self.node_ids = list(node_ids)
-        self.answer = answer
-        self.sent: list[Message] = []
-        self.pending: dict[str, Message] = {}
+        super().__init__(node_ids)
+        self.site = answer
 
-    def get_node_ids(self):
-        return list(self.node_ids)
-
-    def _reply(self, msg: Message) -> Message:
-        try:
-            return self.answer(msg)
-        except Exception as err:  # Flower turns a ClientApp exception into an error reply
-            return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
-            self.sent.append(msg)
-            self.pending[msg.metadata.message_id] = msg
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._reply(self.pending.pop(i)) for i in list(message_ids) if i in self.pending]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+    def answer(self, message: Message) -> Message:
+        return self.site(message)
 
 
 def instruction(node_id: int, server_round: int = 1) -> Message:
