@@ -49,12 +49,3 @@ def overfit_run(tmp_path_factory, overfit_split):
 
     return overfit_lora_run(tmp_path_factory.mktemp("overfit"), EMOJI_SD, merge(overfit_split[0], "train"),
                             resolution=32)
-
-
-@pytest.fixture(scope="session")
-def brief_run(tmp_path_factory, demo_sites):
-    """A LoRA trained for 10 steps: cheap plumbing for the default test run."""
-    from common.evaluation.fixtures import OverfitRecipe, overfit_lora_run
-
-    return overfit_lora_run(tmp_path_factory.mktemp("brief"), EMOJI_SD, demo_sites[0], resolution=32,
-                            recipe=OverfitRecipe(rank=4, steps=10, batch_size=4))
