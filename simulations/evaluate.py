@@ -27,7 +27,6 @@ from common.evaluation.utility import DEFAULT_TIMESTEPS, Run, evaluate_utility, 
 from common.paths import resolve
 from server.export import write_json
 
-log = logging.getLogger("privadapt.evaluate")
 HELD_OUT_FOLDER = "held-out"
 
 
@@ -41,23 +40,35 @@ def held_out_folder(run: Run, given: Path | None) -> Path:
     return folder
 
 
-def run_attacks_into(run: Run, out_dir: Path, held_out: Path, *, seed: int) -> dict | None:
-    """Membership and site inference (:func:`common.evaluation.attacks.run_attacks`) into
-    ``attacks.json``; None if that module is not in this checkout. An MP-/SMP-LoRA run is
-    attacked on its sites' own member / non-member splits (the SMP-LoRA paper's protocol);
-    any other run trained on every image of its sites, which are then the members, against
-    the held-out images as non-members."""
-    try:
-        from common.evaluation.attacks import run_attacks
-        from common.evaluation.splits import ADVERSARIAL_DEFENSES, site_folders
-    except ImportError as err:
-        log.warning("membership-inference attacks not available in this checkout (%s): reported as not run", err)
-        return None
+def attack_members(run: Run, held_out: Path) -> list[Path] | None:
+    """The member folders to attack against the held-out non-members; None for an MP-/SMP-LoRA
+    run, which is attacked on its sites' own member / non-member splits (the SMP-LoRA paper's
+    protocol). Any other run trained on every image of the sites that took part.
+
+    Raises:
+        ValueError: If ``held_out`` is one of those sites' folders (its images are members).
+    """
+    from common.evaluation.splits import ADVERSARIAL_DEFENSES, site_folders
+
     cfg = run.config
     if cfg.adapter == "lora" and cfg.defense in ADVERSARIAL_DEFENSES:
+        return None
+    members = site_folders(run.path, cfg)[:run.privacy.get("num_sites_declared") or None]  # LoRA: the K sites
+    overlap = [str(f) for f in members if f.resolve() == held_out.resolve()]
+    if overlap:
+        raise ValueError(f"--held-out {held_out} is one of the run's own site folders {overlap}: its images trained "
+                         "the adapter, so they cannot serve as non-members")
+    return members
+
+
+def run_attacks_into(run: Run, out_dir: Path, members: list[Path] | None, held_out: Path, *, seed: int) -> dict:
+    """Membership and site inference (:func:`common.evaluation.attacks.run_attacks`) into ``attacks.json``."""
+    from common.evaluation.attacks import run_attacks
+
+    if members is None:
         result = run_attacks(run.path, seed=seed, progress=True)
     else:
-        result = run_attacks(run.path, site_folders(run.path, cfg), [held_out], seed=seed, progress=True)
+        result = run_attacks(run.path, members, [held_out], seed=seed, progress=True)
     write_json(out_dir / "attacks.json", result)
     return result
 
@@ -86,6 +97,7 @@ def evaluate(run_dir: Path, *, held_out: Path | None = None, reference: Path | N
     out_dir = out if out is not None else run.path / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = held_out_folder(run, held_out)
+    members = attack_members(run, folder) if attacks else None  # checked before any long computation
     images = load_site_images(folder, site=HELD_OUT_FOLDER, resolution=run.config.resolution)
     utility = evaluate_utility(run, images, out_dir, reference=ref, timesteps=timesteps, draws=draws, seed=seed,
                                sample_steps=sample_steps, device=device)
@@ -94,10 +106,10 @@ def evaluate(run_dir: Path, *, held_out: Path | None = None, reference: Path | N
     skipped: dict[str, str] = {}
     for name in ("attacks.json", "audit.json", "audit_no_noise.json"):
         (out_dir / name).unlink(missing_ok=True)  # never report a figure from an earlier evaluation
-    if not attacks:
+    if attacks:
+        run_attacks_into(run, out_dir, members, folder, seed=seed)
+    else:
         skipped["attacks"] = "skipped (--no-attacks)"
-    elif run_attacks_into(run, out_dir, folder, seed=seed) is None:
-        skipped["attacks"] = "the attacks module is not installed in this checkout"
     reason = audit_into(run, out_dir, seed=seed) if audit else "skipped (--no-audit)"
     if reason:
         skipped["audit"] = reason

@@ -61,3 +61,19 @@ def test_missing_held_out_images_are_named(small_run, tmp_path):
     run, _ = small_run
     with pytest.raises(FileNotFoundError, match="--held-out folder not found"):
         evaluate(run, held_out=tmp_path / "nowhere", out=tmp_path / "ev", attacks=False)
+
+
+def test_members_are_the_sites_that_took_part_and_never_the_held_out_folder(tmp_path):
+    from common.config import RunConfig
+    from common.evaluation.utility import Run
+    from simulations.evaluate import attack_members
+
+    data = REPO_ROOT / "data" / "demo"
+    lora = Run(path=tmp_path, config=RunConfig(adapter="lora", data_path=str(data)), privacy={"num_sites_declared": 2},
+               adapter="lora")
+    assert attack_members(lora, data / "site-3") == [data / "site-0", data / "site-1"]
+    with pytest.raises(ValueError, match="cannot serve as non-members"):
+        attack_members(lora, data / "site-1")
+    smp = Run(path=tmp_path, config=RunConfig(adapter="lora", defense="smp-lora", data_path=str(data)), privacy={},
+              adapter="lora")
+    assert attack_members(smp, data / "site-3") is None  # its own member / non-member splits
