@@ -41,6 +41,7 @@ DEFAULT_ATTACKS = ("loss", "loss-calibrated", "pia", "secmi-stat", "proxy-h")
 ALL_ATTACKS = DEFAULT_ATTACKS + ("lira",)
 TIMESTEPS = (10, 50, 100, 200, 300, 500)
 PIA_TIMESTEPS = (50, 100, 200, 300)
+MIN_SITES = 2  # per class, for site-level inference (with one each the AUC is 0 or 1)
 
 ImageInput = Sequence[str | Path] | Sequence[SiteImages] | None
 
@@ -158,9 +159,12 @@ def _site_record(image_scores: np.ndarray, pop: Population, *, delta: float, see
         scores, site_labels, names = site_scores(image_scores, pop.labels, pop.sites)
     except ValueError as err:
         return metrics.not_applicable(name, str(err))
-    if len(set(site_labels.tolist())) < 2:
-        return metrics.not_applicable(name, "every site in the population took part (or none did): give image "
-                                            "folders of sites that did not take part as non-members")
+    took_part = int(site_labels.sum())
+    if min(took_part, site_labels.size - took_part) < MIN_SITES:
+        return metrics.not_applicable(name, f"{took_part} site(s) that took part and {site_labels.size - took_part} "
+                                            f"that did not: site-level inference needs at least {MIN_SITES} of each "
+                                            "(give each site's images as a folder; non-participating sites as "
+                                            "non-members)")
     return metrics.summarize(name, scores, site_labels, delta=delta, seed=seed,
                              details={"sites": dict(zip(names, scores.tolist())),
                                       "score": "calibrated loss, mean over timesteps and the site's images"})

@@ -133,13 +133,13 @@ def audit_mechanism(
                                          denominator=denominator, noise=noise, gen=gen, label=f"audit round {r + 1}")
         scores += released[:m]
         events.append(event)
-    return _guess_and_bound(scores, canary_in, settings, delta=delta, events=events, unit=unit,
+    return guess_and_bound(scores, canary_in, settings, delta=delta, events=events, unit=unit,
                             noise=noise_multiplier > 0, extra={"rounds": rounds, "sample_rate": sample_rate,
                                                               "noise_multiplier": noise_multiplier,
                                                               "clip_norm": clip_norm})
 
 
-def _guess_and_bound(scores: torch.Tensor, truth: torch.Tensor, settings: AuditSettings, *, delta: float,
+def guess_and_bound(scores: torch.Tensor, truth: torch.Tensor, settings: AuditSettings, *, delta: float,
                      events: Sequence[PrivacyEvent], unit: str, noise: bool, extra: dict) -> dict:
     """Guess in/out for the top k+ and bottom k- scores, count the right ones, bound epsilon."""
     # ties broken at random (a zero-noise release has many equal scores among the "out")
