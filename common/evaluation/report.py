@@ -105,7 +105,7 @@ def audit_section(audit: Mapping | None, power: Mapping | None = None, why: str 
         f"each inserted with probability 1/2; the auditor guessed {audit['guesses']} and got {audit['correct']} right. "
         f"With confidence {audit['confidence']:g} this implies epsilon >= {_num(audit['epsilon_lower_bound'], '.2f')} "
         f"at delta {audit['delta']:g} (noise {'on' if audit['noise'] else 'off'}; accountant epsilon "
-        f"{_num(acc)}).{verdict}")
+        f"{_num(acc) if acc is not None else 'infinite: the run adds no noise'}).{verdict}")
     if power is not None:
         lines += ["", f"Power check, the same audit with the noise switched off: epsilon >= "
                       f"{_num(power['epsilon_lower_bound'], '.2f')} ({power['correct']} of {power['guesses']} guesses right)."]
