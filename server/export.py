@@ -134,25 +134,28 @@ def samples_and_metrics(adapter: str, samples: list[dict], metrics: dict) -> lis
     ]
 
 
+def ti_claim(p: dict) -> str:
+    """The privacy statement of a textual-inversion run, in words."""
+    if not p["private"]:
+        return "**No privacy guarantee.** This is the non-private reference run: no sampling, no noise, plain mean."
+    eps = p["epsilon"]
+    return (
+        f"This embedding is ({fmt_eps(eps['prv'])}, {p['delta']:g})-differentially private at the level of "
+        f"**one image** (record-level DP, add/remove-one-image adjacency), by the PRV accountant "
+        f"(Opacus; the RDP accountant gives the looser epsilon {fmt_eps(eps['rdp'])}). Adding or removing any "
+        f"single private image, at any site, changes the probability of any outcome by at most a factor "
+        f"e^{fmt_eps(eps['prv'])}, except with probability {p['delta']:g}."
+    )
+
+
 def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
     """README.md of the output folder: the adapter, how to load it, and its privacy in words."""
     p = privacy
-    eps = p["epsilon"]
     token = p["adapter"]["token"]
-    if p["private"]:
-        claim = (
-            f"This embedding is ({fmt_eps(eps['prv'])}, {p['delta']:g})-differentially private at the level of "
-            f"**one image** (record-level DP, add/remove-one-image adjacency), by the PRV accountant "
-            f"(Opacus; the RDP accountant gives the looser epsilon {fmt_eps(eps['rdp'])}). Adding or removing any "
-            f"single private image, at any site, changes the probability of any outcome by at most a factor "
-            f"e^{fmt_eps(eps['prv'])}, except with probability {p['delta']:g}."
-        )
-    else:
-        claim = "**No privacy guarantee.** This is the non-private reference run: no sampling, no noise, plain mean."
     lines = [
         f"# privadapt textual-inversion embedding `{token}`",
         "",
-        claim,
+        ti_claim(p),
         "",
         "## How it was made",
         *(dpsgd_steps(p) if p.get("method") == "dp-sgd-ti" else dpagg_steps(p)),
