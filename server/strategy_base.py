@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log as flwr_log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -202,7 +203,8 @@ class LedgerStrategy(Strategy):
         if first > 1:
             arrays = result.arrays = self.current_arrays()
         for server_round in range(first, num_rounds + 1):
-            log.info("[ROUND %d/%d]", server_round, num_rounds)
+            # through Flower's logger: `flwr run --stream` shows it, and the deployment tools time rounds by it
+            flwr_log(logging.INFO, "[ROUND %d/%d]", server_round, num_rounds)
             while True:
                 try:
                     self.check_budget(server_round)
