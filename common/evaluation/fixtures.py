@@ -1,8 +1,8 @@
 """Known-answer adapters for testing the attacks: a deliberately overfit, non-private LoRA
 saved as a run folder that :func:`common.evaluation.attacks.run_attacks` reads.
 
-Used by the tests and by ``simulations/attack.py --selftest``-style checks; nothing here is
-part of a privacy claim.
+Used by the tests (and handy for checking an attack by hand); nothing here is part of a
+privacy claim.
 """
 
 from __future__ import annotations

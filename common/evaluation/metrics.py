@@ -81,14 +81,23 @@ def balanced_accuracy(scores, labels) -> float:
     return float(np.max((tpr + 1 - fpr) / 2))
 
 
-def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided binomial confidence interval (Clopper and Pearson 1934)."""
-    if trials < 1 or not 0 <= successes <= trials:
+def clopper_pearson_limits(successes, trials: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Exact two-sided binomial confidence limits (Clopper and Pearson 1934), vectorised
+    over an array of success counts out of the same number of trials."""
+    k = np.asarray(successes, dtype=np.float64)
+    if trials < 1 or (k < 0).any() or (k > trials).any():
         raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
     alpha = 1 - level
-    lo = 0.0 if successes == 0 else float(stats.beta.ppf(alpha / 2, successes, trials - successes + 1))
-    hi = 1.0 if successes == trials else float(stats.beta.ppf(1 - alpha / 2, successes + 1, trials - successes))
+    with np.errstate(invalid="ignore"):
+        lo = np.where(k == 0, 0.0, stats.beta.ppf(alpha / 2, np.maximum(k, 1), trials - k + 1))
+        hi = np.where(k == trials, 1.0, stats.beta.ppf(1 - alpha / 2, k + 1, np.maximum(trials - k, 1)))
     return lo, hi
+
+
+def clopper_pearson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact two-sided binomial confidence interval (Clopper and Pearson 1934)."""
+    lo, hi = clopper_pearson_limits(successes, trials, level)
+    return float(lo), float(hi)
 
 
 def tpr_at_fpr(scores, labels, target: float, *, level: float = 0.95) -> tuple[float, tuple[float, float]]:
@@ -128,14 +137,12 @@ def epsilon_lower_bound(scores, labels, delta: float, *, level: float = 0.95) ->
     n1, n0 = int(y.sum()), int(y.size - y.sum())
     one_sided = 1 - (1 - level) / (2 * fpr.size)  # Bonferroni over thresholds and the two tests
     two_sided = 2 * one_sided - 1  # each limit used is one-sided at `one_sided`
+    t_lo, t_hi = clopper_pearson_limits(np.round(tpr * n1), n1, two_sided)
+    f_lo, f_hi = clopper_pearson_limits(np.round(fpr * n0), n0, two_sided)
     best, point, at = 0.0, 0.0, (0.0, 0.0)
-    for f, t in zip(fpr, tpr):
-        t_lo = clopper_pearson(int(round(t * n1)), n1, two_sided)[0]
-        f_hi = clopper_pearson(int(round(f * n0)), n0, two_sided)[1]
-        # the reversed test (call "member" below the threshold): TPR' = 1 - TPR, FPR' = 1 - FPR
-        f_lo = clopper_pearson(int(round(f * n0)), n0, two_sided)[0]
-        t_hi = clopper_pearson(int(round(t * n1)), n1, two_sided)[1]
-        eps = max(epsilon_from_rates(t_lo, f_hi, delta), epsilon_from_rates(1 - t_hi, 1 - f_lo, delta))
+    for i, (f, t) in enumerate(zip(fpr, tpr)):
+        # the test "member above the threshold", and the reversed one: TPR' = 1 - TPR, FPR' = 1 - FPR
+        eps = max(epsilon_from_rates(t_lo[i], f_hi[i], delta), epsilon_from_rates(1 - t_hi[i], 1 - f_lo[i], delta))
         if eps > best:
             best, at = eps, (float(f), float(t))
         point = max(point, epsilon_from_rates(t, f, delta))

@@ -34,4 +34,6 @@ def test_lira_detects_the_overfit_adapter(overfit_run, overfit_split):
 
     result = run_attacks(overfit_run, *overfit_split, attacks=["lira"], lira_shadows=4, progress=False)
     record = result["attacks"][0]
-    assert record["name"] == "lira" and record["auc"] > 0.75, record["auc"]
+    # seen: online 0.78 [0.59, 0.94], offline 0.96 (each image in 2 shadows, out of 2)
+    assert record["name"] == "lira" and record["auc_ci"][0] > 0.5, record["auc"]
+    assert record["details"]["offline_auc"] > 0.75
