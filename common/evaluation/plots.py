@@ -69,9 +69,10 @@ def epsilon_rounds_plot(curve: Mapping, path: Path, *, target: float | None = No
 
 
 def privacy_utility_plot(series: Mapping[str, Sequence[tuple[float, float]]], path: Path, *, ylabel: str,
-                         title: str = "Privacy-utility trade-off") -> Path:
+                         title: str = "Privacy-utility trade-off", baseline: float | None = None) -> Path:
     """``series[method] = [(epsilon, value), ...]``; epsilon = inf is drawn at the right end,
-    past the largest finite epsilon, on a log epsilon axis."""
+    past the largest finite epsilon, on a log epsilon axis; ``baseline`` (the base model's
+    value) as a dotted line."""
     finite = [e for pts in series.values() for e, _ in pts if math.isfinite(e)]
     hi = max(finite) if finite else 1.0
     lo = min(finite) if finite else 1.0
@@ -81,6 +82,8 @@ def privacy_utility_plot(series: Mapping[str, Sequence[tuple[float, float]]], pa
         pts = sorted(pts, key=lambda p: p[0])
         if pts:
             ax.plot([inf_x if math.isinf(e) else e for e, _ in pts], [v for _, v in pts], marker="o", label=method)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", lw=0.8, ls=":", label="base model")
     ax.set_xscale("log")
     ticks = sorted(set(finite)) + [inf_x]
     ax.set_xticks(ticks)

@@ -138,10 +138,12 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
              ("kid_adapted", "KID (style-classifier features) vs held-out", "privacy_utility_kid.png"),
              ("attack_auc", "best membership-inference AUC", "privacy_attack_auc.png")]
     lines += ["", "## Privacy-utility curves", ""]
+    base_kids = [r["kid_base"] for r in rows if r["kid_base"] is not None]
+    baselines = {"loss_change": 0.0, "kid_adapted": sum(base_kids) / len(base_kids) if base_kids else None}
     for key, label, name in plots:
         series = curves(rows, key)
         if series:
-            privacy_utility_plot(series, sweep_dir / name, ylabel=label)
+            privacy_utility_plot(series, sweep_dir / name, ylabel=label, baseline=baselines.get(key))
             lines.append(f"![{label}]({name})")
         else:
             lines.append(f"{label}: not run.")
