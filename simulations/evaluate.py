@@ -53,7 +53,7 @@ def attack_members(run: Run, held_out: Path) -> list[Path] | None:
     cfg = run.config
     if cfg.adapter == "lora" and cfg.defense in ADVERSARIAL_DEFENSES:
         return None
-    members = site_folders(run.path, cfg)[:run.privacy.get("num_sites_declared") or None]  # LoRA: the K sites
+    members = site_folders(run.path, cfg)
     overlap = [str(f) for f in members if f.resolve() == held_out.resolve()]
     if overlap:
         raise ValueError(f"--held-out {held_out} is one of the run's own site folders {overlap}: its images trained "

@@ -84,9 +84,11 @@ def run_config(run_dir: str | Path) -> RunConfig:
 
 
 def site_folders(run_dir: str | Path, cfg: RunConfig) -> list[Path]:
-    """The simulated sites' data folders ``<data-path>/site-<i>`` for i < the run's site count."""
-    privacy = Path(run_dir) / "privacy.json"
-    count = json.loads(privacy.read_text()).get("num_sites") if privacy.is_file() else None
+    """The simulated sites' data folders ``<data-path>/site-<i>`` for i < the run's site count
+    (``num_sites`` in a TI run's privacy.json, ``num_sites_declared``, the public K, in a LoRA run's)."""
+    privacy_path = Path(run_dir) / "privacy.json"
+    privacy = json.loads(privacy_path.read_text()) if privacy_path.is_file() else {}
+    count = privacy.get("num_sites_declared") or privacy.get("num_sites")
     root = resolve(cfg.data_path)
     if not count:
         count = len(sorted(root.glob("site-*")))

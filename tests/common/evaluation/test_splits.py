@@ -11,7 +11,7 @@ import torch
 from client.smp import split_members
 from common.config import RunConfig
 from common.evaluation.fixtures import take
-from common.evaluation.splits import population, run_splits
+from common.evaluation.splits import population, run_splits, site_folders
 from common.paths import derive_seed
 from tests.common.evaluation.conftest import DEMO
 
@@ -34,6 +34,15 @@ def test_smp_run_splits_are_the_sites_own(tmp_path, demo_sites):
     got = pop.pixels[torch.tensor(rows)]
     assert sorted(map(float, got.sum((1, 2, 3)))) == pytest.approx(sorted(map(float, expected.sum((1, 2, 3)))))
     assert pop.aux.sum() == 12  # D^m_aux and D^nm_aux: half of each site's 6 + 6
+
+
+@pytest.mark.parametrize("privacy", [{"num_sites": 2}, {"num_sites_declared": 2, "num_sites": None}])
+def test_site_folders_are_the_runs_sites_only(tmp_path, privacy):
+    """A TI run writes num_sites, a LoRA run num_sites_declared (K): either way the sites beyond
+    the run's (data/demo has 4) are not members."""
+    cfg = write_run(tmp_path)
+    (tmp_path / "privacy.json").write_text(json.dumps(privacy))
+    assert [f.name for f in site_folders(tmp_path, cfg)] == ["site-0", "site-1"]
 
 
 def test_plain_run_needs_explicit_non_members(tmp_path):
