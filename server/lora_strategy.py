@@ -44,7 +44,7 @@ from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import tree_record
 from server.aggregation import release_secure, secure_round
 from server.plan import FedAvgPlan
-from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree
+from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree, read_update
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -249,12 +249,15 @@ class DPFedAvgLoRA(LedgerStrategy):
             try:
                 if self.defense == "dp-sgd" and self.private:
                     self._record_site_spend(entry, reply, node)
-                delta = read_tree(reply, self.shapes, max_norm=self.mechanism.clip_norm if self.private else None)
+                if self.private:  # float32 views of the reply and their float64 norm, checked against C
+                    delta, norm = read_update(reply, self.shapes, max_norm=self.mechanism.clip_norm)
+                else:
+                    delta = read_tree(reply, self.shapes)
             except ReplyError as err:
                 self._reject(entry, node, err)
                 continue
             if self.private:  # re-bound: exact sensitivity C whatever the wire did
-                total = self.mechanism.add_bounded(total, delta)
+                total = self.mechanism.add_bounded(total, delta, norm=norm)
             else:
                 total = self.mechanism.add(total, delta)
             entry.used.append(node)

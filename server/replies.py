@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from common import keys
 from common.dp import PrivacyEvent
+from common.dp.mechanism import sum_of_squares
 
 
 class ReplyError(ValueError):
@@ -85,21 +86,27 @@ def _ndarray(arrays: ArrayRecord, key: str) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
 
 
-def _float64(arrays: ArrayRecord, key: str) -> torch.Tensor:
+def _floating(arrays: ArrayRecord, key: str) -> np.ndarray:
+    """The floating-point array ``key`` of a reply, as a read-only view of the message bytes."""
     array = _ndarray(arrays, key)
-    if not np.issubdtype(array.dtype, np.floating):
+    if array.dtype.kind != "f":  # np.issubdtype(dtype, np.floating), without its per-call cost
         raise ReplyError(f"{key} has dtype {array.dtype}, expected a floating-point type")
-    return torch.from_numpy(array.astype(np.float64, order="C"))
+    return array
 
 
-def _sum_of_squares(value: torch.Tensor, key: str) -> float:
-    """sum(value^2) in float64; it is finite iff every entry is (squares of float32-range
-    values cannot overflow float64), so this one pass also rejects NaN and infinities."""
-    flat = value.reshape(-1)
-    squares = float(torch.dot(flat, flat))
+def _finite_squares(value: np.ndarray, key: str) -> float:
+    """sum(value^2) in float64 (:func:`common.dp.mechanism.sum_of_squares`); it is finite iff
+    every entry is (squares of float32-range values cannot overflow float64), so this one
+    pass also rejects NaN and infinities."""
+    squares = sum_of_squares(value)
     if not math.isfinite(squares):
         raise ReplyError(f"{key} has NaN or infinite entries")
     return squares
+
+
+def _float64(value: np.ndarray) -> torch.Tensor:
+    """A C-ordered float64 tensor copy of ``value`` (exact for float16/32 input)."""
+    return torch.from_numpy(value.astype(np.float64, order="C"))
 
 
 def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
@@ -108,36 +115,50 @@ def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
     arrays = _arrays(reply)
     if key not in arrays:
         raise ReplyError(f"reply has no {keys.ARRAYS}/{key}")
-    value = _float64(arrays, key)
+    value = _floating(arrays, key)
     if value.shape != (dim,):
         raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected ({dim},)")
-    _sum_of_squares(value, key)
-    return value
+    _finite_squares(value, key)
+    return _float64(value)
 
 
-def read_tree(reply: Message, shapes: Mapping[str, tuple[int, ...]], *, max_norm: float | None = None) -> dict[str, torch.Tensor]:
-    """The float64 tensors of a site's reply, checked against the expected ``shapes``:
-    exactly those keys, those shapes, floating point, finite, and flat L2 norm at most
-    ``max_norm`` (with a relative slack of 1e-5 for float32 transport) when given."""
+def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
+                max_norm: float | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """A site's update as sent, checked, and its flat L2 norm: ``(arrays, norm)``.
+
+    The checks are :func:`read_tree`'s: exactly the keys of ``shapes``, those shapes,
+    floating point, finite, and flat L2 norm (accumulated in float64) at most ``max_norm``
+    with a relative slack of 1e-5 for float32 transport, when given. The arrays are
+    READ-ONLY NumPy views of the message bytes in the wire's dtype (float32 from a site):
+    no float64 copy is made. Pass both to
+    :meth:`common.dp.GaussianSumMechanism.add_bounded` (``add_bounded(total, arrays,
+    norm=norm)``), which then neither converts nor measures the record again."""
     arrays = _arrays(reply)
     missing = sorted(set(shapes) - set(arrays))
     extra = sorted(set(arrays) - set(shapes))
     if missing or extra:
         raise ReplyError(f"reply tensors do not match the adapter: {len(missing)} missing (e.g. {missing[:1]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:1]})")
-    tree: dict[str, torch.Tensor] = {}
+    update: dict[str, np.ndarray] = {}
     squares = 0.0
     for key, shape in shapes.items():
-        value = _float64(arrays, key)
-        if tuple(value.shape) != tuple(shape):
-            raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected {tuple(shape)}")
-        squares += _sum_of_squares(value, key)
-        tree[key] = value
-    if max_norm is not None:
-        norm = math.sqrt(squares)
-        if norm > max_norm * (1 + 1e-5):
-            raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
-    return tree
+        value = _floating(arrays, key)
+        if value.shape != tuple(shape):
+            raise ReplyError(f"{key} has shape {value.shape}, expected {tuple(shape)}")
+        squares += _finite_squares(value, key)
+        update[key] = value
+    norm = math.sqrt(squares)
+    if max_norm is not None and norm > max_norm * (1 + 1e-5):
+        raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
+    return update, norm
+
+
+def read_tree(reply: Message, shapes: Mapping[str, tuple[int, ...]], *, max_norm: float | None = None) -> dict[str, torch.Tensor]:
+    """The float64 tensors of a site's reply, checked against the expected ``shapes``:
+    exactly those keys, those shapes, floating point, finite, and flat L2 norm at most
+    ``max_norm`` (with a relative slack of 1e-5 for float32 transport) when given.
+    (:func:`read_update` makes the same checks without the float64 copies.)"""
+    return {key: _float64(value) for key, value in read_update(reply, shapes, max_norm=max_norm)[0].items()}
 
 
 @dataclass(frozen=True)

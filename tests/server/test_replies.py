@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism
-from server.replies import ReplyError, read_tree, read_vector
+from common.dp.mechanism import sum_of_squares
+from server.replies import ReplyError, read_tree, read_update, read_vector
 
 
 def reply(arrays: dict[str, Array]) -> Message:
@@ -96,3 +98,65 @@ def test_add_bounded_is_add_of_bound_tree():
     assert records[0]["a"] is not mechanism.add_bounded(None, records[0])["a"]  # ... and copied, not aliased
     with pytest.raises(ValueError, match="keys"):
         mechanism.add_bounded(fused, {"a": records[0]["a"]})
+
+
+def test_read_update_gives_read_only_views_as_sent_and_the_float64_norm():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4) / 100
+    b = np.asfortranarray(np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3))
+    update, norm = read_update(reply({"a": Array(a), "b": Array(b)}), {"a": (3, 4), "b": (2, 3)}, max_norm=2.0)
+    for key, sent in (("a", a), ("b", b)):
+        assert update[key].dtype == np.float32 and not update[key].flags.writeable
+        np.testing.assert_array_equal(update[key], sent)
+    assert norm == float(GaussianSumMechanism.tree_norm({"a": torch.from_numpy(a), "b": torch.from_numpy(b)}))
+    assert math.isclose(norm, math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in (a, b))), rel_tol=1e-14)
+    with pytest.raises(ReplyError, match="L2 norm"):
+        read_update(reply({"a": Array(a), "b": Array(b)}), {"a": (3, 4), "b": (2, 3)}, max_norm=norm * 0.99)
+
+
+def test_add_bounded_on_wire_arrays_is_add_of_bound_tree_bit_for_bit():
+    """The server's path (float32 views, norm from read_update, NumPy adds) against the
+    reference float64 arithmetic: add(total, bound_tree(record)), records within C and clipped."""
+    mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    rng = np.random.default_rng(0)
+    shapes = {"a": (3, 70_000), "b": (5,)}  # "a" spans several of sum_of_squares' chunks
+    fused, reference = None, None
+    for scale in (1e-3, 0.5, 1e-3, 2.0):  # within the bound, clipped, within, clipped
+        sent = {k: (rng.standard_normal(s) * scale / math.sqrt(math.prod(s))).astype(np.float32)
+                for k, s in shapes.items()}
+        record = {k: torch.from_numpy(v.astype(np.float64)) for k, v in sent.items()}
+        message = reply({k: Array(v) for k, v in sent.items()})
+        update, norm = read_update(message, shapes)
+        fused = mechanism.add_bounded(fused, update, norm=norm)
+        reference = mechanism.add(reference, mechanism.bound_tree(record))
+        assert norm == float(mechanism.tree_norm(record))
+    for k in reference:
+        assert fused[k].dtype == torch.float64
+        assert torch.equal(fused[k], reference[k])
+
+
+def test_add_bounded_falls_back_to_torch_for_dtypes_numpy_lacks():
+    mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    records = [{"a": torch.full((4,), v, dtype=torch.bfloat16)} for v in (0.25, 2.0)]  # within C, clipped
+    fused, reference = None, None
+    for record in records:
+        fused = mechanism.add_bounded(fused, record)
+        reference = mechanism.add(reference, mechanism.bound_tree(record))
+    assert torch.equal(fused["a"], reference["a"])
+
+
+@pytest.mark.parametrize("value", [
+    np.linspace(-3, 3, 200_001, dtype=np.float32),  # several chunks
+    np.asfortranarray(np.arange(12, dtype=np.float16).reshape(3, 4)),
+    np.arange(6, dtype=">f8"),
+])
+def test_sum_of_squares_is_the_float64_sum_of_squares(value):
+    exact = math.fsum(float(x) ** 2 for x in value.ravel().astype(np.float64))
+    assert math.isclose(sum_of_squares(value), exact, rel_tol=1e-12)
+    assert math.isclose(sum_of_squares(torch.from_numpy(value.astype(np.float32))), exact, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_sum_of_squares_is_not_finite_when_an_entry_is_not(bad):
+    value = np.zeros(100_000, dtype=np.float32)
+    value[70_000] = bad
+    assert not math.isfinite(sum_of_squares(value))
