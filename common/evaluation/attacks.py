@@ -95,9 +95,26 @@ def run_attacks(run_dir: str | Path, members: ImageInput = None, non_members: Im
             "attacks": records, "site_inference": site_records}
 
 
+def score_target(target: Target, pop: Population, attacks: Sequence[str] = ("loss", "loss-calibrated", "pia"), *,
+                 seed: int = 0, draws: int = 4, timesteps: Sequence[int] = TIMESTEPS,
+                 proxy: ProxySettings = ProxySettings(), delta: float | None = None,
+                 progress: bool = False) -> tuple[list[dict], list[dict]]:
+    """The attacks' records (and the site-level record) on a target already in memory, e.g. a
+    base pipeline and an adapted one (:class:`common.evaluation.target.Target`), without a run
+    folder. ``delta`` defaults to the target config's. LiRA needs a run folder (its shadows
+    retrain the run's recipe): use :func:`run_attacks` for it."""
+    chosen = list(attacks)
+    unknown = sorted(set(chosen) - set(DEFAULT_ATTACKS))
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown} for an in-memory target; choose from {list(DEFAULT_ATTACKS)}"
+                         " (LiRA: run_attacks on a run folder)")
+    return _score(target, pop, chosen, seed=seed, progress=progress, draws=draws, timesteps=timesteps, proxy=proxy,
+                  delta=target.cfg.target_delta if delta is None else delta, lira_shadows=0, run_dir=None)
+
+
 def _score(target: Target, pop: Population, chosen: list[str], *, seed: int, progress: bool, draws: int,
            timesteps: Sequence[int], proxy: ProxySettings, delta: float, lira_shadows: int,
-           run_dir: Path) -> tuple[list[dict], list[dict]]:
+           run_dir: Path | None) -> tuple[list[dict], list[dict]]:
     adapted_prompts, base_prompts = target.prompts(pop.captions)
     data = encode(target.adapted, pop.pixels, adapted_prompts)
     base_data = encode(target.base, pop.pixels, base_prompts)

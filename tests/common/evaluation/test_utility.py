@@ -6,14 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from common.config import RunConfig
 from common.data import load_site_images
-from common.diffusion import denoising_loss, encode_latents
 from common.evaluation.utility import Run, denoising_comparison, distribution_metrics, paired_summary, pil_images, prompts_for
-from common.lora import LoRASpec, attach_lora, lora_parameters
-from common.models import load_pipeline
 from common.paths import REPO_ROOT
 
 EMOJI_SD = REPO_ROOT / "assets" / "emoji-sd"
@@ -26,35 +22,10 @@ def lora_run() -> Run:
                privacy={}, adapter="lora")
 
 
-def overfit_lora(images, steps: int = 60):
-    """A pipeline with a rank-8 LoRA trained hard on ``images`` (non-private)."""
-    pipe = load_pipeline(EMOJI_SD, device="cpu")
-    spec = LoRASpec(rank=8, alpha=8.0)
-    attach_lora(pipe, spec, seed=0)
-    params = lora_parameters(pipe, spec)
-    opt = torch.optim.AdamW(params, lr=5e-3)
-    latents = encode_latents(pipe.vae, images.pixels).mean
-    ids = pipe.tokenizer([c or "an image" for c in images.captions], padding="max_length", max_length=77,
-                         return_tensors="pt").input_ids
-    hidden = pipe.text_encoder(ids)[0].detach()
-    gen = torch.Generator().manual_seed(0)
-    for p in params:
-        p.requires_grad_(True)
-    pipe.unet.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        denoising_loss(pipe.unet, pipe.scheduler, latents, hidden, gen).mean().backward()
-        opt.step()
-    pipe.unet.eval()
-    for p in params:
-        p.requires_grad_(False)
-    return pipe
-
-
-def test_an_adapter_trained_on_images_lowers_their_denoising_loss():
-    trained = load_site_images(NOTO / "site-0", site="site-0", resolution=32, max_images=8)
+def test_an_adapter_trained_on_images_lowers_their_denoising_loss(emoji_pipe, small_members, small_overfit_pipe):
+    trained = small_members  # the first 8 images of Noto site-0
     other = load_site_images(TWEMOJI, site="twemoji", resolution=32, max_images=8)
-    base, adapted = load_pipeline(EMOJI_SD, device="cpu"), overfit_lora(trained)
+    base, adapted = emoji_pipe, small_overfit_pipe
     on_trained = denoising_comparison(lora_run(), base, adapted, trained, draws=2)
     on_other = denoising_comparison(lora_run(), base, adapted, other, draws=2)
     # the trained images' loss falls, significantly, and more than that of unrelated images
