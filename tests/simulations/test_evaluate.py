@@ -69,8 +69,9 @@ def test_members_are_the_sites_that_took_part_and_never_the_held_out_folder(tmp_
     from simulations.evaluate import attack_members
 
     data = REPO_ROOT / "data" / "demo"
-    lora = Run(path=tmp_path, config=RunConfig(adapter="lora", data_path=str(data)), privacy={"num_sites_declared": 2},
-               adapter="lora")
+    privacy = {"num_sites_declared": 2}  # a LoRA run declares K; data/demo holds 4 site folders
+    (tmp_path / "privacy.json").write_text(json.dumps(privacy))
+    lora = Run(path=tmp_path, config=RunConfig(adapter="lora", data_path=str(data)), privacy=privacy, adapter="lora")
     assert attack_members(lora, data / "site-3") == [data / "site-0", data / "site-1"]
     with pytest.raises(ValueError, match="cannot serve as non-members"):
         attack_members(lora, data / "site-1")
