@@ -383,11 +383,20 @@ class Site:
     supernode: Process
     clientapp: Process | None
 
-    def tasks(self) -> list[dict]:
-        """The long-lived ClientApp's task records (one JSON line per message it served)."""
+    def _events(self, kind: str) -> list[dict]:
         if self.clientapp is None:
             return []
-        return [json.loads(line) for line in self.clientapp.text().splitlines() if line.startswith('{"event": "task"')]
+        prefix = '{"event": "%s"' % kind
+        return [json.loads(line) for line in self.clientapp.text().splitlines() if line.startswith(prefix)]
+
+    def tasks(self) -> list[dict]:
+        """The long-lived ClientApp's task records (one JSON line per message it served)."""
+        return self._events("task")
+
+    def busy_with(self, run_id: int) -> bool:
+        """Whether the long-lived ClientApp has taken a task of ``run_id`` it has not finished."""
+        done = {t["task_id"] for t in self.tasks()}
+        return any(a["run_id"] == run_id and a["task_id"] not in done for a in self._events("acquired"))
 
 
 class LocalDeployment:

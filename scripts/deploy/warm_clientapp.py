@@ -128,6 +128,9 @@ class WarmExecutor:
             superexec.close()
 
     def serve(self, token: str, task) -> None:
+        # one line when a task is taken and one when it ends: a task without its end is in progress
+        print(json.dumps({"event": "acquired", "pid": os.getpid(), "task_id": task.task_id, "run_id": task.run_id}),
+              flush=True)
         started, modules = time.time(), len(sys.modules)
         app_loaded = self.app_dir is not None
         status, timings = self.run_in_process(token)
