@@ -10,11 +10,9 @@ import json
 
 import pytest
 
-from common.paths import REPO_ROOT
-from simulations.deploy import CONNECTION, Credentials, LocalDeployment, connection_toml, leftovers, make_credentials, \
-    make_node_key
+from simulations.deploy import CONNECTION, Credentials, connection_toml, make_credentials, make_node_key
+from tests.deployment.conftest import DATA, federation
 
-DATA = REPO_ROOT / "data" / "demo"
 FAST = {"sample-steps": 2, "sample-prompts": "an emoji of a cat"}
 TI = {**FAST, "ti-steps": 2, "dataset-size": 24}
 LORA = {**FAST, "adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2,
@@ -23,11 +21,8 @@ LORA = {**FAST, "adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-si
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("deploy")
-    with LocalDeployment(root, threads_per_site=1) as dep:
-        dep.start_federation(DATA, 2)
+    with federation(tmp_path_factory, "deploy", 2) as dep:
         yield dep
-    assert leftovers(root) == [], "a Flower process outlived the deployment"
 
 
 def job(dep, model, name: str, config: dict):

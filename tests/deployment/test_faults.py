@@ -24,13 +24,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.paths import REPO_ROOT
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.deploy import CONNECTION, LocalDeployment, leftovers
+from simulations.deploy import CONNECTION, leftovers
+from tests.deployment.conftest import DATA, federation
 
 pytestmark = pytest.mark.slow
 
-DATA = REPO_ROOT / "data" / "demo"
 LORA = {"adapter": "lora", "rounds": 3, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2, "lora-alpha": 2.0,
         "sample-steps": 1, "sample-prompts": "an emoji of a cat", "noise-multiplier": 8.0, "seed": 5,
         "round-timeout": 150.0}
@@ -38,11 +37,8 @@ LORA = {"adapter": "lora", "rounds": 3, "local-steps": 2, "lora-batch-size": 2, 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    with LocalDeployment(root, threads_per_site=1) as dep:
-        dep.start_federation(DATA, 3)
+    with federation(tmp_path_factory, "faults", 3) as dep:
         yield dep
-    assert leftovers(root) == [], "a Flower process outlived the deployment"
 
 
 def launch(dep, model, name: str):
