@@ -76,8 +76,9 @@ def small_members(demo_sites):
 @pytest.fixture(scope="session")
 def small_overfit_pipe(small_members):
     """The emoji base with a rank-8 LoRA overfit on ``small_members`` (trained once per session,
-    shared by the utility and the default-run attack tests; read-only)."""
-    return overfit_lora(small_members)
+    shared by the utility and the default-run attack tests; read-only). 120 steps: on the rebuilt
+    base (1,636 images, Min-SNR) 60 steps left PIA at AUC 0.71 [0.45, 0.92]."""
+    return overfit_lora(small_members, steps=120)
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,8 @@ def test_cheap_attacks_detect_a_small_overfit_adapter(small_overfit_records, nam
     """The loss attack (Matsumoto, Miura, Yanai, IEEE SPW 2023), its base-calibrated form
     (Carlini et al., USENIX Security 2023) and PIA (Kong et al., ICLR 2024) tell the 8 images a
     non-private LoRA was overfit on from 12 same-distribution images it never saw.
-    Seen (2 draws, loss timesteps 50 and 200, PIA's own grid): loss 0.85 [0.65, 0.99],
+    Seen on the first base with 60 training steps (2 draws, loss timesteps 50 and 200, PIA's own
+    grid; the rebuilt base needs 120 steps, see conftest): loss 0.85 [0.65, 0.99],
     loss-calibrated 1.0 [1.0, 1.0], PIA 0.93 [0.78, 1.0]. The same recipe trained on 6 of the
     non-members instead (the test must then fail): loss 0.38 [0.14, 0.63], loss-calibrated
     0.37 [0.13, 0.65], PIA 0.60 [0.31, 0.85]. SecMI-stat is left to the slow test: 0.56 here."""
