@@ -45,6 +45,7 @@ from common.wire import tree_record
 from server.aggregation import release_secure, secure_round
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree, read_update
+from server.sites import Instructions, NodeSet
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -195,7 +196,7 @@ class DPFedAvgLoRA(LedgerStrategy):
             )
             return []
         content = RecordDict({keys.ARRAYS: tree_record(self.global_state), keys.CONFIG: cfg})
-        return [Message(content=content, dst_node_id=node, message_type="train") for node in chosen]
+        return Instructions(chosen, content)  # built while pushed: never n messages at once (server.sites)
 
     def _aggregate_secure(self, entry: RoundLog) -> tuple[ArrayRecord | None, MetricRecord | None]:
         secure = self.take_secure(entry.round)
@@ -237,7 +238,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         entry = self.rounds[-1]
         if self.aggregation != "central":
             return self._aggregate_secure(entry)
-        asked = set(entry.sampled)
+        asked = NodeSet(entry.sampled)  # sorted: looked up by bisection, no copy (server.sites)
         total = None
         for reply in replies:
             node = reply.metadata.src_node_id
