@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import gc
+import io
 import math
 import tracemalloc
 import weakref
 from array import array
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from server.dpagg_strategy import DPAggTIStrategy
 from server.plan import DPAggPlan
-from server.sites import Instructions, NodeSet, push_in_batches
+from server.sites import Instructions, NodeSet, SiteDiagnostics, push_in_batches
 from simulations.bench_scale import ReplayGrid, dpagg_answer, lora_answer, set_task_identity
 from tests.server.test_streaming import SHAPES, lora_strategy
 
@@ -75,6 +77,34 @@ def test_node_set_uses_a_sorted_list_as_it_is_and_sorts_anything_else():
     assert 5 in unordered and 2**64 - 1 in unordered and len(unordered) == 4
     assert 3 not in unordered and 10 not in unordered and -1 not in unordered and "5" not in unordered
     assert 1 not in NodeSet([])
+
+
+def test_site_diagnostics_give_the_means_the_dicts_gave():
+    per_site = {7: {"loss": 0.1, "acc": 0.5}, 2**64 - 1: {"loss": 0.3}, 3: {}, 4: {"loss": 0.2, "new": 1.0}}
+    diag = SiteDiagnostics(["loss", "acc"])
+    for node, values in per_site.items():
+        diag[node] = values
+    assert len(diag) == 4 and dict(diag.items()) == per_site
+    for name in ("loss", "acc", "new"):
+        values = [d[name] for d in per_site.values() if name in d]
+        assert diag.mean(name) == sum(values) / len(values)  # same values, same order: the same float
+    assert diag.mean("absent") is None and SiteDiagnostics(["loss"]).mean("loss") is None
+
+
+def test_site_diagnostics_survive_a_checkpoint_and_read_the_older_form():
+    diag = SiteDiagnostics(keys.DIAGNOSTICS)
+    diag[2**64 - 1] = {keys.DIAG_LOSS: 0.25}
+    diag[5] = {keys.DIAG_CLIPPED: 1.0, keys.DIAG_LOSS: 1 / 3}
+    buf = io.BytesIO()
+    torch.save(diag.to_state(), buf)
+    buf.seek(0)
+    assert SiteDiagnostics.from_state(torch.load(buf, weights_only=True)) == diag
+    older = {node: values for node, values in diag.items()}  # what checkpoints held before
+    assert SiteDiagnostics.from_state(older) == diag
+    broken = diag.to_state()
+    broken["columns"][keys.DIAG_LOSS] = broken["columns"][keys.DIAG_LOSS][:1]
+    with pytest.raises(ValueError, match="one value per site"):
+        SiteDiagnostics.from_state(broken)
 
 
 def dpagg_strategy(sites: int) -> DPAggTIStrategy:
