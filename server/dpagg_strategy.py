@@ -24,6 +24,7 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLe
 from server.aggregation import release_secure, secure_round
 from server.plan import DPAggPlan
 from server.replies import ReplyError, read_vector
+from server.sites import Instructions, NodeSet
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -60,7 +61,7 @@ class DPAggTIStrategy(LedgerStrategy):
         self.releases: list[torch.Tensor] = []
         self.contributors: list[list[int]] = []
         self.rejected: list[dict] = []
-        self.asked: set[int] | None = None  # nodes sent this release's message (None: not sent by configure_train)
+        self.asked: NodeSet | None = None  # nodes sent this release's message (None: not sent by configure_train)
 
     def summary(self) -> None:
         log.info("DPAgg-TI: z=%.4f, q=%.4f, C=%g, denominator q*N=%g, %d release(s)", self.plan.noise_multiplier,
@@ -102,11 +103,8 @@ class DPAggTIStrategy(LedgerStrategy):
                 timeout=self.timeout,
             )
             return []  # the protocol sent its own messages
-        self.asked = set(grid.get_node_ids())
-        return [
-            Message(content=RecordDict({keys.CONFIG: cfg}), dst_node_id=node_id, message_type="train")
-            for node_id in sorted(self.asked)
-        ]
+        self.asked = NodeSet(grid.get_node_ids())  # sorted, 8 B per node (server.sites)
+        return Instructions(self.asked, RecordDict({keys.CONFIG: cfg}))  # one shared content, built while pushed
 
     def _aggregate_secure(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
         secure = self.take_secure(server_round)

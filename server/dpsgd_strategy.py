@@ -36,6 +36,7 @@ from common.dp import PrivacyLedger, epsilon
 from server.export import embedding_metrics
 from server.plan import plan_record
 from server.replies import ReplyError, read_site_report, read_vector
+from server.sites import Instructions
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")
@@ -95,11 +96,9 @@ class DPSGDTIStrategy(LedgerStrategy):
         else:
             current = self.global_embedding
         cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: METHOD})
-        return [
-            Message(content=RecordDict({keys.ARRAYS: embedding_record(current), keys.CONFIG: cfg}),
-                    dst_node_id=node_id, message_type="train")
-            for node_id in grid.get_node_ids()
-        ]
+        # one content for every site, messages built while pushed (server.sites)
+        return Instructions(list(grid.get_node_ids()), RecordDict({keys.ARRAYS: embedding_record(current),
+                                                                     keys.CONFIG: cfg}))
 
     def _reject(self, server_round: int, node: int, err: Exception) -> None:
         log.warning("round %d: node %s left out: %s", server_round, node, err)

@@ -29,7 +29,7 @@ the deltas that arrived.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -45,6 +45,7 @@ from common.wire import tree_record
 from server.aggregation import release_secure, secure_round
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree, read_update
+from server.sites import Instructions, NodeSet, SiteDiagnostics
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -64,15 +65,26 @@ class RoundLog:
     noise_norm: float = 0.0
     update_norm: float = 0.0
     achieved_noise_multiplier: float | None = None  # distributed noise: z * sqrt(survivors / entered)
-    diagnostics: dict[int, dict[str, float]] = field(default_factory=dict)
+    # per used site, in columns (a dict per site cost ~250 B per site and round)
+    diagnostics: SiteDiagnostics = field(default_factory=lambda: SiteDiagnostics(keys.DIAGNOSTICS))
     short: bool = False  # fewer valid sites than min-sites: charged, not applied
 
-    def summary(self) -> dict:
-        diag = list(self.diagnostics.values())
+    def to_state(self) -> dict:
+        """The round as plain data for the checkpoint (copies; diagnostics as tensors)."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "diagnostics"}
+        state.update(sampled=list(self.sampled), used=list(self.used), rejected=[dict(r) for r in self.rejected],
+                     ignored=list(self.ignored), diagnostics=self.diagnostics.to_state())
+        return state
 
+    @classmethod
+    def from_state(cls, state: dict) -> "RoundLog":
+        """:meth:`to_state`'s round back (also an older checkpoint's, with a dict per site)."""
+        return cls(**{**state, "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
+
+    def summary(self) -> dict:
         def mean(name: str) -> float | None:
-            values = [d[name] for d in diag if name in d]
-            return round(sum(values) / len(values), 6) if values else None
+            value = self.diagnostics.mean(name)
+            return None if value is None else round(value, 6)
 
         return {
             "round": self.round,
@@ -151,7 +163,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         return {
             "global_state": {k: v.clone() for k, v in self.global_state.items()},
             "num_sites": self.num_sites,
-            "rounds": [asdict(r) for r in self.rounds],
+            "rounds": [r.to_state() for r in self.rounds],
             "reported_record_epsilons": dict(self.reported_record_epsilons),
             "noise": self.noise.get_state(),
             "sampling": None if self.noise.secure_mode else self.sampling.get_state(),
@@ -163,7 +175,7 @@ class DPFedAvgLoRA(LedgerStrategy):
             raise ValueError("the checkpointed adapter does not have this run's tensors and shapes")
         self.global_state = restored
         self.num_sites = int(state["num_sites"])
-        self.rounds = [RoundLog(**r) for r in state["rounds"]]
+        self.rounds = [RoundLog.from_state(r) for r in state["rounds"]]
         self.reported_record_epsilons = dict(state["reported_record_epsilons"])
         self.noise.set_state(state["noise"])
         if state["sampling"] is not None:
@@ -195,7 +207,7 @@ class DPFedAvgLoRA(LedgerStrategy):
             )
             return []
         content = RecordDict({keys.ARRAYS: tree_record(self.global_state), keys.CONFIG: cfg})
-        return [Message(content=content, dst_node_id=node, message_type="train") for node in chosen]
+        return Instructions(chosen, content)  # built while pushed: never n messages at once (server.sites)
 
     def _aggregate_secure(self, entry: RoundLog) -> tuple[ArrayRecord | None, MetricRecord | None]:
         secure = self.take_secure(entry.round)
@@ -237,7 +249,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         entry = self.rounds[-1]
         if self.aggregation != "central":
             return self._aggregate_secure(entry)
-        asked = set(entry.sampled)
+        asked = NodeSet(entry.sampled)  # sorted: looked up by bisection, no copy (server.sites)
         total = None
         for reply in replies:
             node = reply.metadata.src_node_id

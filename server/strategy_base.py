@@ -213,8 +213,9 @@ class LedgerStrategy(Strategy):
                     log.error("%s", err)
                     return result
                 self.short = False
-                messages = self.configure_train(server_round, arrays, train_config, grid)
-                new_arrays, metrics = self.aggregate_train(server_round, self.receive(grid, messages, timeout))
+                # not kept in a local: a list of the round's messages would live until the round ends
+                replies = self.receive(grid, self.configure_train(server_round, arrays, train_config, grid), timeout)
+                new_arrays, metrics = self.aggregate_train(server_round, replies)
                 if not (self.short and self.control.short_round == "retry" and self.retries_used < self.control.max_retries):
                     break
                 self.retries_used += 1

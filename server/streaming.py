@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from server.sites import push_in_batches
 
 log = logging.getLogger("privadapt.server")
 
@@ -53,7 +56,8 @@ def stream_replies(
 
     Args:
         grid: the run's grid (``InMemoryGrid`` in simulation, the HTTP grid in deployment).
-        messages: the round's messages (may be empty: nothing is pushed, nothing yielded).
+        messages: the round's messages, any iterable (built and pushed ``server.sites.PUSH_BATCH``
+            at a time; may be empty: nothing is pushed, nothing yielded).
         timeout: seconds to wait for replies after the push; ``None`` waits for all of them.
         batch: message ids asked for per ``pull_messages`` call (>= 1).
         stats: filled in as the round goes (sent, received, pulls, seconds, timed-out ids).
@@ -65,16 +69,19 @@ def stream_replies(
     stats = ReceiveStats() if stats is None else stats
     start = time.monotonic()
     # the HTTP grid returns None for a message it could not push: nothing will answer it
-    pending = [mid for mid in grid.push_messages(messages) if mid]
+    pending = push_in_batches(grid, messages)  # built and pushed PUSH_BATCH at a time
     del messages
     stats.sent = len(pending)
     deadline = None if timeout is None else start + timeout
     wait = FIRST_WAIT
     while pending:
-        arrived: set[str] = set()
-        for lo in range(0, len(pending), batch):
-            replies = list(grid.pull_messages(pending[lo:lo + batch]))
+        still: deque[str] = deque()  # this pass's ids with no reply yet (not a set of every answered id)
+        passed = len(pending)
+        while pending:  # ids leave `pending` as they are asked for: answered ones are freed at once
+            asked = [pending.popleft() for _ in range(min(batch, len(pending)))]
+            replies = list(grid.pull_messages(asked))
             stats.pulls += 1
+            arrived: set[str] = set()  # this pull's: at most `batch` ids
             while replies:
                 reply = replies.pop(0)  # the list must not keep a reply the consumer dropped
                 arrived.add(reply.metadata.reply_to_message_id)
@@ -82,16 +89,18 @@ def stream_replies(
                 stats.seconds = time.monotonic() - start
                 yield reply
                 del reply
-        if arrived:
-            pending = [mid for mid in pending if mid not in arrived]
+            still.extend(mid for mid in asked if mid not in arrived)
+        progressed = len(still) < passed
+        pending = still
+        if progressed:
             wait = FIRST_WAIT
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
-        if arrived:
+        if progressed:
             continue
         time.sleep(wait if deadline is None else max(0.0, min(wait, deadline - time.monotonic())))
         wait = min(2 * wait, MAX_WAIT)
-    stats.timed_out = pending
+    stats.timed_out = list(pending)
     stats.seconds = time.monotonic() - start
     log.info("received %d of %d replies in %.3f s (%d pulls)", stats.received, stats.sent, stats.seconds, stats.pulls,
              extra={"receive_stats": stats})

@@ -34,12 +34,14 @@ import sys
 import threading
 import time
 import tracemalloc
+import uuid
 import weakref
+from array import array
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys
@@ -50,16 +52,24 @@ ReplyContent = Callable[[Message], RecordDict]
 class ReplayGrid(Grid):
     """A Grid of ``n`` sites (node ids 1..n) that answer every message at once.
 
-    A reply is built by ``answer(message)`` when the server pulls it, so the process holds
-    exactly the replies the server keeps. ``live`` / ``max_live`` count reply messages alive
-    at once (weak references: a reply dropped by the server is no longer counted)."""
+    Like a SuperLink it keeps the pushed messages until their replies are pulled, but only
+    what it needs to answer them, 9 bytes per message (the destination and whether it is
+    still unanswered): in a deployment the messages live in the SuperLink's process, not the
+    server's, so the server's memory is measured without them. Message ids are uuid strings
+    (of the push's sequence number), as long as ``InMemoryGrid``'s. A reply is built by
+    ``answer(message)`` when the server pulls it (``message`` has the original's id,
+    destination and type, not its content), so the process holds exactly the replies the
+    server keeps. ``live`` / ``max_live`` count reply messages alive at once (weak
+    references: a reply dropped by the server is no longer counted)."""
 
     def __init__(self, n: int, answer: ReplyContent) -> None:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         self.nodes = list(range(1, n + 1))
         self.answer = answer
-        self.pending: dict[str, Message] = {}
+        self.destinations = array("Q")  # of the k-th pushed message at k - 1
+        self.unanswered = bytearray()
+        self.pending = 0  # pushed messages not pulled yet
         self.pushed = 0
         self.live = 0
         self.max_live = 0
@@ -78,22 +88,41 @@ class ReplayGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
+    @staticmethod
+    def sequence(message_id: str) -> int:
+        """The push's sequence number (1, 2, ...) a message id stands for."""
+        return uuid.UUID(message_id).int
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
             self.pushed += 1
-            msg.metadata.__dict__["_message_id"] = f"replay-{self.pushed}"
-            self.pending[msg.metadata.message_id] = msg
-            ids.append(msg.metadata.message_id)
+            mid = str(uuid.UUID(int=self.pushed))
+            msg.metadata.__dict__["_message_id"] = mid
+            self.destinations.append(msg.metadata.dst_node_id)
+            self.unanswered.append(1)
+            self.pending += 1
+            ids.append(mid)
         return ids
 
     def _released(self) -> None:
         self.live -= 1
 
+    def _take(self, message_id: str) -> Message | None:
+        """The pushed message ``message_id`` (rebuilt without its content), once."""
+        k = self.sequence(message_id) - 1
+        if not 0 <= k < self.pushed or not self.unanswered[k]:
+            return None
+        self.unanswered[k] = 0
+        self.pending -= 1
+        msg = Message(RecordDict(), dst_node_id=self.destinations[k], message_type=MessageType.TRAIN)
+        msg.metadata.__dict__["_message_id"] = message_id
+        return msg
+
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = []
         for mid in message_ids:
-            msg = self.pending.pop(mid, None)
+            msg = self._take(mid)
             if msg is None:
                 continue
             reply = Message(content=self.answer(msg), reply_to=msg)

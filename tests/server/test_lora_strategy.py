@@ -196,3 +196,17 @@ def test_site_level_epsilon_over_t_rounds_matches_the_reference(row):
     s.ledger.delta = delta
     assert s.ledger.epsilon("site", "rdp") == pytest.approx(float(row["eps_opacus_rdp"]), rel=2e-3, abs=2e-3)
     assert s.ledger.epsilon("site", "prv") == pytest.approx(float(row["eps_opacus_prv"]), rel=2e-2, abs=2e-2)
+
+
+def test_round_logs_of_older_checkpoints_still_load():
+    """Checkpoints written before the diagnostics were kept in columns hold a dict per site."""
+    from server.lora_strategy import RoundLog
+
+    older = {"round": 1, "sampled": [1, 2, 3], "used": [1, 2], "rejected": [{"node": 3, "reason": "nan"}],
+             "ignored": [], "noise_norm": 0.5, "update_norm": 0.1, "achieved_noise_multiplier": None,
+             "diagnostics": {1: {keys.DIAG_LOSS: 0.2}, 2: {keys.DIAG_LOSS: 0.4, keys.DIAG_CLIPPED: 1.0}}, "short": False}
+    log = RoundLog.from_state(older)
+    summary = log.summary()
+    assert summary["adaptation_loss"] == 0.3 and summary["fraction_clipped"] == 1.0
+    assert summary["attacker_accuracy"] is None and summary["sites_used"] == 2
+    assert RoundLog.from_state(log.to_state()).summary() == summary

@@ -1,0 +1,148 @@
+"""Tests of server/sites.py: what the server keeps per site stays small and says the same."""
+
+from __future__ import annotations
+
+import gc
+import io
+import math
+import tracemalloc
+import weakref
+from array import array
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from common import keys
+from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from server.dpagg_strategy import DPAggTIStrategy
+from server.plan import DPAggPlan
+from server.sites import Instructions, NodeSet, SiteDiagnostics, push_in_batches
+from simulations.bench_scale import ReplayGrid, dpagg_answer, lora_answer, set_task_identity
+from tests.server.test_streaming import SHAPES, lora_strategy
+
+
+class CountingGrid:
+    """Records every push call; keeps nothing of the messages (as a SuperLink elsewhere)."""
+
+    def __init__(self, fail: frozenset[int] = frozenset()) -> None:
+        self.calls: list[int] = []
+        self.fail = fail  # destinations the grid cannot push to (the HTTP grid's None)
+        self.alive = 0
+        self.max_alive = 0
+
+    def _gone(self) -> None:
+        self.alive -= 1
+
+    def track(self, msg: Message) -> Message:
+        self.alive += 1
+        self.max_alive = max(self.max_alive, self.alive)
+        weakref.finalize(msg, self._gone)
+        return msg
+
+    def push_messages(self, messages):
+        messages = list(messages)  # as the HTTP grid does: it walks the batch twice
+        self.calls.append(len(messages))
+        return [None if m.metadata.dst_node_id in self.fail else f"id-{m.metadata.dst_node_id}" for m in messages]
+
+
+def test_instructions_are_built_when_iterated_and_share_one_content():
+    content = RecordDict({keys.CONFIG: ConfigRecord({"a": 1})})
+    ins = Instructions([3, 1, 2], content)
+    assert len(ins) == 3
+    first, again = list(ins), list(ins)
+    assert [m.metadata.dst_node_id for m in first] == [3, 1, 2] == [m.metadata.dst_node_id for m in again]
+    assert all(m.content is content and m.metadata.message_type == "train" for m in first)
+    assert first[0] is not again[0]  # fresh messages each time: the grid writes its id into each
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 8, 17])
+def test_push_in_batches_pushes_everything_in_order_at_most_a_batch_at_a_time(n):
+    grid = CountingGrid(fail=frozenset({2}))
+    messages = (grid.track(m) for m in Instructions(list(range(1, n + 1)), RecordDict()))
+    ids = push_in_batches(grid, messages, batch=4)
+    assert list(ids) == [f"id-{i}" for i in range(1, n + 1) if i != 2]  # None (not pushed) left out
+    assert sum(grid.calls) == n and all(c <= 4 for c in grid.calls)
+    assert len(grid.calls) == max(1, math.ceil(n / 4))  # an empty round still pushes once, as before; no empty tail
+    assert grid.max_alive <= 4 + 1  # one batch, and the message being built for the next
+    with pytest.raises(ValueError, match="batch"):
+        push_in_batches(grid, [], batch=0)
+
+
+def test_node_set_uses_a_sorted_list_as_it_is_and_sorts_anything_else():
+    ordered = [2, 5, 9]
+    assert NodeSet(ordered).nodes is ordered
+    unordered = NodeSet({9, 2, 5, 2**64 - 1})
+    assert isinstance(unordered.nodes, array) and list(unordered) == [2, 5, 9, 2**64 - 1]
+    assert 5 in unordered and 2**64 - 1 in unordered and len(unordered) == 4
+    assert 3 not in unordered and 10 not in unordered and -1 not in unordered and "5" not in unordered
+    assert 1 not in NodeSet([])
+
+
+def test_site_diagnostics_give_the_means_the_dicts_gave():
+    per_site = {7: {"loss": 0.1, "acc": 0.5}, 2**64 - 1: {"loss": 0.3}, 3: {}, 4: {"loss": 0.2, "new": 1.0}}
+    diag = SiteDiagnostics(["loss", "acc"])
+    for node, values in per_site.items():
+        diag[node] = values
+    assert len(diag) == 4 and dict(diag.items()) == per_site
+    for name in ("loss", "acc", "new"):
+        values = [d[name] for d in per_site.values() if name in d]
+        assert diag.mean(name) == sum(values) / len(values)  # same values, same order: the same float
+    assert diag.mean("absent") is None and SiteDiagnostics(["loss"]).mean("loss") is None
+
+
+def test_site_diagnostics_survive_a_checkpoint_and_read_the_older_form():
+    diag = SiteDiagnostics(keys.DIAGNOSTICS)
+    diag[2**64 - 1] = {keys.DIAG_LOSS: 0.25}
+    diag[5] = {keys.DIAG_CLIPPED: 1.0, keys.DIAG_LOSS: 1 / 3}
+    buf = io.BytesIO()
+    torch.save(diag.to_state(), buf)
+    buf.seek(0)
+    assert SiteDiagnostics.from_state(torch.load(buf, weights_only=True)) == diag
+    older = {node: values for node, values in diag.items()}  # what checkpoints held before
+    assert SiteDiagnostics.from_state(older) == diag
+    broken = diag.to_state()
+    broken["columns"][keys.DIAG_LOSS] = broken["columns"][keys.DIAG_LOSS][:1]
+    with pytest.raises(ValueError, match="one value per site"):
+        SiteDiagnostics.from_state(broken)
+
+
+def dpagg_strategy(sites: int) -> DPAggTIStrategy:
+    plan = DPAggPlan(noise_multiplier=0.0, sample_rate=1.0, releases=1, denominator=float(sites),
+                     planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+    return DPAggTIStrategy(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0),
+                           noise=NoiseSource.seeded(0), ledger=PrivacyLedger(delta=1e-5), dim=4)
+
+
+def round_peak(method: str, sites: int) -> int:
+    """The traced peak (bytes) of one round with ``sites`` replying sites, after a warm-up round."""
+    def one() -> int:
+        if method == "lora":
+            strategy, answer = lora_strategy(), lora_answer(SHAPES, 1.0)
+        else:
+            strategy, answer = dpagg_strategy(sites), dpagg_answer(4, 1.0)
+        grid = ReplayGrid(sites, answer)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            result = strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=1, timeout=60.0)
+            peak = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        assert result.train_metrics_clientapp[1]["sites"] == sites
+        return peak
+
+    one()  # lazy imports and caches of the first round are not per site
+    return one()
+
+
+@pytest.mark.parametrize("method", ["lora", "dpagg"])
+def test_the_server_holds_little_memory_per_site(method):
+    """A round's bookkeeping per site (a message id while it is unanswered, who took part, the
+    diagnostics) is about 100 to 200 bytes; the instruction messages built all at once cost about
+    1 KB per site more. The bound sits between the two, well clear of both."""
+    set_task_identity()
+    small, large = 40, 440
+    per_site = (round_peak(method, large) - round_peak(method, small)) / (large - small)
+    assert per_site < 500, f"{method}: {per_site:.0f} bytes per site"
