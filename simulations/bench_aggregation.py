@@ -164,6 +164,43 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
     }
 
 
+def passes(parameters: int, repeats: int = 7, clock: str = "wall") -> dict:
+    """The NumPy passes the exact path is made of, in ns per parameter, on one float32 array
+    of ``parameters`` entries (the SD 1.5 rank-64 adapter's size: far larger than the caches),
+    walked in runs of 64K entries as the mechanism does; the floor they set for the sum/copy ratio.
+
+    An exact sum of checked replies reads every reply twice from memory: the norm must be known
+    (the reply checked, its clip factor fixed) before any of it enters the sum, and a reply or a
+    block of them does not stay in cache between the two passes. Each pass converts float32 to
+    float64 (``cast``: read 4 B/param from memory, write 8 B to a cache-resident stage); the first
+    then takes a float64 ``dot`` of the stage, the second ``add``s it into the run of the sum
+    (``mixed_add``: NumPy's float32 + float64 -> float64 loop, which does both in one call)."""
+    x = np.random.default_rng(0).standard_normal(parameters, dtype=np.float32)
+    copy_to, run, stage = np.empty_like(x), np.zeros(1 << 16), np.empty(1 << 16)
+
+    def walk(step) -> None:
+        for lo in range(0, parameters, 1 << 16):
+            step(x[lo:lo + (1 << 16)])
+
+    steps = {
+        "copy": lambda: np.copyto(copy_to, x),
+        "cast": lambda: walk(lambda piece: np.copyto(stage[:piece.size], piece)),
+        "dot": lambda: walk(lambda piece: np.dot(stage[:piece.size], stage[:piece.size])),
+        "add": lambda: walk(lambda piece: np.add(run[:piece.size], stage[:piece.size], out=run[:piece.size])),
+        "mixed_add": lambda: walk(lambda piece: np.add(run[:piece.size], piece, out=run[:piece.size])),
+    }
+    best = {name: math.inf for name in steps}
+    for _ in range(repeats):  # interleaved
+        for name, step in steps.items():
+            start = CLOCKS[clock]()
+            step()
+            best[name] = min(best[name], CLOCKS[clock]() - start)
+    ns = {name: round(t / parameters * 1e9, 3) for name, t in best.items()}
+    floor = ns["cast"] + ns["dot"] + min(ns["mixed_add"], ns["cast"] + ns["add"])  # norm pass + add pass, nothing else
+    return {"parameters": parameters, "ns_per_parameter": ns, "clock": clock,
+            "best_ratio_two_passes": round(ns["copy"] / floor, 3)}
+
+
 def adapters(include_sd15: bool) -> list[tuple[str, dict, bool]]:
     out = [("tiny model LoRA r4 (UNet attention)", lora_shapes(tiny_unet_config(), 4), False)]
     if include_sd15:
@@ -190,7 +227,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny model's adapter")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine)")
+    parser.add_argument("--passes", action="store_true",
+                        help="only time the NumPy passes the exact sum is made of (cast, dot, add) against a copy")
     args = parser.parse_args(argv)
+    if args.passes:
+        print(json.dumps(passes(sum(math.prod(s) for s in lora_shapes(SD15_UNET, 64).values()), clock=args.clock),
+                         indent=2))
+        return []
     rows = run(args.replies, args.repeats, args.large_replies, not args.tiny_only, args.clock)
     print(json.dumps(rows, indent=2))
     return rows
