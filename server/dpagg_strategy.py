@@ -21,9 +21,11 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
+from common.dp.mechanism import FlatRecord
 from server.aggregation import release_secure, secure_round
+from server.blocks import BlockedSum
 from server.plan import DPAggPlan
-from server.replies import ReplyError, read_vector
+from server.replies import ReplyError, read_vector_view
 from server.sites import Instructions, NodeSet
 from server.strategy_base import LedgerStrategy, RunControl
 
@@ -133,9 +135,9 @@ class DPAggTIStrategy(LedgerStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.aggregation != "central":
             return self._aggregate_secure(server_round)
-        total = None
         used: list[int] = []
-        for reply in replies:
+        sums = BlockedSum(self.mechanism, bounded=False)  # site sums, added a block at a time (server.blocks)
+        for reply in sums.receive(replies):
             node = reply.metadata.src_node_id
             if node in used or (self.asked is not None and node not in self.asked):
                 # one sum per site: a second or unrequested sum would break the per-image bound
@@ -144,11 +146,13 @@ class DPAggTIStrategy(LedgerStrategy):
                 self.rejected.append({"release": server_round, "node": node, "reason": "not asked, or a second reply"})
                 continue
             try:
-                total = self.mechanism.add(total, {keys.EMBEDDING_SUM: read_vector(reply, keys.EMBEDDING_SUM, self.dim)})
+                vector = read_vector_view(reply, keys.EMBEDDING_SUM, self.dim)
+                sums.add(reply, FlatRecord([keys.EMBEDDING_SUM], [(self.dim,)], [vector]))
                 used.append(node)
             except ReplyError as err:
                 log.warning("release %d: node %s left out: %s", server_round, node, err)
                 self.rejected.append({"release": server_round, "node": node, "reason": str(err)})
+        total = sums.result()
         if total is None or self.is_short(len(used)):
             # Whether a release happens depends on who answered: the attempt is charged as one
             # release although nothing is released, so the ledger never says less than was observable.

@@ -43,8 +43,9 @@ from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import tree_record
 from server.aggregation import release_secure, secure_round
+from server.blocks import BlockedSum
 from server.plan import FedAvgPlan
-from server.replies import ReplyError, read_diagnostics, read_site_report, read_tree, read_update
+from server.replies import ReplyError, read_diagnostics, read_site_report, read_update
 from server.sites import Instructions, NodeSet, SiteDiagnostics
 from server.strategy_base import LedgerStrategy, RunControl
 
@@ -250,8 +251,9 @@ class DPFedAvgLoRA(LedgerStrategy):
         if self.aggregation != "central":
             return self._aggregate_secure(entry)
         asked = NodeSet(entry.sampled)  # sorted: looked up by bisection, no copy (server.sites)
-        total = None
-        for reply in replies:
+        # checked deltas are summed a block at a time (server.blocks); re-bounded when private
+        sums = BlockedSum(self.mechanism, bounded=self.private)
+        for reply in sums.receive(replies):
             node = reply.metadata.src_node_id
             if node not in asked or node in entry.used:
                 log.warning("round %d: ignoring a reply from node %s, which was not asked (or answered twice)",
@@ -261,19 +263,15 @@ class DPFedAvgLoRA(LedgerStrategy):
             try:
                 if self.defense == "dp-sgd" and self.private:
                     self._record_site_spend(entry, reply, node)
-                if self.private:  # float32 views of the reply and their float64 norm, checked against C
-                    delta, norm = read_update(reply, self.shapes, max_norm=self.mechanism.clip_norm)
-                else:
-                    delta = read_tree(reply, self.shapes)
+                # float32 views of the reply and their float64 norm (checked against C when private)
+                delta, norm = read_update(reply, self.shapes, max_norm=self.mechanism.clip_norm if self.private else None)
             except ReplyError as err:
                 self._reject(entry, node, err)
                 continue
-            if self.private:  # re-bound: exact sensitivity C whatever the wire did
-                total = self.mechanism.add_bounded(total, delta, norm=norm)
-            else:
-                total = self.mechanism.add(total, delta)
+            sums.add(reply, delta, norm)  # private: re-bound, exact sensitivity C whatever the wire did
             entry.used.append(node)
             entry.diagnostics[node] = read_diagnostics(reply, keys.DIAGNOSTICS)
+        total = sums.result()
 
         if self.is_short(len(entry.used)):
             return self._short_round(entry)

@@ -9,15 +9,15 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from common import keys
 from common.dp import PrivacyEvent
-from common.dp.mechanism import sum_of_squares
+from common.dp.mechanism import FlatRecord, flat_sum_of_squares
 
 
 class ReplyError(ValueError):
@@ -39,68 +39,75 @@ def _arrays(reply: Message) -> ArrayRecord:
     return _record(reply, keys.ARRAYS, ArrayRecord)
 
 
-# npy headers parsed so far (header bytes -> dtype, Fortran order, shape). Every reply of a run
-# carries the same few headers, one per adapter tensor shape, so parsing each once (not once per
-# tensor per reply, as ``Array.numpy()``'s ``np.load`` does) removes most of the per-tensor cost.
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, bool, tuple[int, ...]]] = {}
-_NPY_HEADERS_MAX = 4096
+# .npy preambles (magic, version, header length, header) read and checked so far ->
+# (dtype, Fortran order, shape, entries, file length). Every reply of a run carries the same few
+# preambles, one per adapter tensor shape, so checking each once (not once per tensor per
+# reply, as ``Array.numpy()``'s ``np.load`` does) leaves one dict lookup per tensor.
+_NPY_PREAMBLES: dict[bytes, tuple[np.dtype, bool, tuple[int, ...], int, int]] = {}
+_NPY_PREAMBLES_MAX = 4096
+_NPY_MAGIC = b"\x93NUMPY"
 
 
-def _npy_header(header: bytes, key: str) -> tuple[np.dtype, bool, tuple[int, ...]]:
-    parsed = _NPY_HEADERS.get(header)
-    if parsed is None:
-        try:
-            d = ast.literal_eval(header.decode("latin1"))
-            dtype = np.lib.format.descr_to_dtype(d["descr"])
-            shape = tuple(int(n) for n in d["shape"])
-            parsed = (dtype, bool(d["fortran_order"]), shape)
-        except (ValueError, SyntaxError, KeyError, TypeError) as err:
-            raise ReplyError(f"{key} is not a valid .npy array: bad header ({err})") from None
-        if min(shape, default=0) < 0:
-            raise ReplyError(f"{key} has a negative dimension {shape}")
-        if len(_NPY_HEADERS) < _NPY_HEADERS_MAX:
-            _NPY_HEADERS[header] = parsed
+def _data_start(data: bytes, key: str) -> int:
+    """Where a .npy file's data begins (after magic, version, header length and header)."""
+    if len(data) < 10 or not data.startswith(_NPY_MAGIC) or data[6] not in (1, 2, 3):
+        raise ReplyError(f"{key} is not a valid .npy array (bad magic or version)")
+    if data[6] == 1:  # header length field: uint16 in version 1, uint32 after
+        return 10 + (data[8] | data[9] << 8)
+    return 12 + int.from_bytes(data[8:12], "little")
+
+
+def _npy_preamble(data: bytes, start: int, key: str) -> tuple[np.dtype, bool, tuple[int, ...], int, int]:
+    """Check and parse the preamble ``data[:start]`` of a floating-point .npy array (a header
+    of any other kind, object, structured, integer..., is a ReplyError), and remember it."""
+    _data_start(data, key)  # magic and version
+    try:
+        d = ast.literal_eval(data[10 if data[6] == 1 else 12:start].decode("latin1"))
+        dtype = np.lib.format.descr_to_dtype(d["descr"])
+        shape = tuple(int(n) for n in d["shape"])
+        fortran = bool(d["fortran_order"])
+    except (ValueError, SyntaxError, KeyError, TypeError) as err:
+        raise ReplyError(f"{key} is not a valid .npy array: bad header ({err})") from None
+    if min(shape, default=0) < 0:
+        raise ReplyError(f"{key} has a negative dimension {shape}")
+    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0 or dtype.kind != "f":
+        raise ReplyError(f"{key} has dtype {dtype}, expected a floating-point type")
+    count = math.prod(shape)
+    parsed = (dtype, fortran, shape, count, start + count * dtype.itemsize)
+    if len(_NPY_PREAMBLES) < _NPY_PREAMBLES_MAX:
+        _NPY_PREAMBLES[data[:start]] = parsed
     return parsed
 
 
-def _ndarray(arrays: ArrayRecord, key: str) -> np.ndarray:
-    """The array ``key`` of a reply, as a read-only view of the message bytes.
+def _flat_floating(array: Array, key: str) -> tuple[np.ndarray, tuple[int, ...], bool, int]:
+    """The floating-point array in one of a reply's ``Array``: its entries as a read-only 1-D
+    view of the message bytes in memory order, its shape, whether that order is Fortran's,
+    and its number of entries.
 
     Reads the .npy bytes Flower's ``Array`` carries (``stype`` "numpy.ndarray", written by
     ``np.save``) as ``np.load`` does, for plain (non-object) dtypes: magic, version, header
-    (dtype, Fortran order, shape), then exactly prod(shape) items."""
-    array = arrays[key]
+    (dtype, Fortran order, shape), then exactly prod(shape) items. Run once per tensor per
+    reply, hence the known-preamble lookup first (a version-1 preamble is the first
+    10 + uint16 at bytes 8-9 bytes; anything else, or anything new, is checked in full)."""
     if array.stype != "numpy.ndarray":
         raise ReplyError(f"{key} has serialization {array.stype!r}, expected 'numpy.ndarray'")
     data = array.data
-    if data[:6] != b"\x93NUMPY" or len(data) < 10 or data[6] not in (1, 2, 3):
-        raise ReplyError(f"{key} is not a valid .npy array (bad magic or version)")
-    size = 2 if data[6] == 1 else 4  # header length field: uint16 in version 1, uint32 after
-    start = 8 + size + int.from_bytes(data[8:8 + size], "little")
-    dtype, fortran, shape = _npy_header(data[8 + size:start], key)
-    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0:
-        raise ReplyError(f"{key} has dtype {dtype}, expected a floating-point type")
-    count = math.prod(shape)
-    if len(data) - start != count * dtype.itemsize:
-        raise ReplyError(f"{key} holds {len(data) - start} data bytes, expected {count * dtype.itemsize} for {shape}")
-    return np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape, order="F" if fortran else "C")
+    start = 10 + (data[8] | data[9] << 8) if len(data) >= 10 and data[6] == 1 else _data_start(data, key)
+    parsed = _NPY_PREAMBLES.get(data[:start]) or _npy_preamble(data, start, key)
+    dtype, fortran, shape, count, length = parsed
+    if len(data) != length:
+        raise ReplyError(f"{key} holds {len(data) - start} data bytes, expected {length - start} for {shape}")
+    return np.frombuffer(data, dtype, count, start), shape, fortran, count  # positional: keywords cost 2x here
 
 
-def _floating(arrays: ArrayRecord, key: str) -> np.ndarray:
-    """The floating-point array ``key`` of a reply, as a read-only view of the message bytes."""
-    array = _ndarray(arrays, key)
-    if array.dtype.kind != "f":  # np.issubdtype(dtype, np.floating), without its per-call cost
-        raise ReplyError(f"{key} has dtype {array.dtype}, expected a floating-point type")
-    return array
-
-
-def _finite_squares(value: np.ndarray, key: str) -> float:
-    """sum(value^2) in float64 (:func:`common.dp.mechanism.sum_of_squares`); it is finite iff
-    every entry is (squares of float32-range values cannot overflow float64), so this one
-    pass also rejects NaN and infinities."""
-    squares = sum_of_squares(value)
+def _finite_squares(flats: list[np.ndarray], names: list[str], sizes: tuple[int, ...] | None = None) -> float:
+    """sum(x^2) over ``flats`` in float64 (:func:`common.dp.mechanism.flat_sum_of_squares`);
+    it is finite iff every entry is (squares of float32-range values cannot overflow float64),
+    so this one pass also rejects NaN and infinities (naming the first array that has one)."""
+    squares = flat_sum_of_squares(flats, sizes)
     if not math.isfinite(squares):
-        raise ReplyError(f"{key} has NaN or infinite entries")
+        bad = next((name for name, flat in zip(names, flats) if not np.isfinite(flat).all()), names[0])
+        raise ReplyError(f"{bad} has NaN or infinite entries")
     return squares
 
 
@@ -109,48 +116,73 @@ def _float64(value: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(value.astype(np.float64, order="C"))
 
 
-def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
-    """The float64 vector ``key`` of a site's reply, checked: no error, present, shape
-    (dim,), floating point, finite."""
+def read_vector_view(reply: Message, key: str, dim: int) -> np.ndarray:
+    """The vector ``key`` of a site's reply as sent (a READ-ONLY view of the message bytes),
+    checked: no error, present, shape (dim,), floating point, finite."""
     arrays = _arrays(reply)
     if key not in arrays:
         raise ReplyError(f"reply has no {keys.ARRAYS}/{key}")
-    value = _floating(arrays, key)
-    if value.shape != (dim,):
-        raise ReplyError(f"{key} has shape {tuple(value.shape)}, expected ({dim},)")
-    _finite_squares(value, key)
-    return _float64(value)
+    flat, shape, _, count = _flat_floating(arrays[key], key)
+    if shape != (dim,):
+        raise ReplyError(f"{key} has shape {shape}, expected ({dim},)")
+    _finite_squares([flat], [key], (count,))
+    return flat
+
+
+def read_vector(reply: Message, key: str, dim: int) -> torch.Tensor:
+    """:func:`read_vector_view` as a float64 tensor (a copy: exact for float16/32)."""
+    return _float64(read_vector_view(reply, key, dim))
+
+
+def _in_order(arrays: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]) -> Iterable[tuple[str, Array]]:
+    """The reply's (key, Array) pairs in the order of ``shapes``, once their keys are known
+    to be the same: straight from the record when it lists them in that order (a site sends
+    them so), which spares a lookup per tensor."""
+    if list(arrays) == list(shapes):
+        return arrays.items()
+    return ((key, arrays[key]) for key in shapes)
 
 
 def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
-                max_norm: float | None = None) -> tuple[dict[str, np.ndarray], float]:
+                max_norm: float | None = None) -> tuple[FlatRecord, float]:
     """A site's update as sent, checked, and its flat L2 norm: ``(arrays, norm)``.
 
     The checks are :func:`read_tree`'s: exactly the keys of ``shapes``, those shapes,
     floating point, finite, and flat L2 norm (accumulated in float64) at most ``max_norm``
     with a relative slack of 1e-5 for float32 transport, when given. The arrays are
-    READ-ONLY NumPy views of the message bytes in the wire's dtype (float32 from a site):
-    no float64 copy is made. Pass both to
-    :meth:`common.dp.GaussianSumMechanism.add_bounded` (``add_bounded(total, arrays,
-    norm=norm)``), which then neither converts nor measures the record again."""
+    READ-ONLY NumPy views of the message bytes in the wire's dtype (float32 from a site),
+    by key in the order of ``shapes`` (a :class:`~common.dp.mechanism.FlatRecord`): no
+    float64 copy is made. The norm is :meth:`common.dp.GaussianSumMechanism.tree_norm`'s
+    (the same :func:`~common.dp.mechanism.flat_sum_of_squares` over the arrays in key order,
+    bit for bit). Pass both to :meth:`~common.dp.GaussianSumMechanism.add_bounded_block`
+    (or ``add_bounded``), which then neither converts nor measures the record again."""
     arrays = _arrays(reply)
-    missing = sorted(set(shapes) - set(arrays))
-    extra = sorted(set(arrays) - set(shapes))
-    if missing or extra:
+    if arrays.keys() != shapes.keys():
+        missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
         raise ReplyError(f"reply tensors do not match the adapter: {len(missing)} missing (e.g. {missing[:1]}), "
                          f"{len(extra)} unexpected (e.g. {extra[:1]})")
-    update: dict[str, np.ndarray] = {}
-    squares = 0.0
-    for key, shape in shapes.items():
-        value = _floating(arrays, key)
-        if value.shape != tuple(shape):
-            raise ReplyError(f"{key} has shape {value.shape}, expected {tuple(shape)}")
-        squares += _finite_squares(value, key)
-        update[key] = value
-    norm = math.sqrt(squares)
+    names, expected = list(shapes), list(shapes.values())
+    flats: list[np.ndarray] = []
+    sent_shapes: list[tuple[int, ...]] = []  # the parsed preambles' own tuples: cheap to compare later
+    counts: list[int] = []
+    for (key, array), shape in zip(_in_order(arrays, shapes), expected):
+        flat, sent, fortran, count = _flat_floating(array, key)
+        if sent != shape and sent != tuple(shape):
+            raise ReplyError(f"{key} has shape {sent}, expected {tuple(shape)}")
+        flats.append(_c_order(flat, sent) if fortran else flat)
+        sent_shapes.append(sent)
+        counts.append(count)
+    norm = math.sqrt(_finite_squares(flats, names, tuple(counts)))
     if max_norm is not None and norm > max_norm * (1 + 1e-5):
         raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
-    return update, norm
+    return FlatRecord(names, sent_shapes, flats), norm
+
+
+def _c_order(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The entries of a Fortran-ordered array (``flat``, memory order) in C order: a read-only copy."""
+    out = flat.reshape(shape, order="F").reshape(-1)
+    out.flags.writeable = False
+    return out
 
 
 def read_tree(reply: Message, shapes: Mapping[str, tuple[int, ...]], *, max_norm: float | None = None) -> dict[str, torch.Tensor]:

@@ -7,7 +7,8 @@ of message ids while they arrive and yields each one. Pulling a reply removes it
 SuperLink's link state (``InMemoryGrid`` deletes it, the HTTP grid confirms its receipt), so
 once the consumer has folded a reply into its running sum nothing keeps it alive: the server
 holds at most ``batch`` replies (plus whatever the link state has received but not yet been
-pulled) whatever the number of sites.
+pulled) whatever the number of sites. A consumer that sums replies in blocks adds its block
+when :func:`pull_drained` says the next reply needs a new pull, and so keeps that bound.
 
 Timeout: as in ``send_and_receive``, replies that have not arrived ``timeout`` seconds after
 the push are not waited for; the round goes on with the replies that did.
@@ -19,7 +20,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -44,6 +45,30 @@ class ReceiveStats:
     timed_out: list[str] = field(default_factory=list)  # message ids with no reply in time
 
 
+class ReplyStream(Iterator[Message]):
+    """The replies of one round, one at a time as they arrive (:func:`stream_replies`).
+
+    ``buffered`` is the number of replies already pulled but not yet handed over. When it is 0
+    the next reply needs a new pull, so a consumer that gathers replies into a block (the
+    strategies' blocked sum) adds its block then, and never holds more than one pull's worth."""
+
+    def __init__(self, pull: "Callable[[ReplyStream], Iterator[Message]]") -> None:
+        self.buffered = 0
+        self._replies = pull(self)  # a generator: it sets ``buffered`` before each reply it yields
+
+    def __iter__(self) -> "ReplyStream":
+        return self
+
+    def __next__(self) -> Message:
+        return next(self._replies)
+
+
+def pull_drained(replies: Iterable[Message]) -> bool:
+    """Whether ``replies`` is a :class:`ReplyStream` whose next reply needs a new pull (for
+    any other iterable: unknown, False)."""
+    return isinstance(replies, ReplyStream) and replies.buffered == 0
+
+
 def stream_replies(
     grid: Grid,
     messages: Iterable[Message],
@@ -51,7 +76,7 @@ def stream_replies(
     *,
     batch: int = PULL_BATCH,
     stats: ReceiveStats | None = None,
-) -> Iterator[Message]:
+) -> ReplyStream:
     """Push ``messages`` and yield their replies one by one as they arrive.
 
     Args:
@@ -67,6 +92,12 @@ def stream_replies(
     if timeout is not None and not timeout >= 0:
         raise ValueError(f"timeout must be >= 0 or None, got {timeout}")
     stats = ReceiveStats() if stats is None else stats
+    return ReplyStream(lambda stream: _pull(grid, messages, timeout, batch, stats, stream))
+
+
+def _pull(grid: Grid, messages: Iterable[Message], timeout: float | None, batch: int, stats: ReceiveStats,
+          stream: ReplyStream) -> Iterator[Message]:
+    """:func:`stream_replies`' loop (the push happens at the first ``next``)."""
     start = time.monotonic()
     # the HTTP grid returns None for a message it could not push: nothing will answer it
     pending = push_in_batches(grid, messages)  # built and pushed PUSH_BATCH at a time
@@ -84,6 +115,7 @@ def stream_replies(
             arrived: set[str] = set()  # this pull's: at most `batch` ids
             while replies:
                 reply = replies.pop(0)  # the list must not keep a reply the consumer dropped
+                stream.buffered = len(replies)
                 arrived.add(reply.metadata.reply_to_message_id)
                 stats.received += 1
                 stats.seconds = time.monotonic() - start

@@ -1,16 +1,20 @@
 """Benchmark: the server's aggregation path against a memory copy of the same bytes.
 
 For n real reply messages (Flower ``Message`` with an ``ArrayRecord`` of float32 tensors, as a
-site sends them), the server path is what the strategies run per reply: LoRA
-(:class:`server.lora_strategy.DPFedAvgLoRA`): ``read_update`` (keys, shapes, dtype, finite, flat
-norm <= C; float32 views) + ``GaussianSumMechanism.add_bounded`` (bound by that norm + add); DPAgg-TI
-(:class:`server.dpagg_strategy.DPAggTIStrategy`): ``read_vector`` + ``add``; then one
-``release`` (seeded Gaussian noise over the total, divided by the denominator). The baseline
-copies the same float32 bytes (every reply's tensors, out of the same Array objects) into a
-preallocated buffer with ``numpy.copyto``, in the same process, interleaved with the server
-path. Throughput = float32 payload bytes / seconds.
+site sends them), the server path is what the strategies run (:class:`server.blocks.BlockedSum`):
+LoRA (:class:`server.lora_strategy.DPFedAvgLoRA`): ``read_update`` per reply (keys, shapes,
+dtype, finite, flat norm <= C; float32 views), then ``GaussianSumMechanism.add_bounded_block``
+per block of 8 checked replies (bound each by its norm, add run by run); DPAgg-TI
+(:class:`server.dpagg_strategy.DPAggTIStrategy`): ``read_vector_view`` + ``add_block``; then one
+``release`` (seeded Gaussian noise over the total, divided by the denominator). The arms
+"validate" (the checks alone) and "add" (the blocked adds alone, on replies already read)
+split the sum's cost. The baseline copies the same float32 bytes (every reply's tensors, out of
+the same Array objects) into a preallocated buffer with ``numpy.copyto``, in the same process,
+interleaved with the server path. Throughput = float32 payload bytes / seconds.
 
     .venv/bin/python -m simulations.bench_aggregation --replies 16 --repeats 5
+    .venv/bin/python -m simulations.bench_aggregation --clock cpu   # this process's CPU time:
+                                                                    # steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource
-from server.replies import read_update, read_vector
+from common.dp.mechanism import FlatRecord, RunningSum
+from server.blocks import BLOCK, BlockedSum
+from server.replies import read_update, read_vector_view
 from simulations.bench_shapes import SD15_EMBEDDING_DIM, SD15_UNET, lora_shapes, tiny_unet_config
 
 CLIP = 1.0
+# "cpu" (this process's CPU time) resists other load on a shared CPU; "wall" is the default
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def reply_message(arrays: dict[str, np.ndarray], node: int) -> Message:
@@ -48,22 +56,24 @@ def random_update(shapes: dict[str, tuple[int, ...]], seed: int, norm: float) ->
     return {k: (v * np.float32(scale)) for k, v in tree.items()}
 
 
-def sum_lora(replies: list[Message], shapes, mechanism: GaussianSumMechanism) -> dict[str, torch.Tensor]:
-    total = None
-    for reply in replies:
+def sum_lora(replies: list[Message], shapes, mechanism: GaussianSumMechanism) -> RunningSum:
+    """What :class:`server.lora_strategy.DPFedAvgLoRA` runs on a round's replies (private)."""
+    sums = BlockedSum(mechanism, bounded=True)
+    for reply in sums.receive(replies):
         update, norm = read_update(reply, shapes, max_norm=mechanism.clip_norm)
-        total = mechanism.add_bounded(total, update, norm=norm)
-    return total
+        sums.add(reply, update, norm)
+    return sums.result()
 
 
-def sum_ti(replies: list[Message], dim: int, mechanism: GaussianSumMechanism) -> dict[str, torch.Tensor]:
-    total = None
-    for reply in replies:
-        total = mechanism.add(total, {keys.EMBEDDING_SUM: read_vector(reply, keys.EMBEDDING_SUM, dim)})
-    return total
+def sum_ti(replies: list[Message], dim: int, mechanism: GaussianSumMechanism) -> RunningSum:
+    """What :class:`server.dpagg_strategy.DPAggTIStrategy` runs on a release's replies."""
+    sums = BlockedSum(mechanism, bounded=False)
+    for reply in sums.receive(replies):
+        sums.add(reply, FlatRecord([keys.EMBEDDING_SUM], [(dim,)], [read_vector_view(reply, keys.EMBEDDING_SUM, dim)]))
+    return sums.result()
 
 
-def release(total: dict[str, torch.Tensor], mechanism: GaussianSumMechanism, n: int) -> dict[str, torch.Tensor]:
+def release(total: RunningSum, mechanism: GaussianSumMechanism, n: int) -> dict[str, torch.Tensor]:
     return mechanism.release(total, denominator=n, noise=NoiseSource.seeded(0), sample_rate=1.0, unit="site")[0]
 
 
@@ -77,7 +87,7 @@ def copy_bytes(replies: list[Message], buffer: np.ndarray) -> None:
             offset += src.size
 
 
-def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int, ti: bool) -> dict:
+def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int, ti: bool, clock: str = "wall") -> dict:
     mechanism = GaussianSumMechanism(clip_norm=CLIP, noise_multiplier=1.0)
     replies = []
     for i in range(n):
@@ -88,12 +98,28 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
     buffer = np.empty(wire, dtype=np.uint8)
     dim = shapes["v"][0] if ti else 0
 
-    def add_all() -> dict[str, torch.Tensor]:
+    def add_all() -> RunningSum:
         return sum_ti(replies, dim, mechanism) if ti else sum_lora(replies, shapes, mechanism)
+
+    def read(reply: Message) -> tuple[FlatRecord, float]:
+        if ti:
+            return FlatRecord([keys.EMBEDDING_SUM], [(dim,)], [read_vector_view(reply, keys.EMBEDDING_SUM, dim)]), 0.0
+        return read_update(reply, shapes, max_norm=CLIP)
 
     def validate() -> None:  # the checks alone (decode, finite, norm), to split the sum's cost
         for reply in replies:
-            read_vector(reply, keys.EMBEDDING_SUM, dim) if ti else read_update(reply, shapes, max_norm=CLIP)
+            read(reply)
+
+    records = [read(reply) for reply in replies]
+
+    def adds() -> None:  # the blocked adds alone, on replies already read and checked
+        total = None
+        for lo in range(0, n, BLOCK):
+            block = records[lo:lo + BLOCK]
+            if ti:
+                total = mechanism.add_block(total, [r for r, _ in block])
+            else:
+                total = mechanism.add_bounded_block(total, [r for r, _ in block], [norm for _, norm in block])
 
     total = add_all()
 
@@ -104,12 +130,13 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
         copy_bytes(replies, buffer)
 
     noise(), copy()  # warm-up
-    times: dict[str, list[float]] = {"sum": [], "validate": [], "release": [], "copy": []}
+    arms = (("sum", add_all), ("validate", validate), ("add", adds), ("release", noise), ("copy", copy))
+    times: dict[str, list[float]] = {arm: [] for arm, _ in arms}
     for _ in range(repeats):  # interleaved, so every arm sees the same load
-        for arm, fn in (("sum", add_all), ("validate", validate), ("release", noise), ("copy", copy)):
-            start = time.perf_counter()
+        for arm, fn in arms:
+            start = CLOCKS[clock]()
             fn()
-            times[arm].append(time.perf_counter() - start)
+            times[arm].append(CLOCKS[clock]() - start)
     best = {k: min(v) for k, v in times.items()}
     gb = n * payload / 1e9
     whole = best["sum"] + best["release"]
@@ -119,9 +146,10 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
         "parameters": payload // 4,
         "adapter_mb": round(payload / 1e6, 3),
         "replies": n,
-        "server_path": ("read_vector + add" if ti else "read_update + add_bounded") + ", then one release",
+        "server_path": ("read_vector_view + add_block" if ti else "read_update + add_bounded_block") + f" in blocks of {BLOCK}, then one release",
         "validate_clip_sum_s": round(best["sum"], 5),
         "validate_only_s": round(best["validate"], 5),
+        "add_only_s": round(best["add"], 5),
         "release_noise_s": round(best["release"], 5),
         "copy_s": round(best["copy"], 5),
         "validate_clip_sum_gb_s": round(gb / best["sum"], 3),
@@ -129,9 +157,48 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
         "copy_gb_s": round(gb / best["copy"], 3),
         "ratio_validate_clip_sum_to_copy": round(best["copy"] / best["sum"], 3),
         "ratio_validate_only_to_copy": round(best["copy"] / best["validate"], 3),
+        "ratio_add_only_to_copy": round(best["copy"] / best["add"], 3),
         "ratio_with_release_to_copy": round(best["copy"] / whole, 3),
         "noise_ns_per_parameter": round(best["release"] / (payload // 4) * 1e9, 1),
+        "clock": clock,
     }
+
+
+def passes(parameters: int, repeats: int = 7, clock: str = "wall") -> dict:
+    """The NumPy passes the exact path is made of, in ns per parameter, on one float32 array
+    of ``parameters`` entries (the SD 1.5 rank-64 adapter's size: far larger than the caches),
+    walked in runs of 64K entries as the mechanism does; the floor they set for the sum/copy ratio.
+
+    An exact sum of checked replies reads every reply twice from memory: the norm must be known
+    (the reply checked, its clip factor fixed) before any of it enters the sum, and a reply or a
+    block of them does not stay in cache between the two passes. Each pass converts float32 to
+    float64 (``cast``: read 4 B/param from memory, write 8 B to a cache-resident stage); the first
+    then takes a float64 ``dot`` of the stage, the second ``add``s it into the run of the sum
+    (``mixed_add``: NumPy's float32 + float64 -> float64 loop, which does both in one call)."""
+    x = np.random.default_rng(0).standard_normal(parameters, dtype=np.float32)
+    copy_to, run, stage = np.empty_like(x), np.zeros(1 << 16), np.empty(1 << 16)
+
+    def walk(step) -> None:
+        for lo in range(0, parameters, 1 << 16):
+            step(x[lo:lo + (1 << 16)])
+
+    steps = {
+        "copy": lambda: np.copyto(copy_to, x),
+        "cast": lambda: walk(lambda piece: np.copyto(stage[:piece.size], piece)),
+        "dot": lambda: walk(lambda piece: np.dot(stage[:piece.size], stage[:piece.size])),
+        "add": lambda: walk(lambda piece: np.add(run[:piece.size], stage[:piece.size], out=run[:piece.size])),
+        "mixed_add": lambda: walk(lambda piece: np.add(run[:piece.size], piece, out=run[:piece.size])),
+    }
+    best = {name: math.inf for name in steps}
+    for _ in range(repeats):  # interleaved
+        for name, step in steps.items():
+            start = CLOCKS[clock]()
+            step()
+            best[name] = min(best[name], CLOCKS[clock]() - start)
+    ns = {name: round(t / parameters * 1e9, 3) for name, t in best.items()}
+    floor = ns["cast"] + ns["dot"] + min(ns["mixed_add"], ns["cast"] + ns["add"])  # norm pass + add pass, nothing else
+    return {"parameters": parameters, "ns_per_parameter": ns, "clock": clock,
+            "best_ratio_two_passes": round(ns["copy"] / floor, 3)}
 
 
 def adapters(include_sd15: bool) -> list[tuple[str, dict, bool]]:
@@ -143,11 +210,12 @@ def adapters(include_sd15: bool) -> list[tuple[str, dict, bool]]:
     return out
 
 
-def run(replies: int = 16, repeats: int = 5, large_replies: int = 4, include_sd15: bool = True) -> list[dict]:
+def run(replies: int = 16, repeats: int = 5, large_replies: int = 4, include_sd15: bool = True,
+        clock: str = "wall") -> list[dict]:
     rows = []
     for name, shapes, ti in adapters(include_sd15):
         n = large_replies if "r64" in name else replies
-        rows.append(measure(name, shapes, n, repeats, ti))
+        rows.append(measure(name, shapes, n, repeats, ti, clock))
     return rows
 
 
@@ -157,8 +225,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--large-replies", type=int, default=4, help="replies for the SD 1.5 rank-64 LoRA (51 MB each)")
     parser.add_argument("--repeats", type=int, default=5, help="best of N, arms interleaved")
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny model's adapter")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a shared machine)")
+    parser.add_argument("--passes", action="store_true",
+                        help="only time the NumPy passes the exact sum is made of (cast, dot, add) against a copy")
     args = parser.parse_args(argv)
-    rows = run(args.replies, args.repeats, args.large_replies, not args.tiny_only)
+    if args.passes:
+        print(json.dumps(passes(sum(math.prod(s) for s in lora_shapes(SD15_UNET, 64).values()), clock=args.clock),
+                         indent=2))
+        return []
+    rows = run(args.replies, args.repeats, args.large_replies, not args.tiny_only, args.clock)
     print(json.dumps(rows, indent=2))
     return rows
 

@@ -71,8 +71,8 @@ def _aggregation(quick: bool):
     from simulations import bench_aggregation
 
     n, large, repeats = (4, 1, 1) if quick else (16, 4, 5)
-    return (f"python -m simulations.bench_aggregation --replies {n} --large-replies {large} --repeats {repeats}",
-            lambda: bench_aggregation.run(n, repeats, large))
+    return (f"python -m simulations.bench_aggregation --replies {n} --large-replies {large} --repeats {repeats} --clock cpu",
+            lambda: bench_aggregation.run(n, repeats, large, clock="cpu"))
 
 
 def _scale(quick: bool):
@@ -154,10 +154,12 @@ def _render_lora(r: dict) -> str:
 
 def _render_aggregation(rows: list[dict]) -> str:
     return _table(["adapter", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
-                   "sum / copy (target >= 0.5)", "validate only / copy", "with release / copy", "noise ns/param"],
+                   "sum / copy (target >= 0.5)", "validate only / copy", "adds only / copy", "with release / copy",
+                   "noise ns/param"],
                   [[r["adapter"], r["adapter_mb"], r["replies"], r["validate_clip_sum_gb_s"], r["with_release_gb_s"],
                     r["copy_gb_s"], r["ratio_validate_clip_sum_to_copy"], r.get("ratio_validate_only_to_copy", "-"),
-                    r["ratio_with_release_to_copy"], r["noise_ns_per_parameter"]] for r in rows])
+                    r.get("ratio_add_only_to_copy", "-"), r["ratio_with_release_to_copy"], r["noise_ns_per_parameter"]]
+                   for r in rows])
 
 
 def _render_scale(r: dict) -> str:

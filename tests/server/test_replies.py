@@ -134,6 +134,32 @@ def test_add_bounded_on_wire_arrays_is_add_of_bound_tree_bit_for_bit():
         assert torch.equal(fused[k], reference[k])
 
 
+@pytest.mark.parametrize("blocks", [[1, 1, 1, 1, 1], [3, 2], [5]])
+def test_blocks_of_wire_arrays_are_add_of_bound_tree_bit_for_bit(blocks):
+    """read_update's records (float32 and float16 on the wire, C and Fortran order, a tensor
+    spanning several of the sum's runs) summed in blocks, clipped ones among them, against
+    add(total, bound_tree(record)) one record at a time."""
+    mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    rng = np.random.default_rng(1)
+    shapes = {"a": (3, 70_000), "b": (5,), "c": (4, 6), "d": (2, 3)}
+    messages, reference = [], None
+    for scale in (0.5, 3.0, 1e-3, 1.0, 2.0):
+        sent = {k: (rng.standard_normal(s) * scale / math.sqrt(3 * 70_000 + 35)).astype(np.float32)
+                for k, s in shapes.items()}
+        sent["c"] = np.asfortranarray(sent["c"])
+        sent["d"] = sent["d"].astype(np.float16)
+        messages.append(reply({k: Array(v) for k, v in sent.items()}))
+        reference = mechanism.add(reference, mechanism.bound_tree({k: torch.from_numpy(v.astype(np.float64))
+                                                                    for k, v in sent.items()}))
+    total, start = None, 0
+    for size in blocks:
+        read = [read_update(m, shapes) for m in messages[start:start + size]]
+        total = mechanism.add_bounded_block(total, [u for u, _ in read], [n for _, n in read])
+        start += size
+    for k in reference:
+        assert torch.equal(total[k].contiguous().view(torch.int64), reference[k].contiguous().view(torch.int64)), k
+
+
 def test_add_bounded_falls_back_to_torch_for_dtypes_numpy_lacks():
     mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
     records = [{"a": torch.full((4,), v, dtype=torch.bfloat16)} for v in (0.25, 2.0)]  # within C, clipped

@@ -14,7 +14,7 @@ from server.dpagg_strategy import DPAggTIStrategy
 from server.dpsgd_strategy import DPSGDTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import DPAggPlan, FedAvgPlan
-from server.streaming import PULL_BATCH, ReceiveStats, stream_replies
+from server.streaming import PULL_BATCH, ReceiveStats, pull_drained, stream_replies
 from simulations.bench_scale import ReplayGrid, dpagg_answer, lora_answer
 
 SHAPES = {"unet.a.lora_A.weight": (2, 3), "unet.a.lora_B.weight": (3, 2)}
@@ -58,6 +58,14 @@ def test_missing_replies_end_the_round_at_the_timeout():
     got = sorted(r.metadata.src_node_id for r in stream_replies(grid, messages, 0.3, stats=stats))
     assert got == [1, 3, 5]
     assert len(stats.timed_out) == 2 and 0.3 <= stats.seconds < 3.0
+
+
+def test_the_stream_says_when_its_next_reply_needs_a_new_pull():
+    """``buffered``: replies pulled and not yet handed over (a blocked sum adds its block at 0)."""
+    grid = ReplayGrid(10, dpagg_answer(4, 1.0))
+    stream = stream_replies(grid, train_messages(grid), 10.0, batch=4)
+    assert [stream.buffered for _ in stream] == [3, 2, 1, 0, 3, 2, 1, 0, 1, 0]
+    assert pull_drained(stream) and not pull_drained([])
 
 
 def test_bad_arguments_are_refused():
