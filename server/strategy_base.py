@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -199,6 +200,7 @@ class LedgerStrategy(Strategy):
         train_config = ConfigRecord() if train_config is None else train_config
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
+        started = time.monotonic()
         first = self.first_round()
         if first > 1:
             arrays = result.arrays = self.current_arrays()
@@ -227,6 +229,8 @@ class LedgerStrategy(Strategy):
                 log.info("round %d: %s", server_round, metrics)
                 result.train_metrics_clientapp[server_round] = metrics
             self.end_round(server_round, arrays)
+        # Flower's own closing line (its Strategy.start logs it): the deployment tools end the last round at it
+        flwr_log(logging.INFO, "Strategy execution finished in %.2fs", time.monotonic() - started)
         return result
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
