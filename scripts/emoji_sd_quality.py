@@ -27,10 +27,10 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from common.emoji import EmojiImage, caption, list_emoji, load_pixels  # noqa: E402
+from pretrain_emoji_sd import PREVIEW_PROMPTS, to_tensor  # noqa: E402  (scripts/ is on sys.path)
 
-# the demo's grid concepts and a few more everyday ones; each is a name of one Twemoji image
-CONCEPTS = ("cat face", "dog face", "red heart", "sun", "car", "deciduous tree", "fox face", "pizza", "rocket",
-            "house", "fish", "grinning face", "banana", "pig face", "snowman", "umbrella")
+# the pretraining's preview concepts and a few more everyday ones; each is a name of one Twemoji image
+CONCEPTS = PREVIEW_PROMPTS + ("banana", "pig face", "snowman", "umbrella")
 
 
 def retrieval(pipe, images: list[EmojiImage], pixels: np.ndarray, concepts=CONCEPTS, seeds=(0, 1, 2, 3), *,
@@ -38,7 +38,7 @@ def retrieval(pipe, images: list[EmojiImage], pixels: np.ndarray, concepts=CONCE
     """Hit rates at ranks ``ks`` of the prompted name among the nearest training images.
 
     ``pixels``: uint8 [N, r, r, 3] of ``images`` at the model's resolution."""
-    train = torch.from_numpy(pixels).float().div(127.5).sub(1).permute(0, 3, 1, 2)
+    train = to_tensor(pixels)
     train = torch.cat([train, train.flip(-1)]).flatten(1)  # mirror images count as the same image
     owner = list(range(len(images))) * 2
     prompts = [caption((c,)) for c in concepts]
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = list_emoji(args.package_dir, "twitter", skin_tones=False)
     report = retrieval(pipe, images, load_pixels(images, resolution), seeds=tuple(range(args.seeds)))
     print(json.dumps(report, indent=1))
