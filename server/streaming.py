@@ -99,8 +99,7 @@ def _pull(grid: Grid, messages: Iterable[Message], timeout: float | None, batch:
           stream: ReplyStream) -> Iterator[Message]:
     """:func:`stream_replies`' loop (the push happens at the first ``next``)."""
     start = time.monotonic()
-    # the HTTP grid returns None for a message it could not push: nothing will answer it
-    pending = push_in_batches(grid, messages)  # built and pushed PUSH_BATCH at a time
+    pending = push_in_batches(grid, messages)  # built and pushed PUSH_BATCH at a time; unpushed ones dropped
     del messages
     stats.sent = len(pending)
     deadline = None if timeout is None else start + timeout
