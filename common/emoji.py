@@ -45,13 +45,16 @@ def _names(entry: dict) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for n in names if n))  # unique, in order
 
 
-def list_emoji(package_dir: Path, vendor: str, *, skin_tones: bool = True) -> list[EmojiImage]:
+def list_emoji(package_dir: Path, vendor: str, *, skin_tones: bool = True,
+               skip_categories: tuple[str, ...] = SKIPPED_CATEGORIES) -> list[EmojiImage]:
     """Every emoji image of ``vendor`` ("twitter" or "google") in an unpacked package.
 
     Args:
         package_dir: The ``package/`` folder of the unpacked npm tarball.
         vendor: ``"twitter"`` (Twemoji) or ``"google"`` (Noto).
         skin_tones: Also list the single-tone skin variations (same names as the base emoji).
+        skip_categories: Categories left out (``emoji.json``'s "category"); flags and the
+            skin-tone swatches by default.
 
     Returns:
         The images that exist on disk, in the package's sort order.
@@ -59,9 +62,14 @@ def list_emoji(package_dir: Path, vendor: str, *, skin_tones: bool = True) -> li
     package_dir = Path(package_dir)
     entries = json.loads((package_dir / "emoji.json").read_text())
     img_dir = package_dir / "img" / vendor / "64"
+    known = {e["category"] for e in entries}
+    unknown = sorted(set(skip_categories) - known - set(SKIPPED_CATEGORIES))  # a typo would skip nothing
+    if unknown:
+        raise ValueError(f"skip_categories: {unknown} are not categories of {package_dir / 'emoji.json'} "
+                         f"(it has {sorted(known)})")
     out: list[EmojiImage] = []
     for e in sorted(entries, key=lambda x: x["sort_order"]):
-        if e["category"] in SKIPPED_CATEGORIES or not e.get(f"has_img_{vendor}"):
+        if e["category"] in skip_categories or not e.get(f"has_img_{vendor}"):
             continue
         files = [e["image"]]
         if skin_tones:

@@ -4,8 +4,8 @@ The result is a diffusers folder (VAE, CLIP text encoder with the real CLIP toke
 DDIM scheduler) that ``StableDiffusionPipeline.from_pretrained(folder)`` loads offline. It is
 trained on Twemoji (CC-BY 4.0) from the ``emoji-datasource-twitter`` npm package at 32x32
 pixels, with captions made from the emoji names ("an emoji of a cat face"). Skin-tone variants
-are left out by default (they would be 1,580 of 3,216 images, all people): the 1,636 base
-emoji each get twice the training steps they would get otherwise.
+are left out, and so, by default, are the People & Body and Symbols categories (``--skip-categories``):
+the 1,026 emoji of things each get 1.6x the training steps they would get among all 1,636.
 
 Three stages, each saved under ``--work`` so that a crash or a stop costs at most one
 checkpoint interval (a finished stage is skipped when the script is run again):
@@ -30,12 +30,11 @@ Outputs in ``--out``: the pipeline (fp16 safetensors), ``training.json`` (settin
 losses) and ``loss_curve.png``; in ``--work``: checkpoints and sample grids during training.
 
 Rebuild (the package from ``npm pack emoji-datasource-twitter@16.0.0``, unpacked); the
-committed checkpoint was made by these two calls (the second resumes the UNet stage from its
-step-500 checkpoint; the learning rate up to step 500 is the warm-up, the same whatever the
-total, so the pair is one 4,000-step schedule), see assets/emoji-sd/README.md::
+committed checkpoint was made by the first call (its VAE stage taken over from the previous build,
+which the second call trains anew), see assets/emoji-sd/README.md::
 
-    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --threads 2 --unet-steps 500 --checkpoint-every 500
-    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --threads 2 --unet-steps 4000 --checkpoint-every 500
+    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --vae-from assets/emoji-sd --threads 2 --unet-steps 6500 --checkpoint-every 500
+    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --threads 2 --unet-steps 6500 --checkpoint-every 500
 """
 
 from __future__ import annotations
@@ -59,10 +58,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from common.emoji import caption, list_emoji, load_pixels  # noqa: E402
+from common.emoji import SKIPPED_CATEGORIES, caption, list_emoji, load_pixels  # noqa: E402
 from common.tiny_sd import BOS_ID, CLIP_VOCAB_SIZE, EOS_ID, MAX_LENGTH, build_clip_tokenizer  # noqa: E402
 
 LOGVAR_FLOOR = -30.0  # DiagonalGaussianDistribution clamps log-variance to [-30, 20]
+# Trained on by default: smileys, animals and nature, food, travel and places, activities and
+# objects. People & Body (386 images, mostly gendered and professional variants of the same
+# figures) and Symbols (224: arrows, signs, keycaps, zodiac) are left out, so the 1,026 images
+# of things get 1.6x the steps they would get among all 1,636.
+THINGS_ONLY = SKIPPED_CATEGORIES + ("People & Body", "Symbols")
 PREVIEW_PROMPTS = ("cat face", "dog face", "red heart", "sun", "car", "deciduous tree", "fox face",
                    "pizza", "rocket", "house", "fish", "grinning face")
 
@@ -178,10 +182,34 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 # ----------------------------------------------------------------------------- stage 1: VAE
+def adopt_vae(source: Path, work: Path) -> dict:
+    """Stage 1 taken from an earlier build: its VAE (fp16 on disk) saved in fp32 as this build's.
+
+    The VAE stage does not depend on the UNet's settings, so a build that changes only the UNet
+    stage can reuse the VAE of one made by this script; ``training.json`` then says so."""
+    from diffusers import AutoencoderKL
+
+    source = Path(source)
+    vae = AutoencoderKL.from_pretrained(source / "vae" if (source / "vae").is_dir() else source,
+                                        torch_dtype=torch.float32)
+    if float(vae.quant_conv.bias[vae.quant_conv.out_channels // 2:].max()) > LOGVAR_FLOOR + 1:
+        raise ValueError(f"--vae-from {source}: not a VAE of this script (its log-variance is not fixed at the floor)")
+    vae.save_pretrained(work / "vae")
+    earlier = source / "training.json" if (source / "vae").is_dir() else source.parent / "training.json"
+    log = {"adopted_from": str(source), "curve": []}
+    if earlier.is_file():
+        log.update({k: v for k, v in json.loads(earlier.read_text()).get("vae", {}).items() if k != "curve"})
+    log["adopted_from"] = str(source)
+    (work / "vae_log.json").write_text(json.dumps(log))
+    return log
+
+
 def train_vae(pixels: torch.Tensor, args, work: Path) -> dict:
     done = work / "vae"
     if (done / "config.json").is_file():
         return json.loads((work / "vae_log.json").read_text())
+    if args.vae_from is not None:
+        return adopt_vae(args.vae_from, work)
     torch.manual_seed(args.seed)
     vae = build_vae(args.resolution, tuple(args.vae_channels)).train()
     params = [p for n, p in vae.named_parameters()]
@@ -409,13 +437,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=REPO_ROOT / ".cache" / "emoji-sd-work")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-categories", nargs="*", default=list(THINGS_ONLY),
+                   help="emoji.json categories left out of training (default: flags, swatches, people, symbols)")
+    p.add_argument("--vae-from", type=Path, default=None,
+                   help="take stage 1 (the VAE) from an earlier build's folder instead of training it")
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-channels", type=int, nargs="+", default=[32, 64, 64])
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-latent-l2", type=float, default=1e-3)
     p.add_argument("--vae-latent-noise", type=float, default=0.1)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-steps", type=int, default=6500)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--unet-channels", type=int, nargs="+", default=[64, 128, 128])
@@ -434,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    images = list_emoji(args.package_dir, "twitter", skin_tones=args.skin_tones)
+    images = list_emoji(args.package_dir, "twitter", skin_tones=args.skin_tones,
+                        skip_categories=tuple(args.skip_categories))
     pixels = to_tensor(load_pixels(images, args.resolution))
     print(f"{len(images)} Twemoji images at {args.resolution}x{args.resolution}")
     tokenizer = build_clip_tokenizer(args.work / "tokenizer")
