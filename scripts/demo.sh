@@ -11,7 +11,9 @@ export RAY_TMPDIR=${RAY_TMPDIR:-/tmp/privadapt-ray-$(id -u)}
 mkdir -p "$RAY_TMPDIR"
 # the demo starts afresh each time (a run resumes from its output folder's checkpoint.pt otherwise)
 rm -f outputs/demo/checkpoint.pt outputs/demo-nonprivate/checkpoint.pt
-demo="model-path=assets/emoji-sd resolution=32 clip-norm=0.5"
+# The placeholder goes where the base model's captions name their subject ("an emoji of a <S*> ..."):
+# this base ignores a token after "in the style of" (a phrase it never saw), see README "What the demo does".
+demo="model-path=assets/emoji-sd resolution=32 clip-norm=0.1 prompt-template='an emoji of a {token} {caption}'"
 demo="$demo sample-prompts='an emoji of a cat|an emoji of a dog|an emoji of a red heart|an emoji of a sun|an emoji of a car|an emoji of a deciduous tree|an emoji of a pizza|an emoji of a rocket'"
 .venv/bin/python -m simulations.run --num-sites 4 --run-config "$demo output-dir=outputs/demo ${1:-}"
 .venv/bin/python -m simulations.run --num-sites 4 --run-config "$demo target-epsilon=inf output-dir=outputs/demo-nonprivate ${1:-}"

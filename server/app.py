@@ -135,7 +135,7 @@ def export_ti_run(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     embeds = export_embedding(out, cfg.placeholder_token, result["vector"])
     write_json(out / "privacy.json", result["privacy"])
     result["samples"] = generate_samples(model_dir(cfg), embeds, cfg.placeholder_token, cfg.prompts, out / "samples",
-                                         steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
+                                         template=cfg.prompt_template, steps=cfg.sample_steps, guidance=cfg.sample_guidance, seed=cfg.seed,
                                          device=cfg.device)
     return result
 

@@ -28,15 +28,18 @@ def generate_samples(
     prompts: Sequence[str],
     out_dir: Path,
     *,
+    template: str = "{caption} in the style of {token}",
     steps: int,
     guidance: float,
     seed: int,
     device: str = "auto",
 ) -> list[dict]:
-    """Base and TI-adapted images ("<prompt> in the style of <token>") for the same prompts
-    and seeds, from a fresh stock pipeline that loads the exported embedding as a user would."""
+    """Base and TI-adapted images for the same prompts and seeds, from a fresh stock pipeline
+    that loads the exported embedding as a user would. The base draws each prompt as given; the
+    adapted model draws it through the run's prompt ``template`` (the one the embedding was
+    trained with: ``template.format(caption=prompt, token=token)``)."""
     return sample_pairs(model_dir, prompts, out_dir, adapt=lambda pipe: pipe.load_textual_inversion(str(embeds_path), token=token),
-                        adapted_prompt=lambda prompt: f"{prompt} in the style of {token}",
+                        adapted_prompt=lambda prompt: template.format(caption=prompt, token=token),
                         steps=steps, guidance=guidance, seed=seed, device=device)
 
 
@@ -152,6 +155,8 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
     """README.md of the output folder: the adapter, how to load it, and its privacy in words."""
     p = privacy
     token = p["adapter"]["token"]
+    # the prompt of the first adapted sample: the run's template, which the embedding was trained with
+    example = next((s["prompt"] for s in samples if s["kind"] == "adapted"), f"an emoji of a cat in the style of {token}")
     lines = [
         f"# privadapt textual-inversion embedding `{token}`",
         "",
@@ -167,7 +172,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         "from diffusers import StableDiffusionPipeline",
         "pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL_DIR)",
         f'pipe.load_textual_inversion("{EMBEDS_FILE}", token="{token}")',
-        f'image = pipe("an emoji of a cat in the style of {token}").images[0]',
+        f'image = pipe("{example}").images[0]',
         "```",
         *samples_and_metrics("the embedding", samples, metrics),
         "Full privacy report: `privacy.json`.",

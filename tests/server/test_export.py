@@ -32,3 +32,20 @@ def test_lora_claim_states_each_unit_that_applies():
     dpsgd = lora_claim(lora_privacy("dp-sgd", record={"prv": 2.5, "rdp": 3.0}))
     assert "(2.500, 1e-05)-DP at the level of **one image**" in dpsgd
     assert "No privacy guarantee" in lora_claim(lora_privacy(private=False))
+
+
+def test_samples_use_the_run_template_and_the_card_shows_it(tiny_sd_path, tmp_path):
+    from server.export import generate_samples, model_card
+
+    path = export_embedding(tmp_path, "<S*>", torch.zeros(32))
+    samples = generate_samples(str(tiny_sd_path), path, "<S*>", ["an emoji of a cat"], tmp_path / "samples",
+                               template="an emoji of a {token} {caption}", steps=1, guidance=1.0, seed=0, device="cpu")
+    assert [(s["kind"], s["prompt"]) for s in samples] == [("base", "an emoji of a cat"),
+                                                           ("adapted", "an emoji of a <S*> an emoji of a cat")]
+    assert (tmp_path / "samples" / "grid.png").is_file()
+    privacy = {"adapter": {"token": "<S*>"}, "noise_source": "seeded", "trust_model": "central", "private": False,
+               "mechanism": "DPAgg-TI", "post_processing": [], "num_sites": 1, "declared_num_images": 4,
+               "sample_rate": 1.0, "centered": True, "bound": "clip", "clip_norm": 0.1, "noise_multiplier": 0.0,
+               "denominator": 4, "num_releases": 1}
+    card = model_card(privacy, {}, samples)
+    assert 'pipe("an emoji of a <S*> an emoji of a cat")' in card
