@@ -44,6 +44,39 @@ def round_seconds(result: RunResult, rounds: int) -> list[float]:
     return [round(end - starts[k], 2) for k, end in zip(range(1, rounds + 1), ends)]
 
 
+def timeline(result: RunResult, tasks: dict[str, list[dict]], rounds: int) -> list[dict]:
+    """Where each round's wall time goes (long-lived mode: the task records carry wall-clock starts).
+
+    Per round and site: ``to_task`` from the ServerApp's ``[ROUND k/N]`` line to the site's task
+    start (the message's trip: ServerApp push, SuperLink, the SuperNode's poll), ``pull`` (the task's
+    input fetch from the SuperNode), ``app`` (the site's own work) and ``reply`` (the rest of the task:
+    pushing the reply to the SuperNode). Per round: ``after_last_task`` from the end of the last
+    site's task to the next round's line (the reply's trip back, the server's aggregation and
+    checkpoint, the next round's push). The round lines reach us through ``flwr run --stream``
+    (log upload every 0.2 s, stream every 0.5 s), so each figure carries up to ~1 s of that latency."""
+    starts = result.round_starts()
+    ends = [starts.get(k + 1) for k in range(1, rounds)] + [result.first_time("Strategy execution finished")]
+    rows = []
+    for k in range(1, rounds + 1):
+        start, end = starts.get(k), ends[k - 1]
+        if start is None or end is None:
+            continue
+        row: dict = {"round": k, "seconds": round(end - start, 2), "sites": {}}
+        last_end = start
+        for site, site_tasks in tasks.items():
+            ordered = sorted(site_tasks, key=lambda t: t["started"])
+            if len(ordered) < k:
+                continue
+            t = ordered[k - 1]
+            pull, app = t.get("pull_seconds") or 0.0, t.get("app_seconds") or 0.0
+            row["sites"][site] = {"to_task": round(t["started"] - start, 2), "pull": pull, "app": app,
+                                  "reply": round(t["seconds"] - pull - app, 2)}
+            last_end = max(last_end, t["started"] + t["seconds"])
+        row["after_last_task"] = round(end - last_end, 2)
+        rows.append(row)
+    return rows
+
+
 def bench_mode(mode: str, root: Path, config: dict, rounds: int) -> dict:
     with LocalDeployment(root / mode, clientapp=mode, threads_per_site=1) as deployment:
         sites = deployment.start_federation(DATA, 2)
@@ -56,6 +89,7 @@ def bench_mode(mode: str, root: Path, config: dict, rounds: int) -> dict:
         for name, key in (("app_seconds", "app_seconds"), ("pull_seconds", "pull_seconds"), ("task_seconds", "seconds")):
             out[name] = {site: [t.get(key) for t in site_tasks] for site, site_tasks in tasks.items()}
         out["pids"] = {name: sorted({t["pid"] for t in site_tasks}) for name, site_tasks in tasks.items()}
+        out["timeline"] = timeline(result, tasks, rounds)
     return out
 
 
