@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 from flwr.app import Message
 
 from common.dp import GaussianSumMechanism
-from common.dp.mechanism import ArrayTree, RunningSum
+from common.dp.flatsum import ArrayTree, RunningSum
 from server.streaming import PULL_BATCH, pull_drained
 
 BLOCK = PULL_BATCH  # replies per block: one pull's worth, so a block never outlives a pull

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
-from common.dp.mechanism import FlatRecord
+from common.dp.flatsum import FlatRecord
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import DPAggPlan

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from common import keys
 from common.dp import PrivacyEvent
-from common.dp.mechanism import FlatRecord, flat_sum_of_squares
+from common.dp.flatsum import FlatRecord, flat_sum_of_squares
 
 
 class ReplyError(ValueError):
@@ -101,7 +101,7 @@ def _flat_floating(array: Array, key: str) -> tuple[np.ndarray, tuple[int, ...],
 
 
 def _finite_squares(flats: list[np.ndarray], names: list[str], sizes: tuple[int, ...] | None = None) -> float:
-    """sum(x^2) over ``flats`` in float64 (:func:`common.dp.mechanism.flat_sum_of_squares`);
+    """sum(x^2) over ``flats`` in float64 (:func:`common.dp.flatsum.flat_sum_of_squares`);
     it is finite iff every entry is (squares of float32-range values cannot overflow float64),
     so this one pass also rejects NaN and infinities (naming the first array that has one)."""
     squares = flat_sum_of_squares(flats, sizes)
@@ -151,9 +151,9 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
     floating point, finite, and flat L2 norm (accumulated in float64) at most ``max_norm``
     with a relative slack of 1e-5 for float32 transport, when given. The arrays are
     READ-ONLY NumPy views of the message bytes in the wire's dtype (float32 from a site),
-    by key in the order of ``shapes`` (a :class:`~common.dp.mechanism.FlatRecord`): no
+    by key in the order of ``shapes`` (a :class:`~common.dp.flatsum.FlatRecord`): no
     float64 copy is made. The norm is :meth:`common.dp.GaussianSumMechanism.tree_norm`'s
-    (the same :func:`~common.dp.mechanism.flat_sum_of_squares` over the arrays in key order,
+    (the same :func:`~common.dp.flatsum.flat_sum_of_squares` over the arrays in key order,
     bit for bit). Pass both to :meth:`~common.dp.GaussianSumMechanism.add_bounded_block`
     (or ``add_bounded``), which then neither converts nor measures the record again."""
     arrays = _arrays(reply)

@@ -31,7 +31,7 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource
-from common.dp.mechanism import FlatRecord, RunningSum
+from common.dp.flatsum import FlatRecord, RunningSum
 from server.blocks import BLOCK, BlockedSum
 from server.replies import read_update, read_vector_view
 from simulations.bench_shapes import SD15_EMBEDDING_DIM, SD15_UNET, lora_shapes, tiny_unet_config

@@ -1,0 +1,304 @@
+"""The flat float64 buffer behind the server's blocked sum, and the runs it is walked in.
+
+:meth:`common.dp.mechanism.GaussianSumMechanism.add_bounded_block` and ``add_block`` add
+CHECKED records (keys and shapes those of the running sum, every record checked before the
+total is touched) into one C-ordered float64 buffer (:class:`FlatSum`), a cache-sized run at a
+time (:func:`chunk_plan`, across tensor boundaries): every record of a block is added to a run
+before the next run. Each entry still sees the float64 additions one record after another, in
+block order, so the sum is exact in the sense that matters here: bit for bit the one that
+adding the records one by one gives. :func:`flat_sum_of_squares` walks the same kind of runs
+for the float64 norm. Bounding, noise and release stay in :mod:`common.dp.mechanism`, the
+one entry point; nothing here draws noise or decides a scale factor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+# A record the server read off the wire: tensors, or NumPy arrays (read-only views of the
+# message bytes, float32 as sent);
+# :meth:`common.dp.mechanism.GaussianSumMechanism.add_bounded` takes either.
+ArrayTree = Mapping[str, "torch.Tensor | np.ndarray"]
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def cpu_array(value: "torch.Tensor | np.ndarray") -> np.ndarray | None:
+    """``value`` as a NumPy array without a copy: a NumPy array itself, or a view of a CPU
+    tensor of a dtype NumPy has (float16/32/64). None for anything else (a GPU tensor,
+    bfloat16), which then takes the torch path. NumPy is used on the CPU because its
+    mixed-precision loops (float32 in, float64 out) run 5-10x faster than torch's there."""
+    if isinstance(value, np.ndarray):
+        return value
+    if value.device.type == "cpu" and value.dtype in _NUMPY_FLOATS:
+        return value.detach().numpy()
+    return None
+
+
+# Entries per run of the norm's float64 conversion and of the blocked sum: 64K float64 entries
+# (512 KB, within a 1 MB L2). Measured on SD 1.5 LoRA rank 4 and 64 against runs of 4K-128K
+# entries (BENCHMARKS.md, item 3): below 32K the NumPy calls per run and record cost more than
+# the cache saves; 32K-128K were equal within the noise.
+_SQUARES_CHUNK = 1 << 16
+_ADD_CHUNK = 1 << 16
+_DIRECT_PIECE = 1 << 14  # pieces at least this long on average are added one by one, not staged
+
+
+def flat_views(values: "Iterable[torch.Tensor | np.ndarray]") -> list[np.ndarray] | None:
+    """The entries of ``values`` as 1-D NumPy arrays in C order (views whenever the layout
+    allows; a Fortran-ordered array is copied), or None if any of them needs torch
+    (:func:`cpu_array`)."""
+    flats = []
+    for value in values:
+        array = cpu_array(value)
+        if array is None:
+            return None
+        flats.append(array.reshape(-1))
+    return flats
+
+
+@functools.lru_cache(maxsize=256)
+def chunk_plan(sizes: tuple[int, ...], chunk: int) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """Cut the concatenation of arrays of ``sizes`` entries into runs of ``chunk`` entries.
+
+    Entry ``(start, stop, first, lo, last, hi)``: entries ``start:stop`` of the concatenation
+    are ``flats[first][lo:]``, ``flats[first + 1:last]`` and ``flats[last][:hi]`` (or
+    ``flats[first][lo:hi]`` when ``first == last``). Cached: a run sees the same few trees."""
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    plan, index = [], 0
+    for start in range(0, offsets[-1], chunk):
+        stop = min(start + chunk, offsets[-1])
+        while offsets[index + 1] <= start:  # skip empty arrays and those entirely before start
+            index += 1
+        last = index
+        while offsets[last + 1] < stop:
+            last += 1
+        plan.append((start, stop, index, start - offsets[index], last, stop - offsets[last]))
+    return tuple(plan)
+
+
+def chunk_pieces(flats: list[np.ndarray], entry: tuple[int, int, int, int, int, int]) -> list[np.ndarray]:
+    """The views that make up one :func:`chunk_plan` entry, in order."""
+    _, _, first, lo, last, hi = entry
+    if first == last:
+        whole = lo == 0 and hi == flats[first].size
+        return [flats[first] if whole else flats[first][lo:hi]]
+    pieces = flats[first:last + 1]
+    pieces[0], pieces[-1] = pieces[0][lo:], pieces[-1][:hi]
+    return pieces
+
+
+def flat_sum_of_squares(flats: list[np.ndarray], sizes: tuple[int, ...] | None = None) -> float:
+    """sum(x^2) over the concatenation of ``flats`` (1-D arrays; ``sizes``: their lengths,
+    when the caller has them at hand), accumulated in float64.
+
+    The concatenation is cut into runs of ``_SQUARES_CHUNK`` entries (:func:`chunk_plan`,
+    across array boundaries: a tree of many small tensors costs one conversion and one BLAS
+    ``dot`` per run, not per tensor); each run is converted to float64 (exact for float16/32:
+    every square is then exact too) and its dot product added, left to right, to a Python
+    float. The result depends only on the entries and their order, so every caller that
+    passes the same values in the same order gets the same float, bit for bit."""
+    if len(flats) == 1 and flats[0].size <= _SQUARES_CHUNK:  # one small array: the one run is the array
+        run = flats[0].astype(np.float64)
+        return float(np.dot(run, run))
+    plan = chunk_plan(tuple(flat.size for flat in flats) if sizes is None else sizes, _SQUARES_CHUNK)
+    if len(plan) == 1:  # one run (a small tree): one conversion call, no stage to set up
+        run = np.concatenate(chunk_pieces(flats, plan[0]), dtype=np.float64)
+        return float(np.dot(run, run))
+    squares = 0.0
+    stage = np.empty(_SQUARES_CHUNK, dtype=np.float64)
+    for entry in plan:
+        run = stage[:entry[1] - entry[0]]
+        np.concatenate(chunk_pieces(flats, entry), out=run)
+        squares += float(np.dot(run, run))
+    return squares
+
+
+def _scaled_float64(value: "torch.Tensor | np.ndarray", factor: float) -> torch.Tensor:
+    """A new float64 tensor holding ``float64(value) * factor`` (a plain copy when factor is 1)."""
+    if isinstance(value, np.ndarray):
+        out = np.array(value, dtype=np.float64, order="C")
+        if factor != 1.0:
+            np.multiply(out, factor, out=out)
+        return torch.from_numpy(out)
+    value = value.detach()
+    return value.to(torch.float64, copy=True) if factor == 1.0 else value.to(torch.float64) * factor
+
+
+def _add_into(total: torch.Tensor, value: "torch.Tensor | np.ndarray", factor: float) -> None:
+    """``total += float64(value) * factor`` in place (just ``total += value`` when factor is 1).
+
+    On the CPU, through NumPy: ``np.add`` reads float32 and accumulates in float64 in one
+    pass. Elsewhere (a GPU sum, a bfloat16 record), torch."""
+    out = total.numpy() if total.device.type == "cpu" and total.dtype == torch.float64 else None
+    array = cpu_array(value) if out is not None else None
+    if array is not None:
+        np.add(out, array if factor == 1.0 else np.multiply(array, factor, dtype=np.float64), out=out)
+        return
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.array(value, dtype=np.float64))
+    value = value.detach().to(device=total.device, dtype=torch.float64)
+    total.add_(value if factor == 1.0 else value * factor)
+
+
+class FlatRecord(Mapping[str, np.ndarray]):
+    """A record as 1-D arrays in key order, with each key's shape (what
+    :func:`server.replies.read_update` gives: read-only float32 views of a reply's bytes).
+
+    Reading a key gives that array in its shape (a view); the blocked sum takes ``flats``
+    as they are when the keys and shapes are the running sum's, so a record of many small
+    tensors costs no per-tensor work there."""
+
+    def __init__(self, keys: list[str], shapes: list[tuple[int, ...]], flats: list[np.ndarray]) -> None:
+        self.keys_list, self.shapes, self.flats = keys, shapes, flats
+        self._index: dict[str, int] | None = None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.keys_list)}
+        i = self._index[key]
+        return self.flats[i].reshape(self.shapes[i])
+
+    def __iter__(self):
+        return iter(self.keys_list)
+
+    def __len__(self) -> int:
+        return len(self.keys_list)
+
+
+class FlatSum(Mapping[str, torch.Tensor]):
+    """A float64 running sum over a fixed set of tensors, kept in ONE flat C-ordered buffer.
+
+    Reads as a mapping of float64 tensors (views into the buffer, in key order), so
+    :meth:`common.dp.mechanism.GaussianSumMechanism.release` and the strategies use it as any
+    tree. The blocked sum (:func:`_add_runs`) walks the buffer in runs of ``_ADD_CHUNK``
+    entries across tensor boundaries: a tree of many small tensors (SD 1.5 rank 4: 256 tensors
+    of 3K entries) costs a few NumPy calls per record and run, not one per tensor."""
+
+    def __init__(self, keys: list[str], shapes: list[tuple[int, ...]]) -> None:
+        self.keys_list, self.shapes = keys, shapes
+        sizes = tuple(math.prod(shape) for shape in shapes)
+        self.flat = np.empty(sum(sizes), dtype=np.float64)
+        self.plan = chunk_plan(sizes, _ADD_CHUNK)
+        self._views: dict[str, torch.Tensor] = {}
+        offset = 0
+        for key, shape, size in zip(keys, shapes, sizes):
+            self._views[key] = torch.from_numpy(self.flat[offset:offset + size].reshape(shape))
+            offset += size
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._views[key]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+RunningSum = FlatSum | dict[str, torch.Tensor]
+
+
+def _layout(record: ArrayTree) -> tuple[list[str], list[tuple[int, ...]]]:
+    """A record's keys and shapes, in its order."""
+    if isinstance(record, FlatRecord):
+        return record.keys_list, record.shapes
+    return list(record), [tuple(v.shape) for v in record.values()]
+
+
+def _ordered_values(keys: list[str], shapes: list[tuple[int, ...]], record: ArrayTree) -> list:
+    """The record's values in the order of ``keys``, after checking that it has exactly those
+    keys and shapes (a record that does not fit raises ValueError)."""
+    if record.keys() != set(keys):
+        raise ValueError(f"record has keys {sorted(record)}, expected {sorted(keys)}")
+    values = [record[k] for k in keys]
+    for key, value, shape in zip(keys, values, shapes):
+        if tuple(value.shape) != shape:
+            raise ValueError(f"record {key!r} has shape {tuple(value.shape)}, expected {shape}")
+    return values
+
+
+def _record_flats(keys: list[str], shapes: list[tuple[int, ...]], record: ArrayTree) -> list[np.ndarray] | None:
+    """The record's entries as 1-D arrays in the order of ``keys`` (checked as
+    :func:`_ordered_values` does), or None if one of them needs torch."""
+    if isinstance(record, FlatRecord) and record.keys_list == keys and record.shapes == shapes:
+        return record.flats
+    return flat_views(_ordered_values(keys, shapes, record))
+
+
+def _sum_block(total: RunningSum | None, records: Sequence[ArrayTree], factors: list[float]) -> RunningSum | None:
+    """``total + float64(record) * factor`` for each record in turn, in place (``factor`` 1:
+    just the record). Every record is checked (keys, shapes) before the total is touched.
+    CPU arrays go through :func:`_add_runs` into a :class:`FlatSum`; a GPU or bfloat16 record,
+    or a total that is a plain dict, through torch one record at a time."""
+    if not records:
+        return total
+    keys, shapes = (total.keys_list, total.shapes) if isinstance(total, FlatSum) else _layout(
+        records[0] if total is None else total)
+    flats = [_record_flats(keys, shapes, record) for record in records]
+    if (total is None or isinstance(total, FlatSum)) and all(f is not None for f in flats):
+        fresh = total is None
+        if fresh:
+            total = FlatSum(keys, shapes)
+        _add_runs(total.flat, total.plan, flats, factors, fresh)
+        return total
+    for record, factor in zip(records, factors):
+        values = _ordered_values(keys, shapes, record)
+        if total is None:  # the first record starts the sum: a float64 copy, scaled as bound_tree does
+            total = {k: _scaled_float64(v, factor) for k, v in zip(keys, values)}
+        else:
+            for k, v in zip(keys, values):
+                _add_into(total[k], v, factor)
+    return total
+
+
+def _add_runs(out: np.ndarray, plan, flats: list[list[np.ndarray]], factors: list[float], fresh: bool) -> None:
+    """Add every record (``flats[j]``: its 1-D arrays in key order, times ``factors[j]``) into
+    the flat float64 sum ``out``, one cache-sized run of ``out`` at a time.
+
+    For each run every record's matching entries are added before the next run, so the run
+    stays in cache and ``out`` is read and written once per block instead of once per record.
+    Each entry still sees the additions one record after another in block order: the float64
+    result is that of adding the records one by one. A record's pieces of a run are converted
+    to float64 (exact) with one ``np.concatenate`` into a cache-resident stage, scaled there
+    when clipped (float64(x) * factor, one rounding, as bound_tree), then added. ``fresh``: the
+    first record STARTS the sum (its scaled copy is written, nothing is read)."""
+    stage = np.empty(min(_ADD_CHUNK, out.size), dtype=np.float64)
+    for entry in plan:
+        run = out[entry[0]:entry[1]]
+        for j, (record, factor) in enumerate(zip(flats, factors)):
+            pieces = chunk_pieces(record, entry)
+            if fresh and j == 0:
+                _load(run, pieces, factor)
+            elif factor == 1.0 and (len(pieces) == 1 or len(pieces) * _DIRECT_PIECE <= run.size):
+                _add_pieces(run, pieces)  # one or a few large pieces: no stage (measured 15% faster)
+            else:
+                part = stage[:run.size]
+                _load(part, pieces, factor)
+                np.add(run, part, out=run)
+
+
+def _add_pieces(run: np.ndarray, pieces: list[np.ndarray]) -> None:
+    """``run += float64(concatenate(pieces))``, one ``np.add`` per piece: NumPy converts each
+    float32 piece in its own loop, exactly, and adds in float64 (one rounding per entry)."""
+    if len(pieces) == 1:
+        np.add(run, pieces[0], out=run)
+        return
+    offset = 0
+    for piece in pieces:
+        part = run[offset:offset + piece.size]
+        np.add(part, piece, out=part)
+        offset += piece.size
+
+
+def _load(out: np.ndarray, pieces: list[np.ndarray], factor: float) -> None:
+    """``out = float64(concatenate(pieces)) * factor`` (a plain exact copy when factor is 1)."""
+    np.concatenate(pieces, out=out)
+    if factor != 1.0:
+        np.multiply(out, factor, out=out)
