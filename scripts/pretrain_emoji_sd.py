@@ -192,14 +192,12 @@ def adopt_vae(source: Path, work: Path) -> dict:
     source = Path(source)
     vae = AutoencoderKL.from_pretrained(source / "vae" if (source / "vae").is_dir() else source,
                                         torch_dtype=torch.float32)
-    if float(vae.quant_conv.bias[vae.quant_conv.out_channels // 2:].max()) > LOGVAR_FLOOR + 1:
+    if float(vae.quant_conv.bias.detach()[vae.quant_conv.out_channels // 2:].max()) > LOGVAR_FLOOR + 1:
         raise ValueError(f"--vae-from {source}: not a VAE of this script (its log-variance is not fixed at the floor)")
     vae.save_pretrained(work / "vae")
     earlier = source / "training.json" if (source / "vae").is_dir() else source.parent / "training.json"
-    log = {"adopted_from": str(source), "curve": []}
-    if earlier.is_file():
-        log.update({k: v for k, v in json.loads(earlier.read_text()).get("vae", {}).items() if k != "curve"})
-    log["adopted_from"] = str(source)
+    log = {k: v for k, v in json.loads(earlier.read_text()).get("vae", {}).items()} if earlier.is_file() else {}
+    log.update({"adopted_from": str(source), "curve": []})
     (work / "vae_log.json").write_text(json.dumps(log))
     return log
 
