@@ -32,6 +32,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from common.emoji import list_emoji, load_pixels  # noqa: E402
 from common.evaluation.metrics import clopper_pearson  # noqa: E402
+from simulations.demo_grid import read_samples  # noqa: E402
 
 
 def reference(twitter_dir: Path, google_dir: Path, resolution: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -43,13 +44,13 @@ def reference(twitter_dir: Path, google_dir: Path, resolution: int) -> tuple[tor
     return torch.from_numpy(pixels).float().flatten(1), labels
 
 
-def noto_share(paths: list[Path], ref: torch.Tensor, labels: np.ndarray, resolution: int) -> dict:
-    x = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution), Image.BOX))
-                                   for p in paths])).float().flatten(1)
+def noto_share(images: list[Image.Image], ref: torch.Tensor, labels: np.ndarray, resolution: int) -> dict:
+    x = torch.from_numpy(np.stack([np.asarray(im.resize((resolution, resolution), Image.BOX))
+                                   for im in images])).float().flatten(1)
     nearest = torch.cdist(x, ref).argmin(dim=1).numpy()
     hits = int(labels[nearest].sum())
-    lo, hi = clopper_pearson(hits, len(paths))
-    return {"samples": len(paths), "nearest_is_noto": hits / len(paths), "ci95": [round(lo, 3), round(hi, 3)]}
+    lo, hi = clopper_pearson(hits, len(images))
+    return {"samples": len(images), "nearest_is_noto": hits / len(images), "ci95": [round(lo, 3), round(hi, 3)]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,12 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resolution", type=int, default=32)
     args = p.parse_args(argv)
     ref, labels = reference(args.twitter_dir, args.google_dir, args.resolution)
-    report = {}
+    # the base row is the same in every run (same prompts and seeds): read it from the first
+    report = {"base": noto_share(read_samples(args.runs[0], "base"), ref, labels, args.resolution)}
     for run in args.runs:
-        for kind in ("base", "adapted"):
-            paths = sorted((run / "samples").glob(f"{kind}_*.png"))
-            if paths and not (kind == "base" and "base" in report):  # the base row is the same in every run
-                report["base" if kind == "base" else str(run)] = noto_share(paths, ref, labels, args.resolution)
+        report[str(run)] = noto_share(read_samples(run, "adapted"), ref, labels, args.resolution)
     print(json.dumps(report, indent=1))
 
 

@@ -28,7 +28,7 @@ def generate_samples(
     prompts: Sequence[str],
     out_dir: Path,
     *,
-    template: str = "{caption} in the style of {token}",
+    template: str,
     steps: int,
     guidance: float,
     seed: int,

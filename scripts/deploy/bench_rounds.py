@@ -56,6 +56,7 @@ def timeline(result: RunResult, tasks: dict[str, list[dict]], rounds: int) -> li
     (log upload every 0.2 s, stream every 0.5 s), so each figure carries up to ~1 s of that latency."""
     starts = result.round_starts()
     ends = [starts.get(k + 1) for k in range(1, rounds)] + [result.first_time("Strategy execution finished")]
+    ordered = {site: sorted(site_tasks, key=lambda t: t["started"]) for site, site_tasks in tasks.items()}
     rows = []
     for k in range(1, rounds + 1):
         start, end = starts.get(k), ends[k - 1]
@@ -63,11 +64,10 @@ def timeline(result: RunResult, tasks: dict[str, list[dict]], rounds: int) -> li
             continue
         row: dict = {"round": k, "seconds": round(end - start, 2), "sites": {}}
         last_end = start
-        for site, site_tasks in tasks.items():
-            ordered = sorted(site_tasks, key=lambda t: t["started"])
-            if len(ordered) < k:
+        for site, site_tasks in ordered.items():
+            if len(site_tasks) < k:
                 continue
-            t = ordered[k - 1]
+            t = site_tasks[k - 1]
             pull, app = t.get("pull_seconds") or 0.0, t.get("app_seconds") or 0.0
             row["sites"][site] = {"to_task": round(t["started"] - start, 2), "pull": pull, "app": app,
                                   "reply": round(t["seconds"] - pull - app, 2)}
