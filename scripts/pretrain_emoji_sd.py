@@ -29,12 +29,16 @@ checkpoint interval (a finished stage is skipped when the script is run again):
 Outputs in ``--out``: the pipeline (fp16 safetensors), ``training.json`` (settings, timings,
 losses) and ``loss_curve.png``; in ``--work``: checkpoints and sample grids during training.
 
-Rebuild (the package from ``npm pack emoji-datasource-twitter@16.0.0``, unpacked); the
-committed checkpoint was made by the first call (its VAE stage taken over from the previous build,
-which the second call trains anew), see assets/emoji-sd/README.md::
+The committed model (assets/emoji-sd) is this script's output followed by a fourth stage,
+``scripts/teach_emoji_styles.py`` (the same things drawn by OpenMoji, captioned "... in the
+style of outline", so that the words after "in the style of" select a drawing style).
 
-    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --vae-from assets/emoji-sd --threads 2 --unet-steps 6500 --checkpoint-every 500
-    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --threads 2 --unet-steps 6500 --checkpoint-every 500
+Rebuild (the package from ``npm pack emoji-datasource-twitter@16.0.0``, unpacked); stages 1-3
+of the committed checkpoint were made by the first call (its VAE stage taken over from the
+previous build, which the second call trains anew), see assets/emoji-sd/README.md::
+
+    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --out STAGE3 --vae-from assets/emoji-sd --threads 2 --unet-steps 6500 --checkpoint-every 500
+    python scripts/pretrain_emoji_sd.py --package-dir PATH/package --out STAGE3 --threads 2 --unet-steps 6500 --checkpoint-every 500
 """
 
 from __future__ import annotations
