@@ -33,7 +33,7 @@ from common.paths import derive_seed, resolve
 from common.secagg.protocol import ROUND_ID as SECAGG_ROUND
 from common.secagg.protocol import STAGE as SECAGG_STAGE
 from common.tiny_sd import tiny_sd_dir
-from common.wire import record_tree, tree_record
+from common.wire import packed_record, record_tree
 
 log = logging.getLogger("privadapt.client")
 
@@ -173,7 +173,10 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     spec = lora_spec(cfg)
     pipe = get_pipeline(cfg, spec)
     expected = tree_shapes(lora_state(pipe, spec))
-    received = record_tree(msg.content[keys.ARRAYS])
+    try:
+        received = record_tree(msg.content[keys.ARRAYS], expected)
+    except ValueError as err:
+        raise ValueError(f"{name}: the server's adapter: {err}") from None
     if tree_shapes(received) != expected:
         raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
                          f"(rank {spec.rank}, targets {','.join(spec.targets)})")
@@ -196,7 +199,7 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
 def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
     """Train from the server's adapter, clip the delta to ``lora-clip-norm`` and send it."""
     delta, report = lora_contribution(msg, context, cfg, index, name, folder)
-    return RecordDict({keys.ARRAYS: tree_record(delta), keys.METRICS: MetricRecord(report)})
+    return RecordDict({keys.ARRAYS: packed_record(delta), keys.METRICS: MetricRecord(report)})
 
 
 def secure_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> Message:

@@ -41,7 +41,7 @@ from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
-from common.wire import tree_record
+from common.wire import packed_record, tree_record
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import FedAvgPlan
@@ -203,11 +203,11 @@ class DPFedAvgLoRA(LedgerStrategy):
             self.secure = secure_round(
                 grid, chosen, mode=self.aggregation, round_id=server_round, shapes=self.shapes,
                 mechanism=self.mechanism, contribution_bound=self.mechanism.clip_norm, clip_each=True,
-                config=dict(cfg), payload=RecordDict({keys.ARRAYS: tree_record(self.global_state)}),
+                config=dict(cfg), payload=RecordDict({keys.ARRAYS: packed_record(self.global_state)}),
                 timeout=self.timeout,
             )
             return []
-        content = RecordDict({keys.ARRAYS: tree_record(self.global_state), keys.CONFIG: cfg})
+        content = RecordDict({keys.ARRAYS: packed_record(self.global_state), keys.CONFIG: cfg})
         return Instructions(chosen, content)  # built while pushed: never n messages at once (server.sites)
 
     def _aggregate_secure(self, entry: RoundLog) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from common import keys
 from common.dp import PrivacyEvent
 from common.dp.flatsum import FlatRecord, flat_sum_of_squares
+from common.wire import PACKED
 
 
 class ReplyError(ValueError):
@@ -157,6 +158,8 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
     bit for bit). Pass both to :meth:`~common.dp.GaussianSumMechanism.add_bounded_block`
     (or ``add_bounded``), which then neither converts nor measures the record again."""
     arrays = _arrays(reply)
+    if list(arrays.keys()) == [PACKED]:
+        return _read_packed(arrays[PACKED], shapes, max_norm)
     if arrays.keys() != shapes.keys():
         missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
         raise ReplyError(f"reply tensors do not match the adapter: {len(missing)} missing (e.g. {missing[:1]}), "
@@ -176,6 +179,24 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
     if max_norm is not None and norm > max_norm * (1 + 1e-5):
         raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
     return FlatRecord(names, sent_shapes, flats), norm
+
+
+def _read_packed(array: Array, shapes: Mapping[str, tuple[int, ...]],
+                 max_norm: float | None) -> tuple[FlatRecord, float]:
+    """:func:`read_update` for a packed reply (:func:`common.wire.packed_record`): one 1-D
+    floating-point array of exactly the adapter's number of entries, split into read-only
+    views in the order of ``shapes``; the same finite and norm checks."""
+    flat, sent, _, count = _flat_floating(array, PACKED)
+    names, expected = list(shapes), [tuple(shape) for shape in shapes.values()]
+    sizes = [math.prod(shape) for shape in expected]
+    if len(sent) != 1 or count != sum(sizes):
+        raise ReplyError(f"{PACKED} has shape {sent}, expected ({sum(sizes)},) for the adapter's {len(names)} tensors")
+    offsets = np.cumsum([0] + sizes)
+    flats = [flat[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+    norm = math.sqrt(_finite_squares(flats, names, tuple(sizes)))
+    if max_norm is not None and norm > max_norm * (1 + 1e-5):
+        raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
+    return FlatRecord(names, expected, flats), norm
 
 
 def _c_order(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -46,7 +46,7 @@ class ReplyingGrid(PushPullGrid):
         node = m.metadata.dst_node_id
         if node in self.silent:
             return None
-        state = record_tree(m.content[keys.ARRAYS])
+        state = record_tree(m.content[keys.ARRAYS], SHAPES)  # packed, in the strategy's key order
         delta = {k: 0.05 * node * torch.ones(s, dtype=torch.float64) - 0.5 * state[k].double()
                  for k, s in SHAPES.items()}
         if node in self.bad:

@@ -70,7 +70,7 @@ def test_zero_noise_aggregate_is_the_sum_over_the_expected_count(tmp_path):
     s = make(q=1.0, sites=4, ledger_path=tmp_path / "ledger.json")
     messages = start_round(s, 1, [1, 2, 3])
     assert {m.metadata.dst_node_id for m in messages} == {1, 2, 3}
-    sent = record_tree(messages[0].content[keys.ARRAYS])
+    sent = record_tree(messages[0].content[keys.ARRAYS], s.shapes)  # packed: one Array
     assert set(sent) == set(SHAPES)
     d1, d2 = tree(0.1, seed=1), tree(0.05, seed=2)
     arrays, metrics = s.aggregate_train(1, [reply(d1, 1), reply(d2, 2)])

@@ -186,3 +186,44 @@ def test_sum_of_squares_is_not_finite_when_an_entry_is_not(bad):
     value = np.zeros(100_000, dtype=np.float32)
     value[70_000] = bad
     assert not math.isfinite(sum_of_squares(value))
+
+
+def packed_reply(sent: dict[str, np.ndarray]) -> Message:
+    from common.wire import packed_record
+
+    return Message(content=RecordDict({keys.ARRAYS: packed_record({k: torch.from_numpy(v) for k, v in sent.items()})}),
+                   metadata=reply({}).metadata)
+
+
+def test_a_packed_reply_reads_as_its_per_tensor_twin_bit_for_bit():
+    """common.wire.packed_record (one Array for the whole adapter, what sites send) gives the
+    same checked views, shapes and norm as one Array per tensor, and the same sums."""
+    mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    rng = np.random.default_rng(1)
+    shapes = {"a": (3, 70_000), "b": (5,), "c": (2, 3)}
+    packed_sum = twin_sum = None
+    for scale in (1e-3, 2.0):  # within the bound, clipped
+        sent = {k: (rng.standard_normal(s) * scale / math.sqrt(math.prod(s))).astype(np.float32) for k, s in shapes.items()}
+        packed, norm = read_update(packed_reply(sent), shapes, max_norm=None)
+        twin, twin_norm = read_update(reply({k: Array(v) for k, v in sent.items()}), shapes)
+        assert norm == twin_norm and list(packed) == list(shapes)
+        for key in shapes:
+            assert packed[key].shape == shapes[key] and not packed[key].flags.writeable
+            np.testing.assert_array_equal(packed[key], sent[key])
+        packed_sum = mechanism.add_bounded(packed_sum, packed, norm=norm)
+        twin_sum = mechanism.add_bounded(twin_sum, twin, norm=twin_norm)
+    for k in shapes:
+        assert torch.equal(packed_sum[k], twin_sum[k])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: {**s, "b": np.zeros(6, np.float32)}, r"privadapt.packed has shape \(15,\), expected \(14,\)"),
+    (lambda s: {**s, "b": np.full(5, np.nan, np.float32)}, "NaN or infinite"),
+    (lambda s: {k: v * 100 for k, v in s.items()}, "L2 norm"),
+])
+def test_bad_packed_replies_are_rejected(change, match):
+    shapes = {"a": (3, 3), "b": (5,)}
+    sent = {"a": np.full((3, 3), 0.01, np.float32), "b": np.zeros(5, np.float32)}
+    read_update(packed_reply(sent), shapes, max_norm=1.0)  # as sent: accepted
+    with pytest.raises(ReplyError, match=match):
+        read_update(packed_reply(change(sent)), shapes, max_norm=1.0)

@@ -1,0 +1,39 @@
+"""common.wire: the adapter's two wire layouts (one Array per tensor, or one packed Array)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.wire import PACKED, packed_record, record_tree, tree_record
+
+
+def tree():
+    g = torch.Generator().manual_seed(0)
+    return {"unet.a": torch.randn(3, 4, generator=g, dtype=torch.float64), "unet.b": torch.randn(5, generator=g),
+            "text.c": torch.randn(2, 1, 2, generator=g)}
+
+
+def test_packed_record_is_one_array_and_unpacks_to_the_float32_tree():
+    t = tree()
+    record = packed_record(t)
+    assert list(record) == [PACKED] and record[PACKED].shape == (12 + 5 + 4,)
+    back = record_tree(record, {k: tuple(v.shape) for k, v in t.items()})
+    assert list(back) == list(t)
+    for k, v in t.items():
+        assert back[k].dtype == torch.float32 and torch.equal(back[k], v.float())
+
+
+def test_per_tensor_record_reads_with_or_without_shapes():
+    t = tree()
+    for shapes in (None, {k: tuple(v.shape) for k, v in t.items()}):
+        back = record_tree(tree_record(t), shapes)
+        assert all(torch.equal(back[k], v.float()) for k, v in t.items())
+
+
+def test_packed_record_needs_the_layout_and_its_exact_size():
+    record = packed_record(tree())
+    with pytest.raises(ValueError, match="needs the adapter's shapes"):
+        record_tree(record)
+    with pytest.raises(ValueError, match="holds 21 entries, the adapter has 20"):
+        record_tree(record, {"unet.a": (3, 4), "unet.b": (4,), "text.c": (2, 1, 2)})
