@@ -3,9 +3,10 @@
 Two layouts, both float32 on the wire:
 
 - **per tensor** (:func:`tree_record`): one ``Array`` under each tree key (``unet.<peft name>``...);
-- **packed** (:func:`packed_record`): ONE ``Array`` under :data:`PACKED`, the tensors' entries
-  concatenated (each in C order) in the tree's key order. Both sides know that order and the
-  shapes (the adapter's layout is fixed by the run config), so nothing else travels.
+- **packed** (:func:`packed_record`): ONE ``Array``, the tensors' entries concatenated (each in
+  C order) in the tree's key order, under the key ``privadapt.packed:<digest>``. Both sides know
+  that order and the shapes (the run config fixes the adapter); the digest of keys and shapes
+  lets the receiver check that they are the same, so only the numbers travel.
 
 Messages use the packed layout: Flower moves every ``Array`` as its own object (plus a chunk
 object each), one request apiece between SuperLink, SuperNode and ServerApp, so a 64-tensor
@@ -17,6 +18,7 @@ dtype and value before anything touches an aggregate.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 
@@ -24,7 +26,19 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-PACKED = "privadapt.packed"  # the one key of a packed record (no adapter tensor is named so)
+PACKED = "privadapt.packed"  # the one key of a packed record is PACKED:<layout digest> (no tensor is named so)
+
+
+def layout_digest(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """16 hex digits naming the keys and shapes in their order: a packed record carries its
+    sender's, so a receiver whose adapter is laid out otherwise (other targets, rank or key
+    order: same size, different meaning) gets an error instead of misplaced values."""
+    text = ";".join(f"{k}={','.join(map(str, shape))}" for k, shape in shapes.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def packed_key(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    return f"{PACKED}:{layout_digest(shapes)}"
 
 
 def tree_record(tree: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -33,14 +47,23 @@ def tree_record(tree: dict[str, torch.Tensor]) -> ArrayRecord:
 
 
 def packed_record(tree: dict[str, torch.Tensor]) -> ArrayRecord:
-    """A flat tree of tensors as ONE float32 Array under :data:`PACKED`, in the tree's key order."""
+    """A flat tree of tensors as ONE float32 Array under :func:`packed_key`, in the tree's key order."""
     parts = [v.detach().cpu().reshape(-1).to(torch.float32) for v in tree.values()]
     flat = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float32)
-    return ArrayRecord(array_dict={PACKED: Array(flat)})
+    return ArrayRecord(array_dict={packed_key({k: tuple(v.shape) for k, v in tree.items()}): Array(flat)})
 
 
-def is_packed(record: ArrayRecord) -> bool:
-    return list(record.keys()) == [PACKED]
+def packed_array_key(record: ArrayRecord) -> str | None:
+    """The key of a packed record's one Array, or None for a per-tensor record."""
+    names = list(record.keys())
+    return names[0] if len(names) == 1 and names[0].startswith(PACKED + ":") else None
+
+
+def check_layout(key: str, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """ValueError unless the packed ``key`` names the layout ``shapes``."""
+    if key != packed_key(shapes):
+        raise ValueError(f"packed record's layout {key.partition(':')[2]!r} is not this adapter's "
+                         f"{layout_digest(shapes)!r} (other LoRA targets, rank or tensor order)")
 
 
 def record_tree(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
@@ -48,11 +71,13 @@ def record_tree(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | Non
 
     A packed record needs ``shapes`` (the expected keys and shapes, in key order) and must hold
     exactly their number of entries; a per-tensor record is read as it is."""
-    if not is_packed(record):
+    key = packed_array_key(record)
+    if key is None:
         return {k: torch.from_numpy(np.asarray(record[k].numpy(), dtype=np.float32).copy()) for k in record}
     if shapes is None:
         raise ValueError(f"a packed record ({PACKED}) needs the adapter's shapes to be unpacked")
-    flat = np.asarray(record[PACKED].numpy(), dtype=np.float32).reshape(-1)
+    check_layout(key, shapes)
+    flat = np.asarray(record[key].numpy(), dtype=np.float32).reshape(-1)
     sizes = [math.prod(shape) for shape in shapes.values()]
     if flat.size != sum(sizes):
         raise ValueError(f"packed record holds {flat.size} entries, the adapter has {sum(sizes)}")

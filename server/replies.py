@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from common import keys
 from common.dp import PrivacyEvent
 from common.dp.flatsum import FlatRecord, flat_sum_of_squares
-from common.wire import PACKED
+from common.wire import check_layout, packed_array_key
 
 
 class ReplyError(ValueError):
@@ -148,7 +148,10 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
                 max_norm: float | None = None) -> tuple[FlatRecord, float]:
     """A site's update as sent, checked, and its flat L2 norm: ``(arrays, norm)``.
 
-    The checks are :func:`read_tree`'s: exactly the keys of ``shapes``, those shapes,
+    The reply holds one Array per tensor, or the whole adapter packed in one Array
+    (:func:`common.wire.packed_record`, what sites send), whose key must name the layout of
+    ``shapes`` and whose length must be theirs; either way the checks are then
+    :func:`read_tree`'s: exactly the keys of ``shapes``, those shapes,
     floating point, finite, and flat L2 norm (accumulated in float64) at most ``max_norm``
     with a relative slack of 1e-5 for float32 transport, when given. The arrays are
     READ-ONLY NumPy views of the message bytes in the wire's dtype (float32 from a site),
@@ -158,8 +161,8 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
     bit for bit). Pass both to :meth:`~common.dp.GaussianSumMechanism.add_bounded_block`
     (or ``add_bounded``), which then neither converts nor measures the record again."""
     arrays = _arrays(reply)
-    if list(arrays.keys()) == [PACKED]:
-        return _read_packed(arrays[PACKED], shapes, max_norm)
+    if (packed := packed_array_key(arrays)) is not None:
+        return _read_packed(arrays[packed], packed, shapes, max_norm)
     if arrays.keys() != shapes.keys():
         missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
         raise ReplyError(f"reply tensors do not match the adapter: {len(missing)} missing (e.g. {missing[:1]}), "
@@ -181,16 +184,20 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
     return FlatRecord(names, sent_shapes, flats), norm
 
 
-def _read_packed(array: Array, shapes: Mapping[str, tuple[int, ...]],
+def _read_packed(array: Array, key: str, shapes: Mapping[str, tuple[int, ...]],
                  max_norm: float | None) -> tuple[FlatRecord, float]:
     """:func:`read_update` for a packed reply (:func:`common.wire.packed_record`): one 1-D
     floating-point array of exactly the adapter's number of entries, split into read-only
     views in the order of ``shapes``; the same finite and norm checks."""
-    flat, sent, _, count = _flat_floating(array, PACKED)
+    try:
+        check_layout(key, shapes)
+    except ValueError as err:
+        raise ReplyError(str(err)) from None
+    flat, sent, _, count = _flat_floating(array, key)
     names, expected = list(shapes), [tuple(shape) for shape in shapes.values()]
     sizes = [math.prod(shape) for shape in expected]
     if len(sent) != 1 or count != sum(sizes):
-        raise ReplyError(f"{PACKED} has shape {sent}, expected ({sum(sizes)},) for the adapter's {len(names)} tensors")
+        raise ReplyError(f"{key} has shape {sent}, expected ({sum(sizes)},) for the adapter's {len(names)} tensors")
     offsets = np.cumsum([0] + sizes)
     flats = [flat[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
     norm = math.sqrt(_finite_squares(flats, names, tuple(sizes)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from common.wire import PACKED, packed_record, record_tree, tree_record
+from flwr.app import Array, ArrayRecord
+
+from common.wire import packed_array_key, packed_key, packed_record, record_tree, tree_record
 
 
 def tree():
@@ -17,7 +20,8 @@ def tree():
 def test_packed_record_is_one_array_and_unpacks_to_the_float32_tree():
     t = tree()
     record = packed_record(t)
-    assert list(record) == [PACKED] and record[PACKED].shape == (12 + 5 + 4,)
+    key = packed_array_key(record)
+    assert list(record) == [key] and key.startswith("privadapt.packed:") and record[key].shape == (12 + 5 + 4,)
     back = record_tree(record, {k: tuple(v.shape) for k, v in t.items()})
     assert list(back) == list(t)
     for k, v in t.items():
@@ -35,5 +39,14 @@ def test_packed_record_needs_the_layout_and_its_exact_size():
     record = packed_record(tree())
     with pytest.raises(ValueError, match="needs the adapter's shapes"):
         record_tree(record)
-    with pytest.raises(ValueError, match="holds 21 entries, the adapter has 20"):
+    with pytest.raises(ValueError, match="not this adapter's"):  # other shapes
         record_tree(record, {"unet.a": (3, 4), "unet.b": (4,), "text.c": (2, 1, 2)})
+    with pytest.raises(ValueError, match="not this adapter's"):  # same size, other order
+        record_tree(record, {"unet.b": (5,), "unet.a": (3, 4), "text.c": (2, 1, 2)})
+
+
+def test_a_packed_record_of_the_right_layout_but_the_wrong_size_is_refused():
+    shapes = {"unet.a": (3, 4), "unet.b": (5,)}
+    record = ArrayRecord(array_dict={packed_key(shapes): Array(np.zeros(16, np.float32))})
+    with pytest.raises(ValueError, match="holds 16 entries, the adapter has 17"):
+        record_tree(record, shapes)

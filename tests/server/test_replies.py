@@ -217,7 +217,8 @@ def test_a_packed_reply_reads_as_its_per_tensor_twin_bit_for_bit():
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda s: {**s, "b": np.zeros(6, np.float32)}, r"privadapt.packed has shape \(15,\), expected \(14,\)"),
+    (lambda s: {**s, "b": np.zeros(6, np.float32)}, "not this adapter's"),
+    (lambda s: {"b": s["b"], "a": s["a"]}, "not this adapter's"),  # same size, other order
     (lambda s: {**s, "b": np.full(5, np.nan, np.float32)}, "NaN or infinite"),
     (lambda s: {k: v * 100 for k, v in s.items()}, "L2 norm"),
 ])
@@ -227,3 +228,12 @@ def test_bad_packed_replies_are_rejected(change, match):
     read_update(packed_reply(sent), shapes, max_norm=1.0)  # as sent: accepted
     with pytest.raises(ReplyError, match=match):
         read_update(packed_reply(change(sent)), shapes, max_norm=1.0)
+
+
+def test_a_packed_reply_of_the_right_layout_but_the_wrong_size_is_refused():
+    from common.wire import packed_key
+
+    shapes = {"a": (3, 3), "b": (5,)}
+    message = reply({packed_key(shapes): Array(np.zeros(13, np.float32))})
+    with pytest.raises(ReplyError, match=r"has shape \(13,\), expected \(14,\)"):
+        read_update(message, shapes)
