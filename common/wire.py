@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.lora import tree_shapes
+
 PACKED = "privadapt.packed"  # the one key of a packed record is PACKED:<layout digest> (no tensor is named so)
 
 
@@ -50,7 +52,7 @@ def packed_record(tree: dict[str, torch.Tensor]) -> ArrayRecord:
     """A flat tree of tensors as ONE float32 Array under :func:`packed_key`, in the tree's key order."""
     parts = [v.detach().cpu().reshape(-1).to(torch.float32) for v in tree.values()]
     flat = torch.cat(parts).numpy() if parts else np.zeros(0, dtype=np.float32)
-    return ArrayRecord(array_dict={packed_key({k: tuple(v.shape) for k, v in tree.items()}): Array(flat)})
+    return ArrayRecord(array_dict={packed_key(tree_shapes(tree)): Array(flat)})
 
 
 def packed_array_key(record: ArrayRecord) -> str | None:
@@ -78,11 +80,14 @@ def record_tree(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | Non
         raise ValueError(f"a packed record ({PACKED}) needs the adapter's shapes to be unpacked")
     check_layout(key, shapes)
     flat = np.asarray(record[key].numpy(), dtype=np.float32).reshape(-1)
-    sizes = [math.prod(shape) for shape in shapes.values()]
-    if flat.size != sum(sizes):
-        raise ValueError(f"packed record holds {flat.size} entries, the adapter has {sum(sizes)}")
-    out, start = {}, 0
-    for (key, shape), size in zip(shapes.items(), sizes):
-        out[key] = torch.from_numpy(flat[start:start + size].copy()).reshape(shape)
-        start += size
-    return out
+    total = sum(math.prod(shape) for shape in shapes.values())
+    if flat.size != total:
+        raise ValueError(f"packed record holds {flat.size} entries, the adapter has {total}")
+    return {k: torch.from_numpy(part.copy()).reshape(shape)
+            for (k, shape), part in zip(shapes.items(), split_packed(flat, shapes))}
+
+
+def split_packed(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> list[np.ndarray]:
+    """The 1-D views of a packed array's tensors, in the order of ``shapes`` (its length checked by the caller)."""
+    offsets = np.cumsum([0] + [math.prod(shape) for shape in shapes.values()])
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(shapes))]

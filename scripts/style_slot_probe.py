@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from common.emoji import caption  # noqa: E402
-from pretrain_emoji_sd import PREVIEW_PROMPTS, sheet  # noqa: E402  (scripts/ is on sys.path)
+from teach_emoji_styles import style_sheet, styled  # noqa: E402  (scripts/ is on sys.path)
 
 CONCEPTS = ("cat face", "red heart", "car", "deciduous tree")
 
@@ -50,9 +50,8 @@ def probe(pipe, *, word_a: str, word_b: str, move: float, concepts=CONCEPTS, see
     original = table[ids[0]].clone()
     direction = torch.randn(original.shape, generator=torch.Generator().manual_seed(1234))
     moved = original + move * original.norm() * direction / direction.norm()
-    template = "{} in the style of {}"
-    base_prompts = [template.format(caption((c,)), word_a) for c in concepts]
-    other_prompts = [template.format(caption((c,)), word_b) for c in concepts]
+    base_prompts = [styled(caption((c,)), word_a) for c in concepts]
+    other_prompts = [styled(caption((c,)), word_b) for c in concepts]
     word_diff, move_diff = [], []
     for seed in seeds:
         a = draw(pipe, base_prompts, seed, steps, guidance)
@@ -66,18 +65,6 @@ def probe(pipe, *, word_a: str, word_b: str, move: float, concepts=CONCEPTS, see
             "concepts": list(concepts), "seeds": list(seeds),
             "mean_abs_pixel_diff": {f"{word_b} vs {word_a}": float(np.mean(word_diff)),
                                     f"{word_a} moved vs {word_a}": float(np.mean(move_diff))}}
-
-
-@torch.no_grad()
-def style_sheet(pipe, path: Path, words: tuple[str | None, ...], *, seed: int = 0, steps: int = 25,
-                guidance: float = 4.0) -> None:
-    """One row of the preview concepts per word (None: the plain caption), same seed."""
-    images = []
-    for word in words:
-        prompts = [caption((c,)) if word is None else f"{caption((c,))} in the style of {word}" for c in PREVIEW_PROMPTS]
-        images += pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
-                       generator=torch.Generator().manual_seed(seed)).images
-    sheet(images, cols=len(PREVIEW_PROMPTS), scale=2).save(path)
 
 
 def main(argv: list[str] | None = None) -> None:

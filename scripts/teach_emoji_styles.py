@@ -121,14 +121,20 @@ def caption_table(tokenizer, twemoji, openmoji):
 
 
 @torch.no_grad()
-def preview(pipe, path: Path) -> None:
-    """Rows: plain captions, "... in the style of flat", "... in the style of outline" (seed 0)."""
+def style_sheet(pipe, path: Path, words: tuple[str | None, ...], *, seed: int = 0) -> None:
+    """One row of the preview concepts per style word (None: the plain caption), same seed,
+    25 DDIM steps, guidance 4."""
     images = []
-    for word in (None, TWEMOJI_WORD, OPENMOJI_WORD):
+    for word in words:
         prompts = [styled(caption((p,)), word) for p in PREVIEW_PROMPTS]
         images += pipe(prompts, num_inference_steps=25, guidance_scale=4.0,
-                       generator=torch.Generator().manual_seed(0)).images
+                       generator=torch.Generator().manual_seed(seed)).images
     sheet(images, cols=len(PREVIEW_PROMPTS), scale=2).save(path)
+
+
+def preview(pipe, path: Path) -> None:
+    """Rows: plain captions, "... in the style of flat", "... in the style of outline" (seed 0)."""
+    style_sheet(pipe, path, (None, TWEMOJI_WORD, OPENMOJI_WORD))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from common import keys
 from common.dp import PrivacyEvent
 from common.dp.flatsum import FlatRecord, flat_sum_of_squares
-from common.wire import check_layout, packed_array_key
+from common.wire import check_layout, packed_array_key, split_packed
 
 
 class ReplyError(ValueError):
@@ -179,9 +179,14 @@ def read_update(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
         sent_shapes.append(sent)
         counts.append(count)
     norm = math.sqrt(_finite_squares(flats, names, tuple(counts)))
+    _check_bound(norm, max_norm)
+    return FlatRecord(names, sent_shapes, flats), norm
+
+
+def _check_bound(norm: float, max_norm: float | None) -> None:
+    """The clip bound, with a relative slack of 1e-5 for float32 transport."""
     if max_norm is not None and norm > max_norm * (1 + 1e-5):
         raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
-    return FlatRecord(names, sent_shapes, flats), norm
 
 
 def _read_packed(array: Array, key: str, shapes: Mapping[str, tuple[int, ...]],
@@ -198,11 +203,9 @@ def _read_packed(array: Array, key: str, shapes: Mapping[str, tuple[int, ...]],
     sizes = [math.prod(shape) for shape in expected]
     if len(sent) != 1 or count != sum(sizes):
         raise ReplyError(f"{key} has shape {sent}, expected ({sum(sizes)},) for the adapter's {len(names)} tensors")
-    offsets = np.cumsum([0] + sizes)
-    flats = [flat[offsets[i]:offsets[i + 1]] for i in range(len(sizes))]
+    flats = split_packed(flat, shapes)
     norm = math.sqrt(_finite_squares(flats, names, tuple(sizes)))
-    if max_norm is not None and norm > max_norm * (1 + 1e-5):
-        raise ReplyError(f"update has L2 norm {norm:.6g}, above the clip bound {max_norm:g}")
+    _check_bound(norm, max_norm)
     return FlatRecord(names, expected, flats), norm
 
 
