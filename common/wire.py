@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -35,12 +35,49 @@ def layout_digest(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """16 hex digits naming the keys and shapes in their order: a packed record carries its
     sender's, so a receiver whose adapter is laid out otherwise (other targets, rank or key
     order: same size, different meaning) gets an error instead of misplaced values."""
+    if isinstance(shapes, Layout):
+        return shapes.digest
     text = ";".join(f"{k}={','.join(map(str, shape))}" for k, shape in shapes.items())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class Layout(Mapping[str, tuple[int, ...]]):
+    """An adapter's keys and shapes in order (read-only), with what every packed message of
+    the run needs computed once: the digest, each tensor's entries and offset, the total.
+
+    A receiver reads every reply of a run against the same layout, so hashing 64-256 keys and
+    shapes per reply (what :func:`packed_key` does for a plain mapping) is avoided by holding
+    one ``Layout``; it compares equal to a dict of the same keys and shapes."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self._shapes = {k: tuple(int(n) for n in shape) for k, shape in shapes.items()}
+        self.names = list(self._shapes)
+        self.shape_list = list(self._shapes.values())
+        self.sizes = tuple(math.prod(shape) for shape in self.shape_list)
+        self.offsets = tuple(int(n) for n in np.cumsum((0,) + self.sizes))
+        self.total = self.offsets[-1]
+        self.digest = layout_digest(self._shapes)
+        self.key = f"{PACKED}:{self.digest}"
+
+    def __getitem__(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __repr__(self) -> str:
+        return f"Layout({len(self)} tensors, {self.total} entries, {self.digest})"
+
+
+def as_layout(shapes: Mapping[str, tuple[int, ...]]) -> Layout:
+    return shapes if isinstance(shapes, Layout) else Layout(shapes)
+
+
 def packed_key(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    return f"{PACKED}:{layout_digest(shapes)}"
+    return shapes.key if isinstance(shapes, Layout) else f"{PACKED}:{layout_digest(shapes)}"
 
 
 def tree_record(tree: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -89,5 +126,5 @@ def record_tree(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | Non
 
 def split_packed(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> list[np.ndarray]:
     """The 1-D views of a packed array's tensors, in the order of ``shapes`` (its length checked by the caller)."""
-    offsets = np.cumsum([0] + [math.prod(shape) for shape in shapes.values()])
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(shapes))]
+    offsets = as_layout(shapes).offsets
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]

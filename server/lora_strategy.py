@@ -41,7 +41,7 @@ from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
-from common.wire import packed_record, tree_record
+from common.wire import Layout, packed_record, tree_record
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import FedAvgPlan
@@ -133,7 +133,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         self.noise = noise
         self.sampling = sampling
         self.global_state = {k: v.detach().to(torch.float32).cpu().clone() for k, v in initial.items()}
-        self.shapes = tree_shapes(self.global_state)
+        self.shapes = Layout(tree_shapes(self.global_state))  # digest, sizes and offsets once per run
         self.defense = defense
         self.private = private
         self.server_learning_rate = server_learning_rate

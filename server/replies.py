@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from common import keys
 from common.dp import PrivacyEvent
 from common.dp.flatsum import FlatRecord, flat_sum_of_squares
-from common.wire import check_layout, packed_array_key, split_packed
+from common.wire import Layout, as_layout, check_layout, packed_array_key
 
 
 class ReplyError(ValueError):
@@ -192,21 +192,27 @@ def _check_bound(norm: float, max_norm: float | None) -> None:
 def _read_packed(array: Array, key: str, shapes: Mapping[str, tuple[int, ...]],
                  max_norm: float | None) -> tuple[FlatRecord, float]:
     """:func:`read_update` for a packed reply (:func:`common.wire.packed_record`): one 1-D
-    floating-point array of exactly the adapter's number of entries, split into read-only
-    views in the order of ``shapes``; the same finite and norm checks."""
+    floating-point array of exactly the adapter's number of entries, held whole (a read-only
+    view, cut into the tensors' views in the order of ``shapes`` only if asked); the same
+    finite and norm checks. The norm walks the whole array in the runs it walks the views in:
+    the same float, bit for bit. Pass a :class:`common.wire.Layout` as ``shapes`` to spare
+    the layout's digest per reply."""
+    layout: Layout = as_layout(shapes)
     try:
-        check_layout(key, shapes)
+        check_layout(key, layout)
     except ValueError as err:
         raise ReplyError(str(err)) from None
     flat, sent, _, count = _flat_floating(array, key)
-    names, expected = list(shapes), [tuple(shape) for shape in shapes.values()]
-    sizes = [math.prod(shape) for shape in expected]
-    if len(sent) != 1 or count != sum(sizes):
-        raise ReplyError(f"{key} has shape {sent}, expected ({sum(sizes)},) for the adapter's {len(names)} tensors")
-    flats = split_packed(flat, shapes)
-    norm = math.sqrt(_finite_squares(flats, names, tuple(sizes)))
+    if len(sent) != 1 or count != layout.total:
+        raise ReplyError(f"{key} has shape {sent}, expected ({layout.total},) for the adapter's {len(layout)} tensors")
+    record = FlatRecord(layout.names, layout.shape_list, whole=flat, offsets=layout.offsets)
+    squares = flat_sum_of_squares([flat], (count,))
+    if not math.isfinite(squares):  # name the tensor that has it
+        _finite_squares(record.flats, layout.names, layout.sizes)
+        raise ReplyError(f"{key} has NaN or infinite entries")
+    norm = math.sqrt(squares)
     _check_bound(norm, max_norm)
-    return FlatRecord(names, expected, flats), norm
+    return record, norm
 
 
 def _c_order(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

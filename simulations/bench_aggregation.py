@@ -1,14 +1,16 @@
 """Benchmark: the server's aggregation path against a memory copy of the same bytes.
 
 For n real reply messages (Flower ``Message`` with an ``ArrayRecord`` of float32 tensors, as a
-site sends them), the server path is what the strategies run (:class:`server.blocks.BlockedSum`):
+site sends them: one packed ``Array`` for a LoRA delta, :func:`common.wire.packed_record`;
+``--wire tensors`` builds the older one-``Array``-per-tensor layout, which the server still
+reads), the server path is what the strategies run (:class:`server.blocks.BlockedSum`):
 LoRA (:class:`server.lora_strategy.DPFedAvgLoRA`): ``read_update`` per reply (keys, shapes,
 dtype, finite, flat norm <= C; float32 views), then ``GaussianSumMechanism.add_bounded_block``
 per block of 8 checked replies (bound each by its norm, add run by run); DPAgg-TI
 (:class:`server.dpagg_strategy.DPAggTIStrategy`): ``read_vector_view`` + ``add_block``; then one
 ``release`` (seeded Gaussian noise over the total, divided by the denominator). The arms
 "validate" (the checks alone) and "add" (the blocked adds alone, on replies already read)
-split the sum's cost. The baseline copies the same float32 bytes (every reply's tensors, out of
+split the sum's cost. The baseline copies the same float32 bytes (every reply's Arrays, out of
 the same Array objects) into a preallocated buffer with ``numpy.copyto``, in the same process,
 interleaved with the server path. Throughput = float32 payload bytes / seconds.
 
@@ -32,6 +34,7 @@ from flwr.common import Metadata
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource
 from common.dp.flatsum import FlatRecord, RunningSum
+from common.wire import Layout, packed_record, tree_record
 from server.blocks import BLOCK, BlockedSum
 from server.replies import read_update, read_vector_view
 from simulations.bench_shapes import SD15_EMBEDDING_DIM, SD15_UNET, lora_shapes, tiny_unet_config
@@ -41,11 +44,16 @@ CLIP = 1.0
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def reply_message(arrays: dict[str, np.ndarray], node: int) -> Message:
+WIRES = ("packed", "tensors")  # a site's LoRA reply layout (common.wire): what sites send, the older one
+
+
+def reply_message(arrays: dict[str, np.ndarray], node: int, wire: str = "tensors") -> Message:
+    """A site's reply as the server pulls it: ``arrays`` in the ``wire`` layout."""
     meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")
-    return Message(content=RecordDict({keys.ARRAYS: ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})}),
-                   metadata=meta)
+    tree = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    record = packed_record(tree) if wire == "packed" else tree_record(tree)
+    return Message(content=RecordDict({keys.ARRAYS: record}), metadata=meta)
 
 
 def random_update(shapes: dict[str, tuple[int, ...]], seed: int, norm: float) -> dict[str, np.ndarray]:
@@ -87,15 +95,33 @@ def copy_bytes(replies: list[Message], buffer: np.ndarray) -> None:
             offset += src.size
 
 
-def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int, ti: bool, clock: str = "wall") -> dict:
+MIN_SAMPLE = 0.02  # seconds: an arm faster than this is timed over enough calls to last it
+
+
+def _loops(fn) -> int:
+    """Calls per timed sample so that one sample lasts about MIN_SAMPLE (the tiny model's
+    16 replies copy in ~0.1 ms, where one call's timing is mostly jitter); runs ``fn`` twice."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    return max(1, math.ceil(MIN_SAMPLE / max(time.perf_counter() - start, 1e-6)))
+
+
+def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int, ti: bool, clock: str = "wall",
+            wire: str = "packed") -> dict:
+    """One adapter's arms; ``wire``: the LoRA replies' layout (a TI reply is one vector either way)."""
+    if wire not in WIRES:
+        raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
+    wire = "tensors" if ti else wire
+    shapes = shapes if ti else Layout(shapes)  # as the LoRA strategy holds them
     mechanism = GaussianSumMechanism(clip_norm=CLIP, noise_multiplier=1.0)
     replies = []
     for i in range(n):
         update = random_update(shapes, i, 0.9 * CLIP)
-        replies.append(reply_message({keys.EMBEDDING_SUM: update["v"]} if ti else update, node=i + 1))
+        replies.append(reply_message({keys.EMBEDDING_SUM: update["v"]} if ti else update, node=i + 1, wire=wire))
     payload = sum(a.nbytes for a in random_update(shapes, 0, 1.0).values())
-    wire = max(sum(len(a.data) for a in r.content[keys.ARRAYS].values()) for r in replies)
-    buffer = np.empty(wire, dtype=np.uint8)
+    wire_bytes = max(sum(len(a.data) for a in r.content[keys.ARRAYS].values()) for r in replies)
+    buffer = np.empty(wire_bytes, dtype=np.uint8)
     dim = shapes["v"][0] if ti else 0
 
     def add_all() -> RunningSum:
@@ -129,14 +155,15 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
     def copy() -> None:
         copy_bytes(replies, buffer)
 
-    noise(), copy()  # warm-up
     arms = (("sum", add_all), ("validate", validate), ("add", adds), ("release", noise), ("copy", copy))
+    loops = {arm: _loops(fn) for arm, fn in arms}  # also the warm-up
     times: dict[str, list[float]] = {arm: [] for arm, _ in arms}
     for _ in range(repeats):  # interleaved, so every arm sees the same load
         for arm, fn in arms:
             start = CLOCKS[clock]()
-            fn()
-            times[arm].append(CLOCKS[clock]() - start)
+            for _ in range(loops[arm]):
+                fn()
+            times[arm].append((CLOCKS[clock]() - start) / loops[arm])
     best = {k: min(v) for k, v in times.items()}
     gb = n * payload / 1e9
     whole = best["sum"] + best["release"]
@@ -146,6 +173,7 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
         "parameters": payload // 4,
         "adapter_mb": round(payload / 1e6, 3),
         "replies": n,
+        "wire": "one vector" if ti else wire,
         "server_path": ("read_vector_view + add_block" if ti else "read_update + add_bounded_block") + f" in blocks of {BLOCK}, then one release",
         "validate_clip_sum_s": round(best["sum"], 5),
         "validate_only_s": round(best["validate"], 5),
@@ -161,6 +189,7 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
         "ratio_with_release_to_copy": round(best["copy"] / whole, 3),
         "noise_ns_per_parameter": round(best["release"] / (payload // 4) * 1e9, 1),
         "clock": clock,
+        "calls_per_sample": loops,
     }
 
 
@@ -211,11 +240,11 @@ def adapters(include_sd15: bool) -> list[tuple[str, dict, bool]]:
 
 
 def run(replies: int = 16, repeats: int = 5, large_replies: int = 4, include_sd15: bool = True,
-        clock: str = "wall") -> list[dict]:
+        clock: str = "wall", wire: str = "packed") -> list[dict]:
     rows = []
     for name, shapes, ti in adapters(include_sd15):
         n = large_replies if "r64" in name else replies
-        rows.append(measure(name, shapes, n, repeats, ti, clock))
+        rows.append(measure(name, shapes, n, repeats, ti, clock, wire))
     return rows
 
 
@@ -227,6 +256,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny model's adapter")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine)")
+    parser.add_argument("--wire", choices=WIRES, default="packed",
+                        help="LoRA replies as sites send them (one packed Array) or one Array per tensor")
     parser.add_argument("--passes", action="store_true",
                         help="only time the NumPy passes the exact sum is made of (cast, dot, add) against a copy")
     args = parser.parse_args(argv)
@@ -234,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(passes(sum(math.prod(s) for s in lora_shapes(SD15_UNET, 64).values()), clock=args.clock),
                          indent=2))
         return []
-    rows = run(args.replies, args.repeats, args.large_replies, not args.tiny_only, args.clock)
+    rows = run(args.replies, args.repeats, args.large_replies, not args.tiny_only, args.clock, args.wire)
     print(json.dumps(rows, indent=2))
     return rows
 

@@ -153,10 +153,10 @@ def _render_lora(r: dict) -> str:
 
 
 def _render_aggregation(rows: list[dict]) -> str:
-    return _table(["adapter", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
+    return _table(["adapter", "wire", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
                    "sum / copy (target >= 0.5)", "validate only / copy", "adds only / copy", "with release / copy",
                    "noise ns/param"],
-                  [[r["adapter"], r["adapter_mb"], r["replies"], r["validate_clip_sum_gb_s"], r["with_release_gb_s"],
+                  [[r["adapter"], r.get("wire", "tensors"), r["adapter_mb"], r["replies"], r["validate_clip_sum_gb_s"], r["with_release_gb_s"],
                     r["copy_gb_s"], r["ratio_validate_clip_sum_to_copy"], r.get("ratio_validate_only_to_copy", "-"),
                     r.get("ratio_add_only_to_copy", "-"), r["ratio_with_release_to_copy"], r["noise_ns_per_parameter"]]
                    for r in rows])

@@ -153,11 +153,25 @@ class FlatRecord(Mapping[str, np.ndarray]):
 
     Reading a key gives that array in its shape (a view); the blocked sum takes ``flats``
     as they are when the keys and shapes are the running sum's, so a record of many small
-    tensors costs no per-tensor work there."""
+    tensors costs no per-tensor work there. A packed reply (:func:`common.wire.packed_record`)
+    is held as ``whole``, its entries contiguous in key order, with the ``offsets`` of the keys
+    (``len(keys) + 1`` of them): the blocked sum then walks it as one array, and ``flats`` are
+    its views, cut when first asked for."""
 
-    def __init__(self, keys: list[str], shapes: list[tuple[int, ...]], flats: list[np.ndarray]) -> None:
-        self.keys_list, self.shapes, self.flats = keys, shapes, flats
+    def __init__(self, keys: list[str], shapes: list[tuple[int, ...]], flats: list[np.ndarray] | None = None, *,
+                 whole: np.ndarray | None = None, offsets: Sequence[int] | None = None) -> None:
+        if (flats is None) == (whole is None) or (whole is not None and offsets is None):
+            raise ValueError("a FlatRecord takes its flats, or one whole array with the offsets of its keys")
+        self.keys_list, self.shapes, self.whole = keys, shapes, whole
+        self._flats, self._offsets = flats, offsets
         self._index: dict[str, int] | None = None
+
+    @property
+    def flats(self) -> list[np.ndarray]:
+        if self._flats is None:
+            o = self._offsets
+            self._flats = [self.whole[o[i]:o[i + 1]] for i in range(len(self.keys_list))]
+        return self._flats
 
     def __getitem__(self, key: str) -> np.ndarray:
         if self._index is None:
@@ -186,20 +200,27 @@ class FlatSum(Mapping[str, torch.Tensor]):
         sizes = tuple(math.prod(shape) for shape in shapes)
         self.flat = np.empty(sum(sizes), dtype=np.float64)
         self.plan = chunk_plan(sizes, _ADD_CHUNK)
-        self._views: dict[str, torch.Tensor] = {}
-        offset = 0
-        for key, shape, size in zip(keys, shapes, sizes):
-            self._views[key] = torch.from_numpy(self.flat[offset:offset + size].reshape(shape))
-            offset += size
+        self.whole_plan = chunk_plan((self.flat.size,), _ADD_CHUNK)  # for records held whole (packed)
+        self._sizes = sizes
+        self._tensors: dict[str, torch.Tensor] | None = None  # the views, made when first read
+
+    @property
+    def _views(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors, offset = {}, 0
+            for key, shape, size in zip(self.keys_list, self.shapes, self._sizes):
+                self._tensors[key] = torch.from_numpy(self.flat[offset:offset + size].reshape(shape))
+                offset += size
+        return self._tensors
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._views[key]
 
     def __iter__(self):
-        return iter(self._views)
+        return iter(self.keys_list)
 
     def __len__(self) -> int:
-        return len(self._views)
+        return len(self.keys_list)
 
 
 RunningSum = FlatSum | dict[str, torch.Tensor]
@@ -224,10 +245,16 @@ def _ordered_values(keys: list[str], shapes: list[tuple[int, ...]], record: Arra
     return values
 
 
+def _fits(keys: list[str], shapes: list[tuple[int, ...]], record: ArrayTree) -> bool:
+    """Whether ``record`` is a FlatRecord of exactly these keys and shapes in this order."""
+    return isinstance(record, FlatRecord) and (record.keys_list is keys or record.keys_list == keys) and (
+        record.shapes is shapes or record.shapes == shapes)
+
+
 def _record_flats(keys: list[str], shapes: list[tuple[int, ...]], record: ArrayTree) -> list[np.ndarray] | None:
     """The record's entries as 1-D arrays in the order of ``keys`` (checked as
     :func:`_ordered_values` does), or None if one of them needs torch."""
-    if isinstance(record, FlatRecord) and record.keys_list == keys and record.shapes == shapes:
+    if _fits(keys, shapes, record):
         return record.flats
     return flat_views(_ordered_values(keys, shapes, record))
 
@@ -241,6 +268,15 @@ def _sum_block(total: RunningSum | None, records: Sequence[ArrayTree], factors: 
         return total
     keys, shapes = (total.keys_list, total.shapes) if isinstance(total, FlatSum) else _layout(
         records[0] if total is None else total)
+    if (total is None or isinstance(total, FlatSum)) and all(
+            _fits(keys, shapes, r) and r.whole is not None for r in records):
+        # packed records: each is one contiguous array, walked in the same runs (the same
+        # additions in the same order per entry as through its per-key views: bit for bit)
+        fresh = total is None
+        if fresh:
+            total = FlatSum(keys, shapes)
+        _add_runs(total.flat, total.whole_plan, [[r.whole] for r in records], factors, fresh)
+        return total
     flats = [_record_flats(keys, shapes, record) for record in records]
     if (total is None or isinstance(total, FlatSum)) and all(f is not None for f in flats):
         fresh = total is None

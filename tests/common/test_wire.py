@@ -50,3 +50,19 @@ def test_a_packed_record_of_the_right_layout_but_the_wrong_size_is_refused():
     record = ArrayRecord(array_dict={packed_key(shapes): Array(np.zeros(16, np.float32))})
     with pytest.raises(ValueError, match="holds 16 entries, the adapter has 17"):
         record_tree(record, shapes)
+
+
+def test_a_layout_is_its_shapes_with_the_digest_computed_once():
+    from common.wire import Layout, layout_digest, split_packed
+
+    shapes = {"unet.a": (3, 4), "unet.b": (5,), "text.c": (2, 1, 2)}
+    layout = Layout(shapes)
+    assert layout == shapes and shapes == layout and dict(layout) == shapes and list(layout) == list(shapes)
+    assert layout_digest(layout) == layout_digest(shapes) and packed_key(layout) == packed_key(shapes)
+    assert layout.sizes == (12, 5, 4) and layout.offsets == (0, 12, 17, 21) and layout.total == 21
+    flat = np.arange(21, dtype=np.float32)
+    assert [v.tolist() for v in split_packed(flat, layout)] == [v.tolist() for v in split_packed(flat, shapes)]
+    assert Layout({"unet.b": (5,), "unet.a": (3, 4), "text.c": (2, 1, 2)}).key != layout.key  # order counts
+    record = packed_record(tree())
+    back = record_tree(record, layout)
+    assert all(torch.equal(back[k], v.float()) for k, v in tree().items())

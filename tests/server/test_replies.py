@@ -237,3 +237,48 @@ def test_a_packed_reply_of_the_right_layout_but_the_wrong_size_is_refused():
     message = reply({packed_key(shapes): Array(np.zeros(13, np.float32))})
     with pytest.raises(ReplyError, match=r"has shape \(13,\), expected \(14,\)"):
         read_update(message, shapes)
+
+
+def test_packed_replies_in_blocks_sum_as_their_per_tensor_twins_bit_for_bit():
+    """A packed reply is held whole (one contiguous view) and the blocked sum walks it as one
+    array: blocks of packed replies, clipped and unclipped mixed, a fresh sum and a running
+    one, and a block that mixes packed and per-tensor replies, all give the per-tensor sum
+    bit for bit (run boundaries inside the large tensor and across the small ones)."""
+    from common.wire import Layout
+
+    mechanism = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    rng = np.random.default_rng(7)
+    shapes = Layout({"a": (3, 70_000), "b": (5,), "c": (2, 3), "d": (50_000,)})
+    sent = []
+    for scale in (0.3, 1.0, 2.5, 0.999, 7.0, 1.0, 0.01):  # at C too: float32 rounding re-clips some
+        tree = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        norm = math.sqrt(sum(float(np.dot(v.ravel().astype(np.float64), v.ravel().astype(np.float64)))
+                             for v in tree.values()))
+        sent.append({k: (v * np.float32(scale / norm)).astype(np.float32) for k, v in tree.items()})
+    packed = [read_update(packed_reply(s), shapes) for s in sent]
+    twins = [read_update(reply({k: Array(v) for k, v in s.items()}), shapes) for s in sent]
+    assert all(r.whole is not None for r, _ in packed) and all(r.whole is None for r, _ in twins)
+    assert [n for _, n in packed] == [n for _, n in twins]
+
+    def blocked(pairs, sizes):
+        total, start = None, 0
+        for size in sizes:
+            block = pairs[start:start + size]
+            total = mechanism.add_bounded_block(total, [r for r, _ in block], [n for _, n in block])
+            start += size
+        return {k: total[k].clone() for k in shapes}
+
+    reference = blocked(twins, [1] * len(sent))
+    mixed = [packed[i] if i % 2 else twins[i] for i in range(len(sent))]
+    for pairs, sizes in ((packed, [7]), (packed, [3, 4]), (packed, [1] * 7), (mixed, [4, 3])):
+        total = blocked(pairs, sizes)
+        for k in shapes:
+            assert torch.equal(total[k].view(torch.int64), reference[k].view(torch.int64)), (sizes, k)
+
+
+def test_a_packed_reply_with_nan_names_the_tensor():
+    shapes = {"a": (3, 3), "b": (5,), "c": (2,)}
+    sent = {"a": np.zeros((3, 3), np.float32), "b": np.array([0, 0, np.inf, 0, 0], np.float32),
+            "c": np.zeros(2, np.float32)}
+    with pytest.raises(ReplyError, match="^b has NaN or infinite entries"):
+        read_update(packed_reply(sent), shapes, max_norm=1.0)

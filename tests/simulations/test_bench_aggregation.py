@@ -5,18 +5,35 @@ Timings are not checked (they belong in BENCHMARKS.md, not in tests).
 
 from __future__ import annotations
 
+import pytest
+
+from common.wire import packed_array_key
 from simulations import bench_aggregation
 from simulations.bench_shapes import lora_shapes, tiny_unet_config
 
 
-def test_every_arm_runs_and_the_server_sum_is_the_strategies_sum():
-    row = bench_aggregation.measure("tiny", lora_shapes(tiny_unet_config(), 4), n=3, repeats=1, ti=False, clock="cpu")
-    assert row["clock"] == "cpu" and row["replies"] == 3
+@pytest.mark.parametrize("wire", bench_aggregation.WIRES)
+def test_every_arm_runs_and_the_server_sum_is_the_strategies_sum(wire):
+    row = bench_aggregation.measure("tiny", lora_shapes(tiny_unet_config(), 4), n=3, repeats=1, ti=False, clock="cpu",
+                                    wire=wire)
+    assert row["clock"] == "cpu" and row["replies"] == 3 and row["wire"] == wire
     for key in ("ratio_validate_clip_sum_to_copy", "ratio_validate_only_to_copy", "ratio_add_only_to_copy",
                 "ratio_with_release_to_copy"):
         assert row[key] > 0
+    assert all(n >= 1 for n in row["calls_per_sample"].values())
     ti = bench_aggregation.measure("ti", {"v": (8,)}, n=2, repeats=1, ti=True)
     assert ti["server_path"].startswith("read_vector_view + add_block")
+
+
+def test_replies_are_built_in_the_layout_asked_for():
+    shapes = lora_shapes(tiny_unet_config(), 4)
+    update = bench_aggregation.random_update(shapes, 0, 0.5)
+    packed = bench_aggregation.reply_message(update, 1, wire="packed").content["arrays"]
+    per_tensor = bench_aggregation.reply_message(update, 1, wire="tensors").content["arrays"]
+    assert packed_array_key(packed) is not None and len(packed) == 1
+    assert packed_array_key(per_tensor) is None and list(per_tensor) == list(shapes)
+    with pytest.raises(ValueError, match="wire must be one of"):
+        bench_aggregation.measure("tiny", shapes, n=1, repeats=1, ti=False, wire="zip")
 
 
 def test_the_passes_are_timed_against_a_copy():
