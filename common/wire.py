@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.dp.flatsum import split_at
 from common.lora import tree_shapes
 
 PACKED = "privadapt.packed"  # the one key of a packed record is PACKED:<layout digest> (no tensor is named so)
@@ -115,16 +116,15 @@ def record_tree(record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]] | Non
         return {k: torch.from_numpy(np.asarray(record[k].numpy(), dtype=np.float32).copy()) for k in record}
     if shapes is None:
         raise ValueError(f"a packed record ({PACKED}) needs the adapter's shapes to be unpacked")
-    check_layout(key, shapes)
+    layout = as_layout(shapes)
+    check_layout(key, layout)
     flat = np.asarray(record[key].numpy(), dtype=np.float32).reshape(-1)
-    total = sum(math.prod(shape) for shape in shapes.values())
-    if flat.size != total:
-        raise ValueError(f"packed record holds {flat.size} entries, the adapter has {total}")
+    if flat.size != layout.total:
+        raise ValueError(f"packed record holds {flat.size} entries, the adapter has {layout.total}")
     return {k: torch.from_numpy(part.copy()).reshape(shape)
-            for (k, shape), part in zip(shapes.items(), split_packed(flat, shapes))}
+            for (k, shape), part in zip(layout.items(), split_packed(flat, layout))}
 
 
 def split_packed(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> list[np.ndarray]:
     """The 1-D views of a packed array's tensors, in the order of ``shapes`` (its length checked by the caller)."""
-    offsets = as_layout(shapes).offsets
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return split_at(flat, as_layout(shapes).offsets)

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.app import Message, RecordDict
 from flwr.common import Metadata
 
 from common import keys
@@ -47,7 +47,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 WIRES = ("packed", "tensors")  # a site's LoRA reply layout (common.wire): what sites send, the older one
 
 
-def reply_message(arrays: dict[str, np.ndarray], node: int, wire: str = "tensors") -> Message:
+def reply_message(arrays: dict[str, np.ndarray], node: int, wire: str = "packed") -> Message:
     """A site's reply as the server pulls it: ``arrays`` in the ``wire`` layout."""
     meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0, reply_to_message_id=f"q{node}",
                     group_id="1", created_at=0.0, ttl=60.0, message_type="train")

@@ -147,6 +147,11 @@ def _add_into(total: torch.Tensor, value: "torch.Tensor | np.ndarray", factor: f
     total.add_(value if factor == 1.0 else value * factor)
 
 
+def split_at(flat: np.ndarray, offsets: Sequence[int]) -> list[np.ndarray]:
+    """The views ``flat[offsets[i]:offsets[i + 1]]``, one per consecutive pair of ``offsets``."""
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
 class FlatRecord(Mapping[str, np.ndarray]):
     """A record as 1-D arrays in key order, with each key's shape (what
     :func:`server.replies.read_update` gives: read-only float32 views of a reply's bytes).
@@ -169,8 +174,7 @@ class FlatRecord(Mapping[str, np.ndarray]):
     @property
     def flats(self) -> list[np.ndarray]:
         if self._flats is None:
-            o = self._offsets
-            self._flats = [self.whole[o[i]:o[i + 1]] for i in range(len(self.keys_list))]
+            self._flats = split_at(self.whole, self._offsets)
         return self._flats
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -268,21 +272,16 @@ def _sum_block(total: RunningSum | None, records: Sequence[ArrayTree], factors: 
         return total
     keys, shapes = (total.keys_list, total.shapes) if isinstance(total, FlatSum) else _layout(
         records[0] if total is None else total)
-    if (total is None or isinstance(total, FlatSum)) and all(
-            _fits(keys, shapes, r) and r.whole is not None for r in records):
-        # packed records: each is one contiguous array, walked in the same runs (the same
-        # additions in the same order per entry as through its per-key views: bit for bit)
+    flat_total = total is None or isinstance(total, FlatSum)
+    # packed records (each one contiguous array) are walked whole, in the same runs: the same
+    # additions in the same order per entry as through their per-key views, bit for bit
+    whole = flat_total and all(_fits(keys, shapes, r) and r.whole is not None for r in records)
+    flats = [[r.whole] for r in records] if whole else [_record_flats(keys, shapes, r) for r in records]
+    if flat_total and all(f is not None for f in flats):
         fresh = total is None
         if fresh:
             total = FlatSum(keys, shapes)
-        _add_runs(total.flat, total.whole_plan, [[r.whole] for r in records], factors, fresh)
-        return total
-    flats = [_record_flats(keys, shapes, record) for record in records]
-    if (total is None or isinstance(total, FlatSum)) and all(f is not None for f in flats):
-        fresh = total is None
-        if fresh:
-            total = FlatSum(keys, shapes)
-        _add_runs(total.flat, total.plan, flats, factors, fresh)
+        _add_runs(total.flat, total.whole_plan if whole else total.plan, flats, factors, fresh)
         return total
     for record, factor in zip(records, factors):
         values = _ordered_values(keys, shapes, record)
