@@ -12,6 +12,7 @@ unchanged (a missing site only removes signal).
 from __future__ import annotations
 
 import logging
+from array import array
 from pathlib import Path
 from typing import Iterable
 
@@ -26,7 +27,7 @@ from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import DPAggPlan
 from server.replies import ReplyError, read_vector_view
-from server.sites import Instructions, NodeSet
+from server.sites import NODE_ARRAY, Instructions, NodeSet
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -61,7 +62,7 @@ class DPAggTIStrategy(LedgerStrategy):
         self.timeout = timeout
         self.achieved_noise_multipliers: list[float] = []
         self.releases: list[torch.Tensor] = []
-        self.contributors: list[list[int]] = []
+        self.contributors: list[array] = []  # per release: the nodes whose sums entered it (8 B each)
         self.rejected: list[dict] = []
         self.asked: NodeSet | None = None  # nodes sent this release's message (None: not sent by configure_train)
 
@@ -85,7 +86,7 @@ class DPAggTIStrategy(LedgerStrategy):
         if any(tuple(r.shape) != (self.dim,) for r in releases):
             raise ValueError(f"the checkpointed releases are not {self.dim}-dimensional")
         self.releases = releases
-        self.contributors = [list(c) for c in state["contributors"]]
+        self.contributors = [array(NODE_ARRAY, c) for c in state["contributors"]]
         self.rejected = [dict(r) for r in state["rejected"]]
         self.achieved_noise_multipliers = [float(z) for z in state["achieved_noise_multipliers"]]
         self.noise.set_state(state["noise"])
@@ -121,9 +122,9 @@ class DPAggTIStrategy(LedgerStrategy):
         mean, event = released
         for node in secure.result.dropped:
             self.rejected.append({"release": server_round, "node": node, "reason": "dropped out of secure aggregation"})
-        return self._record_release(server_round, mean, event, list(secure.result.survivors))
+        return self._record_release(server_round, mean, event, array(NODE_ARRAY, secure.result.survivors))
 
-    def _record_release(self, server_round: int, released: dict, event, used: list[int]):
+    def _record_release(self, server_round: int, released: dict, event, used: array):
         self.ledger.record(event)
         self.save_ledger()
         self.achieved_noise_multipliers.append(event.noise_multiplier)
@@ -135,7 +136,7 @@ class DPAggTIStrategy(LedgerStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.aggregation != "central":
             return self._aggregate_secure(server_round)
-        used: list[int] = []
+        used = array(NODE_ARRAY)
         sums = BlockedSum(self.mechanism, bounded=False)  # site sums, added a block at a time (server.blocks)
         for reply in sums.receive(replies):
             node = reply.metadata.src_node_id

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from array import array
 from pathlib import Path
 from typing import Iterable
 
@@ -36,7 +37,7 @@ from common.dp import PrivacyLedger, epsilon
 from server.export import embedding_metrics
 from server.plan import plan_record
 from server.replies import ReplyError, read_site_report, read_vector
-from server.sites import Instructions
+from server.sites import NODE_ARRAY, Instructions
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")
@@ -64,7 +65,7 @@ class DPSGDTIStrategy(LedgerStrategy):
         super().__init__(ledger=ledger, ledger_path=ledger_path, control=control)
         self.dim = initial.numel()
         self.global_embedding = initial.clone()
-        self.contributors: list[list[int]] = []  # per round: nodes whose embedding entered the mean
+        self.contributors: list[array] = []  # per round: nodes whose embedding entered the mean (8 B each)
         self.reported_epsilons: dict[str, float] = {}  # scope -> the latest epsilon the site reported
         self.rejected: list[dict] = []
 
@@ -77,7 +78,7 @@ class DPSGDTIStrategy(LedgerStrategy):
         if embedding.numel() != self.dim:
             raise ValueError(f"the checkpointed embedding has {embedding.numel()} entries, expected {self.dim}")
         self.global_embedding = embedding
-        self.contributors = [list(c) for c in state["contributors"]]
+        self.contributors = [array(NODE_ARRAY, c) for c in state["contributors"]]
         self.reported_epsilons = dict(state["reported_epsilons"])
         self.rejected = [dict(r) for r in state["rejected"]]
 
@@ -106,7 +107,7 @@ class DPSGDTIStrategy(LedgerStrategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         total: torch.Tensor | None = None  # running sum: replies are streamed, never kept
-        used: list[int] = []
+        used = array(NODE_ARRAY)
         scopes: dict[str, int] = {}
         for reply in replies:
             node = reply.metadata.src_node_id

@@ -29,6 +29,7 @@ the deltas that arrived.
 from __future__ import annotations
 
 import logging
+from array import array
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
@@ -46,7 +47,7 @@ from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_update
-from server.sites import Instructions, NodeSet, SiteDiagnostics
+from server.sites import NODE_ARRAY, Instructions, NodeSet, SiteDiagnostics
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -60,18 +61,18 @@ class RoundLog:
 
     round: int
     sampled: list[int]
-    used: list[int] = field(default_factory=list)
+    used: array = field(default_factory=lambda: array(NODE_ARRAY))  # 8 B per site (a list of ints: ~37 B)
     rejected: list[dict] = field(default_factory=list)
     ignored: list[int] = field(default_factory=list)
     noise_norm: float = 0.0
     update_norm: float = 0.0
     achieved_noise_multiplier: float | None = None  # distributed noise: z * sqrt(survivors / entered)
-    # per used site, in columns (a dict per site cost ~250 B per site and round)
+    # the used sites' diagnostics as running sums per name (server.sites): nothing per site
     diagnostics: SiteDiagnostics = field(default_factory=lambda: SiteDiagnostics(keys.DIAGNOSTICS))
     short: bool = False  # fewer valid sites than min-sites: charged, not applied
 
     def to_state(self) -> dict:
-        """The round as plain data for the checkpoint (copies; diagnostics as tensors)."""
+        """The round as plain data for the checkpoint (copies; diagnostics as running sums)."""
         state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "diagnostics"}
         state.update(sampled=list(self.sampled), used=list(self.used), rejected=[dict(r) for r in self.rejected],
                      ignored=list(self.ignored), diagnostics=self.diagnostics.to_state())
@@ -80,7 +81,8 @@ class RoundLog:
     @classmethod
     def from_state(cls, state: dict) -> "RoundLog":
         """:meth:`to_state`'s round back (also an older checkpoint's, with a dict per site)."""
-        return cls(**{**state, "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
+        return cls(**{**state, "used": array(NODE_ARRAY, state.get("used", ())),
+                      "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
 
     def summary(self) -> dict:
         def mean(name: str) -> float | None:
@@ -213,7 +215,7 @@ class DPFedAvgLoRA(LedgerStrategy):
     def _aggregate_secure(self, entry: RoundLog) -> tuple[ArrayRecord | None, MetricRecord | None]:
         secure = self.take_secure(entry.round)
         if secure.result is not None:
-            entry.used = list(secure.result.survivors)
+            entry.used = array(NODE_ARRAY, secure.result.survivors)
             entry.rejected = [{"node": n, "reason": "dropped out of secure aggregation"} for n in secure.result.dropped]
         released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
                                   denominator=self.denominator, sample_rate=self.plan.accounting_sample_rate,
@@ -270,7 +272,7 @@ class DPFedAvgLoRA(LedgerStrategy):
                 continue
             sums.add(reply, delta, norm)  # private: re-bound, exact sensitivity C whatever the wire did
             entry.used.append(node)
-            entry.diagnostics[node] = read_diagnostics(reply, keys.DIAGNOSTICS)
+            entry.diagnostics.add(read_diagnostics(reply, keys.DIAGNOSTICS))
         total = sums.result()
 
         if self.is_short(len(entry.used)):

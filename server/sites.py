@@ -11,12 +11,16 @@ cost about 1.3 KB per site, none of it adapter-sized (BENCHMARKS.md, item 5):
 * a set of the asked node ids (about 30 to 60 B per site). :class:`NodeSet` answers the same
   question from the sorted node ids the strategy already holds (or 8 B per site);
 * the LoRA strategy's per-site diagnostics, one dict of floats per site (about 250 B per site
-  and round, kept for the whole run). :class:`SiteDiagnostics` keeps them in columns: 8 B
-  for the node id and 8 B per diagnostic.
+  and round, kept for the whole run; then columns, 40 B). Only their means are reported, so
+  :class:`SiteDiagnostics` keeps a running sum and a count per name: nothing per site.
+
+* the ids of the unanswered messages, one ``str`` each in a deque (93 B for the simulation's
+  36-character uuids, 121 B for the HTTP grid's 64-character object ids). :class:`MessageIds`
+  keeps them packed as bytes (16 B, 32 B) and gives the same strings back.
 
 What remains is inherent: Flower's pull API takes message ids, so the server holds one id
-per unanswered message (a 36-character uuid string in simulation, a 64-character object id
-with the HTTP grid), and the round records keep who was sampled and who took part.
+per unanswered message, and the round records keep who was sampled and who took part (8 B
+per site each, :data:`NODE_ARRAY`).
 """
 
 from __future__ import annotations
@@ -28,13 +32,114 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
+from uuid import UUID
 
-import numpy as np
-import torch
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 PUSH_BATCH = 64  # instruction messages per push_messages call: at most this many built at once
+NODE_ARRAY = "Q"  # array typecode for lists of node ids (Flower's are unsigned 64-bit): 8 B per node
+
+
+def _uuid_bytes(mid: str) -> bytes | None:
+    """A canonical uuid string (what ``InMemoryGrid`` gives) as its 16 bytes; None otherwise."""
+    if len(mid) != 36:
+        return None
+    try:
+        packed = UUID(mid)
+    except ValueError:
+        return None
+    return packed.bytes if str(packed) == mid else None
+
+
+def _hex_bytes(mid: str) -> bytes | None:
+    """A lowercase hex string (the HTTP grid's object ids, sha256) as its bytes; None otherwise."""
+    try:
+        packed = bytes.fromhex(mid)
+    except ValueError:
+        return None
+    return packed if packed and packed.hex() == mid else None
+
+
+_CODECS = {  # name: (encode, decode); an id is stored packed only if decode(encode(id)) == id
+    "uuid": (_uuid_bytes, lambda b: str(UUID(bytes=b))),
+    "hex": (_hex_bytes, bytes.hex),
+}
+
+
+class MessageIds:
+    """A first-in first-out queue of message ids, packed as bytes: the stream's pending ids.
+
+    A ``str`` per id in a deque costs 93 B for a uuid and 121 B for a 64-character object id;
+    here a uuid takes its 16 bytes and a lowercase hex id its 32, in one ``bytearray``. The
+    codec and width are fixed by the first id; :meth:`popleft` gives back the exact string that
+    went in. An id that does not fit (another format or length) turns the queue into plain
+    strings from then on, in the same order, so any id Flower may give is kept exactly."""
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._codec: str | None = None
+        self._width = 0
+        self._buf = bytearray()
+        self._start = 0  # bytes of _buf already taken from the front
+        self._strings: deque[str] | None = None  # set once an id does not fit the codec
+        self.extend(ids)
+
+    def __len__(self) -> int:
+        if self._strings is not None:
+            return len(self._strings)
+        return (len(self._buf) - self._start) // self._width if self._width else 0
+
+    def __iter__(self) -> Iterator[str]:
+        if self._strings is not None:
+            yield from list(self._strings)
+            return
+        decode = _CODECS[self._codec][1] if self._codec else None
+        view = bytes(self._buf[self._start:])
+        for i in range(0, len(view), self._width or 1):
+            yield decode(view[i:i + self._width])
+
+    def append(self, mid: str) -> None:
+        if not isinstance(mid, str):
+            raise TypeError(f"message ids are strings, got {type(mid).__name__}")
+        if self._strings is not None:
+            self._strings.append(mid)
+            return
+        if self._codec is None:
+            for name, (encode, _) in _CODECS.items():
+                packed = encode(mid)
+                if packed is not None:
+                    self._codec, self._width = name, len(packed)
+                    break
+            else:
+                self._to_strings().append(mid)
+                return
+        packed = _CODECS[self._codec][0](mid)
+        if packed is None or len(packed) != self._width:
+            self._to_strings().append(mid)
+            return
+        self._buf += packed
+
+    def extend(self, ids: Iterable[str]) -> None:
+        for mid in ids:
+            self.append(mid)
+
+    def popleft(self) -> str:
+        if self._strings is not None:
+            return self._strings.popleft()
+        if not len(self):
+            raise IndexError("pop from an empty MessageIds")
+        end = self._start + self._width
+        mid = _CODECS[self._codec][1](bytes(self._buf[self._start:end]))
+        self._start = end
+        if self._start >= 4096 and 2 * self._start >= len(self._buf):  # drop the taken front now and then
+            del self._buf[:self._start]
+            self._start = 0
+        return mid
+
+    def _to_strings(self) -> deque[str]:
+        self._strings = deque(self)
+        self._buf, self._start, self._codec, self._width = bytearray(), 0, None, 0
+        return self._strings
 
 
 class Instructions:
@@ -57,16 +162,16 @@ class Instructions:
             yield Message(content=self.content, dst_node_id=node, message_type=self.message_type)
 
 
-def push_in_batches(grid: Grid, messages: Iterable[Message], batch: int = PUSH_BATCH) -> deque[str]:
-    """Push ``messages`` ``batch`` at a time; the ids of those pushed, in order (a deque: the
-    stream takes them from the front as it asks for their replies).
+def push_in_batches(grid: Grid, messages: Iterable[Message], batch: int = PUSH_BATCH) -> MessageIds:
+    """Push ``messages`` ``batch`` at a time; the ids of those pushed, in order (a packed
+    queue: the stream takes them from the front as it asks for their replies).
 
     ``Grid.push_messages`` needs a collection (the HTTP grid walks it twice), so each batch
     is a list, dropped once pushed. An empty round still makes one (empty) push, as pushing
     the whole list at once did."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    ids: deque[str] = deque()
+    ids = MessageIds()
     remaining = iter(messages)
     chunk = list(islice(remaining, batch))
     while True:
@@ -111,59 +216,67 @@ class NodeSet:
 
 
 class SiteDiagnostics:
-    """Diagnostics of one round per site, in columns: a node id (uint64, Flower's node ids)
-    and one float64 per diagnostic name, NaN where the site did not send it.
+    """The sites' diagnostics of one round, kept as what the round log reports: per name, the
+    sum over the sites that sent it, in arrival order, and how many did. So each mean is the
+    float the per-site dicts gave, bit for bit, and nothing is kept per site (a dict per site
+    cost ~250 B per site and round, columns 40 B; the diagnostics are not DP, so the server
+    keeping less of them is also better).
 
-    Used like the dict it replaces (``diagnostics[node] = {name: value}``, once per site);
-    :meth:`to_state` is what the checkpoint saves (tensors), :meth:`from_state` reads it back,
-    as well as the ``{node: {name: value}}`` dicts older checkpoints hold."""
+    :meth:`add` takes one site's ``{name: value}`` (NaN counts as not sent); :meth:`to_state`
+    is what the checkpoint saves, :meth:`from_state` reads it back, as well as the columns
+    (tensors) and the ``{node: {name: value}}`` dicts older checkpoints hold."""
 
     def __init__(self, names: Iterable[str] = ()) -> None:
-        self.nodes = array("Q")
-        self.columns: dict[str, array] = {name: array("d") for name in names}
+        self.sites = 0
+        self.sums: dict[str, float] = {name: 0.0 for name in names}
+        self.counts: dict[str, int] = {name: 0 for name in names}
 
     def __len__(self) -> int:
-        return len(self.nodes)
+        return self.sites
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SiteDiagnostics) and dict(self.items()) == dict(other.items())
+        return isinstance(other, SiteDiagnostics) and (self.sites, self.sums, self.counts) == (
+            other.sites, other.sums, other.counts)
 
-    def __setitem__(self, node: int, values: Mapping[str, float]) -> None:
-        """Add ``node``'s diagnostics (each site once: the strategy lets each in once)."""
-        for name in values:
-            if name not in self.columns:  # a name not seen before: NaN for the sites before
-                self.columns[name] = array("d", [math.nan] * len(self.nodes))
-        self.nodes.append(node)
-        for name, column in self.columns.items():
-            column.append(float(values.get(name, math.nan)))
-
-    def items(self) -> Iterator[tuple[int, dict[str, float]]]:
-        """(node, {name: value}) per site, in the order they were added (NaNs left out)."""
-        for i, node in enumerate(self.nodes):
-            yield node, {name: col[i] for name, col in self.columns.items() if not math.isnan(col[i])}
+    def add(self, values: Mapping[str, float]) -> None:
+        """Fold in one site's diagnostics (each site once: the strategy lets each in once)."""
+        self.sites += 1
+        for name, value in values.items():
+            value = float(value)
+            if math.isnan(value):
+                continue
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
 
     def mean(self, name: str) -> float | None:
-        """The mean of ``name`` over the sites that sent it (None: none did), summed in the
-        order the sites were added (as the dicts were)."""
-        values = [v for v in self.columns.get(name, ()) if not math.isnan(v)]
-        return sum(values) / len(values) if values else None
+        """The mean of ``name`` over the sites that sent it (None: none did)."""
+        count = self.counts.get(name, 0)
+        return self.sums[name] / count if count else None
 
     def to_state(self) -> dict[str, Any]:
-        """Plain tensors for ``torch.save`` (node ids bit-cast to int64: torch has no uint64 tensor I/O everywhere)."""
-        nodes = torch.from_numpy(np.frombuffer(self.nodes.tobytes(), dtype=np.uint64).view(np.int64).copy())
-        return {"nodes": nodes, "columns": {name: torch.from_numpy(np.frombuffer(col.tobytes(), dtype=np.float64).copy())
-                                            for name, col in self.columns.items()}}
+        """Plain numbers for ``torch.save``."""
+        return {"sites": self.sites, "sums": dict(self.sums), "counts": dict(self.counts)}
 
     @classmethod
     def from_state(cls, state: Mapping[Any, Any]) -> "SiteDiagnostics":
-        """Read :meth:`to_state`'s form, or an older checkpoint's ``{node: {name: value}}``."""
+        """Read :meth:`to_state`'s form, or an older checkpoint's: columns (``nodes`` and one
+        float64 tensor per name, NaN where not sent) or ``{node: {name: value}}``."""
         out = cls()
-        if "nodes" not in state:  # the older form
-            for node, values in state.items():
-                out[int(node)] = values
+        if "sums" in state:
+            out.sites = int(state["sites"])
+            out.sums = {name: float(v) for name, v in state["sums"].items()}
+            out.counts = {name: int(v) for name, v in state["counts"].items()}
+            if set(out.sums) != set(out.counts) or any(c < 0 or c > out.sites for c in out.counts.values()):
+                raise ValueError("checkpointed diagnostics: the sums and counts do not match")
             return out
-        out.nodes = array("Q", state["nodes"].numpy().view(np.uint64).tobytes())
-        out.columns = {name: array("d", col.numpy().astype(np.float64).tobytes()) for name, col in state["columns"].items()}
-        if any(len(col) != len(out.nodes) for col in out.columns.values()):
-            raise ValueError("checkpointed diagnostics: a column does not have one value per site")
+        if "nodes" in state:  # columns, one value per site
+            sites = len(state["nodes"])
+            columns = {name: col.tolist() for name, col in state["columns"].items()}
+            if any(len(col) != sites for col in columns.values()):
+                raise ValueError("checkpointed diagnostics: a column does not have one value per site")
+            for i in range(sites):
+                out.add({name: col[i] for name, col in columns.items()})
+            return out
+        for values in state.values():  # a dict per site
+            out.add(values)
         return out

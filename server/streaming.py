@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from server.sites import push_in_batches
+from server.sites import MessageIds, push_in_batches
 
 log = logging.getLogger("privadapt.server")
 
@@ -105,7 +104,7 @@ def _pull(grid: Grid, messages: Iterable[Message], timeout: float | None, batch:
     deadline = None if timeout is None else start + timeout
     wait = FIRST_WAIT
     while pending:
-        still: deque[str] = deque()  # this pass's ids with no reply yet (not a set of every answered id)
+        still = MessageIds()  # this pass's ids with no reply yet (not a set of every answered id), packed
         passed = len(pending)
         while pending:  # ids leave `pending` as they are asked for: answered ones are freed at once
             asked = [pending.popleft() for _ in range(min(batch, len(pending)))]

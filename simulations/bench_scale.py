@@ -45,6 +45,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp import Grid
 
 from common import keys
+from common.wire import packed_key
 
 ReplyContent = Callable[[Message], RecordDict]
 
@@ -159,12 +160,14 @@ def dpagg_answer(dim: int, clip: float) -> ReplyContent:
 
 
 def lora_answer(shapes: dict[str, tuple[int, ...]], clip: float) -> ReplyContent:
-    """A site's LoRA reply: a float32 delta clipped to C, with the diagnostics a site sends."""
+    """A site's LoRA reply: a float32 delta clipped to C, packed into one Array as sites send
+    it (``common.wire.packed_record``), with the diagnostics a site sends."""
+    key, size = packed_key(shapes), sum(math.prod(s) for s in shapes.values())
+
     def answer(msg: Message) -> RecordDict:
-        rng = _rng(msg)
-        tree = {k: rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()}
-        scale = np.float32(0.9 * clip / math.sqrt(sum(float(np.dot(v.ravel(), v.ravel())) for v in tree.values())))
-        arrays = ArrayRecord(array_dict={k: Array(v * scale) for k, v in tree.items()})
+        flat = _rng(msg).standard_normal(size, dtype=np.float32)
+        flat *= np.float32(0.9 * clip / math.sqrt(float(np.dot(flat, flat))))
+        arrays = ArrayRecord(array_dict={key: Array(flat)})
         metrics = MetricRecord({keys.DIAG_LOSS: 0.1, keys.DIAG_DELTA_NORM: 0.9 * clip, keys.DIAG_CLIPPED: 0.0})
         return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
     return answer

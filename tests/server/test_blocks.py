@@ -102,7 +102,7 @@ def test_lora_rounds_sum_blocks_as_one_record_at_a_time_and_rejects_outside_them
     s.aggregate_train(1, [message(deltas[node], node) for node in range(1, sites + 1)])
     entry = s.rounds[-1]
     assert [r["node"] for r in entry.rejected] == [6, 11]
-    assert entry.used == [n for n in range(1, sites + 1) if n not in (6, 11)]
+    assert list(entry.used) == [n for n in range(1, sites + 1) if n not in (6, 11)]
     assert SpyMechanism.blocks == [BLOCK, BLOCK, 2]  # checked replies, 8 at a time, the rest at the end
     m = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
     reference = None
@@ -123,7 +123,7 @@ def test_dpagg_releases_the_one_by_one_sum_of_the_valid_site_sums():
     sums[4][0] = np.inf
     replies = [message({keys.EMBEDDING_SUM: sums[node]}, node) for node in range(1, 13)]
     s.aggregate_train(1, replies)
-    assert s.contributors[-1] == [n for n in range(1, 13) if n != 4] and s.rejected[0]["node"] == 4
+    assert list(s.contributors[-1]) == [n for n in range(1, 13) if n != 4] and s.rejected[0]["node"] == 4
     assert SpyMechanism.blocks == [BLOCK, 3]
     reference = None
     for reply in replies[:3] + replies[4:]:

@@ -118,7 +118,7 @@ def test_bad_replies_are_rejected_by_name_and_the_round_goes_on():
     log = s.rounds[-1]
     reasons = {r["node"]: r["reason"] for r in log.rejected}
     assert "NaN" in reasons[2] and "shape" in reasons[3] and "missing" in reasons[4] and "clip bound" in reasons[5]
-    assert log.used == [1] and log.ignored == [9]
+    assert list(log.used) == [1] and log.ignored == [9]
     torch.testing.assert_close(s.global_state["unet.a.lora_A.weight"], torch.full((2, 3), 0.1 / 4))
 
 
