@@ -12,8 +12,7 @@ cost about 1.3 KB per site, none of it adapter-sized (BENCHMARKS.md, item 5):
   question from the sorted node ids the strategy already holds (or 8 B per site);
 * the LoRA strategy's per-site diagnostics, one dict of floats per site (about 250 B per site
   and round, kept for the whole run; then columns, 40 B). Only their means are reported, so
-  :class:`SiteDiagnostics` keeps a running sum and a count per name: nothing per site.
-
+  :class:`SiteDiagnostics` keeps a running sum and a count per name: nothing per site;
 * the ids of the unanswered messages, one ``str`` each in a deque (93 B for the simulation's
   36-character uuids, 121 B for the HTTP grid's 64-character object ids). :class:`MessageIds`
   keeps them packed as bytes (16 B, 32 B) and gives the same strings back.
