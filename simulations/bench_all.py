@@ -182,7 +182,19 @@ def _render_rounds_sim(rows: list[dict]) -> str:
 
 
 def _render_rounds_deploy(r: dict) -> str:
-    return "```json\n" + json.dumps(r, indent=1)[:3000] + "\n```"
+    """One row per mode and round; the sites' own work is only seen in the long-lived mode."""
+    rows = []
+    for mode, m in r["modes"].items():
+        work = list(zip(*m["app_seconds"].values())) if m.get("app_seconds") else []
+        for i, wall in enumerate(m["round_seconds"]):
+            sites = work[i] if i < len(work) else ()
+            ratios = ([f"{wall / max(sites):.2f}x", f"{wall / sum(sites):.2f}x"] if sites and min(sites) > 0
+                      else ["-", "-"])
+            rows.append([mode, i + 1, wall, max(sites) if sites else "not observable", m["overhead_seconds"][i], *ratios])
+    return _table(["mode", "round", "wall (s)", "slowest site's work (s)", "overhead (s)", "wall / slowest site",
+                   "wall / sum of the sites' work (target <= 1.2)"], rows) + (
+        f"\n\n{r['sites']} sites on loopback, {r['local_steps']} local steps per round; the modes are explained in "
+        "\"Flower rounds in deployment\" above.")
 
 
 def _render_sd15(r: dict) -> str:

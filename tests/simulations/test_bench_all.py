@@ -39,3 +39,14 @@ def test_one_quick_section_writes_json_and_only_the_generated_block(tmp_path):
     assert "stale figures" not in text and text.count(bench_all.BEGIN) == 1
     assert "3. Server aggregation vs memcpy" in text and "| SD 1.5 LoRA r64" in text
     assert "2026-01-01 00:00 UTC" in text and "| 4 | 5 | 1.0 | 2.0 | 2.0x |" in text
+
+
+def test_deployment_rounds_render_as_a_table_with_their_ratios():
+    result = {"sites": 2, "local_steps": 10, "modes": {
+        "flower": {"round_seconds": [20.0, 19.0], "overhead_seconds": [13.0, 18.0]},
+        "warm": {"round_seconds": [18.0, 6.0], "overhead_seconds": [11.0, 5.0],
+                 "app_seconds": {"site-0": [6.0, 1.0], "site-1": [5.0, 2.0]}}}}
+    lines = bench_all.RENDER["rounds_deploy"](result).splitlines()
+    assert lines[0].startswith("| mode | round | wall (s) |") and len(lines) == 2 + 4 + 2
+    assert lines[2] == "| flower | 1 | 20.0 | not observable | 13.0 | - | - |"
+    assert lines[5] == "| warm | 2 | 6.0 | 2.0 | 5.0 | 3.00x | 2.00x |"  # 6 / max(1, 2), 6 / (1 + 2)
