@@ -28,7 +28,7 @@ import math
 from array import array
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any
 from uuid import UUID
@@ -60,10 +60,10 @@ def _hex_bytes(mid: str) -> bytes | None:
     return packed if packed and packed.hex() == mid else None
 
 
-_CODECS = {  # name: (encode, decode); an id is stored packed only if decode(encode(id)) == id
-    "uuid": (_uuid_bytes, lambda b: str(UUID(bytes=b))),
-    "hex": (_hex_bytes, bytes.hex),
-}
+_CODECS = (  # (encode, decode); an id is stored packed only if decode(encode(id)) == id
+    (_uuid_bytes, lambda b: str(UUID(bytes=b))),
+    (_hex_bytes, bytes.hex),
+)
 
 
 class MessageIds:
@@ -76,7 +76,7 @@ class MessageIds:
     strings from then on, in the same order, so any id Flower may give is kept exactly."""
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
-        self._codec: str | None = None
+        self._codec: tuple[Callable[[str], bytes | None], Callable[[bytes], str]] | None = None
         self._width = 0
         self._buf = bytearray()
         self._start = 0  # bytes of _buf already taken from the front
@@ -92,9 +92,10 @@ class MessageIds:
         if self._strings is not None:
             yield from list(self._strings)
             return
-        decode = _CODECS[self._codec][1] if self._codec else None
-        view = bytes(self._buf[self._start:])
-        for i in range(0, len(view), self._width or 1):
+        if self._codec is None:
+            return
+        decode, view = self._codec[1], bytes(self._buf[self._start:])
+        for i in range(0, len(view), self._width):
             yield decode(view[i:i + self._width])
 
     def append(self, mid: str) -> None:
@@ -104,15 +105,15 @@ class MessageIds:
             self._strings.append(mid)
             return
         if self._codec is None:
-            for name, (encode, _) in _CODECS.items():
-                packed = encode(mid)
+            for codec in _CODECS:
+                packed = codec[0](mid)
                 if packed is not None:
-                    self._codec, self._width = name, len(packed)
+                    self._codec, self._width = codec, len(packed)
                     break
             else:
                 self._to_strings().append(mid)
                 return
-        packed = _CODECS[self._codec][0](mid)
+        packed = self._codec[0](mid)
         if packed is None or len(packed) != self._width:
             self._to_strings().append(mid)
             return
@@ -128,7 +129,7 @@ class MessageIds:
         if not len(self):
             raise IndexError("pop from an empty MessageIds")
         end = self._start + self._width
-        mid = _CODECS[self._codec][1](bytes(self._buf[self._start:end]))
+        mid = self._codec[1](bytes(self._buf[self._start:end]))
         self._start = end
         if self._start >= 4096 and 2 * self._start >= len(self._buf):  # drop the taken front now and then
             del self._buf[:self._start]

@@ -45,7 +45,7 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.serverapp import Grid
 
 from common import keys
-from common.wire import packed_key
+from common.wire import Layout
 
 ReplyContent = Callable[[Message], RecordDict]
 
@@ -162,12 +162,12 @@ def dpagg_answer(dim: int, clip: float) -> ReplyContent:
 def lora_answer(shapes: dict[str, tuple[int, ...]], clip: float) -> ReplyContent:
     """A site's LoRA reply: a float32 delta clipped to C, packed into one Array as sites send
     it (``common.wire.packed_record``), with the diagnostics a site sends."""
-    key, size = packed_key(shapes), sum(math.prod(s) for s in shapes.values())
+    layout = Layout(shapes)  # its packed key and number of entries, once
 
     def answer(msg: Message) -> RecordDict:
-        flat = _rng(msg).standard_normal(size, dtype=np.float32)
+        flat = _rng(msg).standard_normal(layout.total, dtype=np.float32)
         flat *= np.float32(0.9 * clip / math.sqrt(float(np.dot(flat, flat))))
-        arrays = ArrayRecord(array_dict={key: Array(flat)})
+        arrays = ArrayRecord(array_dict={layout.key: Array(flat)})
         metrics = MetricRecord({keys.DIAG_LOSS: 0.1, keys.DIAG_DELTA_NORM: 0.9 * clip, keys.DIAG_CLIPPED: 0.0})
         return RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
     return answer

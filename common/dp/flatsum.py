@@ -14,6 +14,7 @@ one entry point; nothing here draws noise or decides a scale factor.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -205,16 +206,14 @@ class FlatSum(Mapping[str, torch.Tensor]):
         self.flat = np.empty(sum(sizes), dtype=np.float64)
         self.plan = chunk_plan(sizes, _ADD_CHUNK)
         self.whole_plan = chunk_plan((self.flat.size,), _ADD_CHUNK)  # for records held whole (packed)
-        self._sizes = sizes
+        self._offsets = (0, *itertools.accumulate(sizes))
         self._tensors: dict[str, torch.Tensor] | None = None  # the views, made when first read
 
     @property
     def _views(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
-            self._tensors, offset = {}, 0
-            for key, shape, size in zip(self.keys_list, self.shapes, self._sizes):
-                self._tensors[key] = torch.from_numpy(self.flat[offset:offset + size].reshape(shape))
-                offset += size
+            self._tensors = {key: torch.from_numpy(part.reshape(shape)) for key, shape, part in
+                             zip(self.keys_list, self.shapes, split_at(self.flat, self._offsets))}
         return self._tensors
 
     def __getitem__(self, key: str) -> torch.Tensor:
