@@ -38,6 +38,7 @@ from common.wire import Layout, packed_record, tree_record
 from server.blocks import BLOCK, BlockedSum
 from server.replies import read_update, read_vector_view
 from simulations.bench_shapes import SD15_EMBEDDING_DIM, SD15_UNET, lora_shapes, tiny_unet_config
+from simulations.native_passes import compile_passes
 
 CLIP = 1.0
 # "cpu" (this process's CPU time) resists other load on a shared CPU; "wall" is the default
@@ -193,17 +194,24 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
     }
 
 
-def passes(parameters: int, repeats: int = 7, clock: str = "wall") -> dict:
-    """The NumPy passes the exact path is made of, in ns per parameter, on one float32 array
-    of ``parameters`` entries (the SD 1.5 rank-64 adapter's size: far larger than the caches),
-    walked in runs of 64K entries as the mechanism does; the floor they set for the sum/copy ratio.
+def passes(parameters: int, repeats: int = 7, clock: str = "wall", native: bool = True) -> dict:
+    """The passes the exact path is made of, in ns per parameter, on one float32 array of
+    ``parameters`` entries (the SD 1.5 rank-64 adapter's size: far larger than the caches),
+    walked in runs of 64K entries as the mechanism does; the ceilings they set for the sum/copy ratio.
 
     An exact sum of checked replies reads every reply twice from memory: the norm must be known
     (the reply checked, its clip factor fixed) before any of it enters the sum, and a reply or a
-    block of them does not stay in cache between the two passes. Each pass converts float32 to
-    float64 (``cast``: read 4 B/param from memory, write 8 B to a cache-resident stage); the first
-    then takes a float64 ``dot`` of the stage, the second ``add``s it into the run of the sum
-    (``mixed_add``: NumPy's float32 + float64 -> float64 loop, which does both in one call)."""
+    block of them does not stay in cache between the two passes. Each NumPy pass converts float32
+    to float64 (``cast``: read 4 B/param from memory, write 8 B to a cache-resident stage); the
+    first then takes a float64 ``dot`` of the stage, the second ``add``s it into the run of the sum
+    (``mixed_add``: NumPy's float32 + float64 -> float64 loop, which does both in one call).
+
+    Two ceilings that no implementation of these two passes can pass on this machine: ``read``
+    is BLAS's float32 ``dot`` of the array with itself, a streaming read of its bytes and almost
+    nothing else, so ``copy / (2 * read)`` bounds any sum that reads every reply twice, even with
+    free arithmetic and a sum that never leaves cache. With ``native`` (and a C compiler on
+    PATH), :mod:`simulations.native_passes` times the same two passes as fused, vectorised C
+    loops (``native_norm``, ``native_add``): what a compiled kernel would reach."""
     x = np.random.default_rng(0).standard_normal(parameters, dtype=np.float32)
     copy_to, run, stage = np.empty_like(x), np.zeros(1 << 16), np.empty(1 << 16)
 
@@ -213,11 +221,16 @@ def passes(parameters: int, repeats: int = 7, clock: str = "wall") -> dict:
 
     steps = {
         "copy": lambda: np.copyto(copy_to, x),
+        "read": lambda: np.dot(x, x),
         "cast": lambda: walk(lambda piece: np.copyto(stage[:piece.size], piece)),
         "dot": lambda: walk(lambda piece: np.dot(stage[:piece.size], stage[:piece.size])),
         "add": lambda: walk(lambda piece: np.add(run[:piece.size], stage[:piece.size], out=run[:piece.size])),
         "mixed_add": lambda: walk(lambda piece: np.add(run[:piece.size], piece, out=run[:piece.size])),
     }
+    kernels, built = compile_passes() if native else (None, "not asked for")
+    if kernels is not None:
+        steps["native_norm"] = lambda: kernels.sum_of_squares(x)
+        steps["native_add"] = lambda: kernels.add_runs(run, x)
     best = {name: math.inf for name in steps}
     for _ in range(repeats):  # interleaved
         for name, step in steps.items():
@@ -226,8 +239,12 @@ def passes(parameters: int, repeats: int = 7, clock: str = "wall") -> dict:
             best[name] = min(best[name], CLOCKS[clock]() - start)
     ns = {name: round(t / parameters * 1e9, 3) for name, t in best.items()}
     floor = ns["cast"] + ns["dot"] + min(ns["mixed_add"], ns["cast"] + ns["add"])  # norm pass + add pass, nothing else
-    return {"parameters": parameters, "ns_per_parameter": ns, "clock": clock,
-            "best_ratio_two_passes": round(ns["copy"] / floor, 3)}
+    out = {"parameters": parameters, "ns_per_parameter": ns, "clock": clock,
+           "best_ratio_two_passes": round(ns["copy"] / floor, 3),
+           "ceiling_two_reads": round(ns["copy"] / (2 * ns["read"]), 3), "native": built}
+    if kernels is not None:
+        out["native_ratio_two_passes"] = round(ns["copy"] / (ns["native_norm"] + ns["native_add"]), 3)
+    return out
 
 
 def adapters(include_sd15: bool) -> list[tuple[str, dict, bool]]:
@@ -259,7 +276,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--wire", choices=WIRES, default="packed",
                         help="LoRA replies as sites send them (one packed Array) or one Array per tensor")
     parser.add_argument("--passes", action="store_true",
-                        help="only time the NumPy passes the exact sum is made of (cast, dot, add) against a copy")
+                        help="only time the passes the exact sum is made of (NumPy, and compiled C when a compiler is there) "
+                             "against a copy and a plain read")
     args = parser.parse_args(argv)
     if args.passes:
         print(json.dumps(passes(sum(math.prod(s) for s in lora_shapes(SD15_UNET, 64).values()), clock=args.clock),

@@ -67,12 +67,34 @@ def _lora(quick: bool):
     return f"python -m simulations.bench_lora {' '.join(argv)}", lambda: bench_lora.main(argv)
 
 
-def _aggregation(quick: bool):
-    from simulations import bench_aggregation
+# BLAS and torch on one thread: with --clock cpu a second BLAS thread's time counts too (its
+# dot ran 2x the CPU time: the 2026-12-03 13:24 run read 0.12 for rank 64 against 0.18-0.22 on one)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
+
+def _json_from(argv: list[str], env: dict[str, str], start: str = "{") -> Any:
+    """Run ``python argv`` in the repository with ``env`` added; the JSON its stdout ends with,
+    from the first ``start`` character (log lines may come before it)."""
+    out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=False, cwd=REPO_ROOT,
+                         env={**os.environ, **env})
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    text = out.stdout
+    return json.loads(text[text.index(start):])
+
+
+def _aggregation(quick: bool):
     n, large, repeats = (4, 1, 1) if quick else (16, 4, 5)
-    return (f"python -m simulations.bench_aggregation --replies {n} --large-replies {large} --repeats {repeats} --clock cpu",
-            lambda: bench_aggregation.run(n, repeats, large, clock="cpu"))
+    argv = ["-m", "simulations.bench_aggregation", "--replies", str(n), "--large-replies", str(large),
+            "--repeats", str(repeats), "--clock", "cpu"]
+    passes = ["-m", "simulations.bench_aggregation", "--passes", "--clock", "cpu"]
+
+    def run() -> dict:
+        torch.set_num_threads(1)  # recorded as the section's threads (run_section restores it)
+        return {"rows": _json_from(argv, ONE_THREAD, "["), "passes": _json_from(passes, ONE_THREAD)}
+
+    prefix = " ".join(f"{k}={v}" for k, v in ONE_THREAD.items())
+    return f"{prefix} .venv/bin/python {' '.join(argv)}; {prefix} .venv/bin/python {' '.join(passes)}", run
 
 
 def _scale(quick: bool):
@@ -93,16 +115,8 @@ def _rounds_sim(quick: bool):
 
 def _rounds_deploy(quick: bool):
     argv = ["--rounds", "2" if quick else "4", "--local-steps", "10"]
-
-    def run() -> dict:
-        out = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "deploy" / "bench_rounds.py"), *argv],
-                             capture_output=True, text=True, check=False, cwd=REPO_ROOT)
-        if out.returncode != 0:
-            raise RuntimeError(f"bench_rounds.py failed:\n{out.stderr[-3000:]}")
-        text = out.stdout
-        return json.loads(text[text.index("{"):])
-
-    return f"python scripts/deploy/bench_rounds.py {' '.join(argv)}", run
+    script = str(REPO_ROOT / "scripts" / "deploy" / "bench_rounds.py")
+    return f"python scripts/deploy/bench_rounds.py {' '.join(argv)}", lambda: _json_from([script, *argv], {})
 
 
 def _sd15(quick: bool):
@@ -152,14 +166,27 @@ def _render_lora(r: dict) -> str:
                    for k in e2e])
 
 
-def _render_aggregation(rows: list[dict]) -> str:
-    return _table(["adapter", "wire", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
+def _render_aggregation(r: "dict | list[dict]") -> str:
+    """The server path against a copy, and (entries since 2026-12-03) the passes' ceilings."""
+    rows, passes = (r["rows"], r.get("passes")) if isinstance(r, dict) else (r, None)
+    text = _table(["adapter", "wire", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
                    "sum / copy (target >= 0.5)", "validate only / copy", "adds only / copy", "with release / copy",
                    "noise ns/param"],
                   [[r["adapter"], r.get("wire", "tensors"), r["adapter_mb"], r["replies"], r["validate_clip_sum_gb_s"], r["with_release_gb_s"],
                     r["copy_gb_s"], r["ratio_validate_clip_sum_to_copy"], r.get("ratio_validate_only_to_copy", "-"),
                     r.get("ratio_add_only_to_copy", "-"), r["ratio_with_release_to_copy"], r["noise_ns_per_parameter"]]
                    for r in rows])
+    if not passes:
+        return text
+    ns = passes["ns_per_parameter"]
+    return text + "\n\n" + _table(
+        ["passes on one array of", *ns, "NumPy norm + add / copy", "compiled norm + add / copy",
+         "copy / two plain reads (ceiling)"],
+        [[f"{passes['parameters']:,} float32, ns/param", *ns.values(), passes["best_ratio_two_passes"],
+          passes.get("native_ratio_two_passes", "-"), passes["ceiling_two_reads"]]]) + (
+        f"\n\nCompiled passes: {passes['native']}. An exact sum reads each reply twice (its norm decides its clip "
+        "factor before it is added); \"read\" is BLAS's float32 dot of the array with itself, so copy / two reads "
+        "bounds any implementation (\"Server aggregation against a memory copy\" above).")
 
 
 def _render_scale(r: dict) -> str:

@@ -36,7 +36,8 @@ def test_replies_are_built_in_the_layout_asked_for():
         bench_aggregation.measure("tiny", shapes, n=1, repeats=1, ti=False, wire="zip")
 
 
-def test_the_passes_are_timed_against_a_copy():
-    out = bench_aggregation.passes(200_000, repeats=1)
-    assert set(out["ns_per_parameter"]) == {"copy", "cast", "dot", "add", "mixed_add"}
-    assert 0 < out["best_ratio_two_passes"]
+def test_the_passes_are_timed_against_a_copy_and_a_plain_read():
+    out = bench_aggregation.passes(200_000, repeats=1, native=False)
+    assert set(out["ns_per_parameter"]) == {"copy", "read", "cast", "dot", "add", "mixed_add"}
+    assert 0 < out["best_ratio_two_passes"] and 0 < out["ceiling_two_reads"]
+    assert out["native"] == "not asked for" and "native_ratio_two_passes" not in out
