@@ -58,6 +58,7 @@ class BlockedSum:
         that needs a new pull, add the block (whatever the last reply's fate was)."""
         for reply in replies:
             yield reply
+            del reply  # the block, if anything, keeps it now; the next pull must not find it here
             if pull_drained(replies):
                 self.flush()
 

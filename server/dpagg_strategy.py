@@ -133,26 +133,32 @@ class DPAggTIStrategy(LedgerStrategy):
         arrays = ArrayRecord(array_dict={keys.EMBEDDING: Array(released[keys.EMBEDDING_SUM].numpy())})
         return arrays, MetricRecord({"sites": len(used), "noise-std-of-mean": self.mechanism.noise_std / self.plan.denominator})
 
+    def _take(self, server_round: int, used: array, sums: BlockedSum, reply: Message) -> None:
+        """Check one site sum and queue it in ``sums``, or log why it is left out."""
+        node = reply.metadata.src_node_id
+        if node in used or (self.asked is not None and node not in self.asked):
+            # one sum per site: a second or unrequested sum would break the per-image bound
+            log.warning("release %d: ignoring a reply from node %s, which was not asked (or answered twice)",
+                        server_round, node)
+            self.rejected.append({"release": server_round, "node": node, "reason": "not asked, or a second reply"})
+            return
+        try:
+            vector = read_vector_view(reply, keys.EMBEDDING_SUM, self.dim)
+        except ReplyError as err:
+            log.warning("release %d: node %s left out: %s", server_round, node, err)
+            self.rejected.append({"release": server_round, "node": node, "reason": str(err)})
+            return
+        sums.add(reply, FlatRecord([keys.EMBEDDING_SUM], [(self.dim,)], [vector]))
+        used.append(node)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.aggregation != "central":
             return self._aggregate_secure(server_round)
         used = array(NODE_ARRAY)
         sums = BlockedSum(self.mechanism, bounded=False)  # site sums, added a block at a time (server.blocks)
         for reply in sums.receive(replies):
-            node = reply.metadata.src_node_id
-            if node in used or (self.asked is not None and node not in self.asked):
-                # one sum per site: a second or unrequested sum would break the per-image bound
-                log.warning("release %d: ignoring a reply from node %s, which was not asked (or answered twice)",
-                            server_round, node)
-                self.rejected.append({"release": server_round, "node": node, "reason": "not asked, or a second reply"})
-                continue
-            try:
-                vector = read_vector_view(reply, keys.EMBEDDING_SUM, self.dim)
-                sums.add(reply, FlatRecord([keys.EMBEDDING_SUM], [(self.dim,)], [vector]))
-                used.append(node)
-            except ReplyError as err:
-                log.warning("release %d: node %s left out: %s", server_round, node, err)
-                self.rejected.append({"release": server_round, "node": node, "reason": str(err)})
+            self._take(server_round, used, sums, reply)
+            del reply  # before the stream's next pull: only the block may keep a reply (server.blocks)
         total = sums.result()
         if total is None or self.is_short(len(used)):
             # Whether a release happens depends on who answered: the attempt is charged as one

@@ -98,38 +98,46 @@ class DPSGDTIStrategy(LedgerStrategy):
             current = self.global_embedding
         cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: METHOD})
         # one content for every site, messages built while pushed (server.sites)
-        return Instructions(list(grid.get_node_ids()), RecordDict({keys.ARRAYS: embedding_record(current),
+        return Instructions(array(NODE_ARRAY, grid.get_node_ids()), RecordDict({keys.ARRAYS: embedding_record(current),
                                                                      keys.CONFIG: cfg}))
 
     def _reject(self, server_round: int, node: int, err: Exception) -> None:
         log.warning("round %d: node %s left out: %s", server_round, node, err)
         self.rejected.append({"round": server_round, "node": node, "reason": str(err)})
 
+    def _take(self, server_round: int, scopes: dict[str, int], reply: Message) -> tuple[int, torch.Tensor | None]:
+        """Record one site's reported spend and read its embedding: (its node, the embedding,
+        or None when the reply is left out)."""
+        node = reply.metadata.src_node_id
+        try:
+            report = read_site_report(reply)
+        except ReplyError as err:
+            self._reject(server_round, node, err)
+            return node, None
+        # the site spent this whether or not its embedding is usable: the server saw it
+        event = report.event(server_round, node)
+        if event.scope in scopes:
+            log.warning("round %d: nodes %s and %s both report %s; their spends compose in one scope",
+                        server_round, scopes[event.scope], node, event.scope)
+        scopes[event.scope] = node
+        self.ledger.record(event)
+        self.reported_epsilons[event.scope] = report.epsilon
+        try:
+            return node, read_vector(reply, keys.EMBEDDING, self.dim)
+        except ReplyError as err:
+            self._reject(server_round, node, err)
+            return node, None
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         total: torch.Tensor | None = None  # running sum: replies are streamed, never kept
         used = array(NODE_ARRAY)
         scopes: dict[str, int] = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            try:
-                report = read_site_report(reply)
-            except ReplyError as err:
-                self._reject(server_round, node, err)
-                continue
-            # the site spent this whether or not its embedding is usable: the server saw it
-            event = report.event(server_round, node)
-            if event.scope in scopes:
-                log.warning("round %d: nodes %s and %s both report %s; their spends compose in one scope",
-                            server_round, scopes[event.scope], node, event.scope)
-            scopes[event.scope] = node
-            self.ledger.record(event)
-            self.reported_epsilons[event.scope] = report.epsilon
-            try:
-                vector = read_vector(reply, keys.EMBEDDING, self.dim)
+            node, vector = self._take(server_round, scopes, reply)
+            del reply  # before the stream's next pull (server.streaming): the running sum keeps no reply
+            if vector is not None:
                 total = vector if total is None else total + vector
                 used.append(node)
-            except ReplyError as err:
-                self._reject(server_round, node, err)
         if scopes:
             self.save_ledger()
         self.contributors.append(used)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -47,7 +48,7 @@ from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_update
-from server.sites import NODE_ARRAY, Instructions, NodeSet, SiteDiagnostics
+from server.sites import NODE_ARRAY, Instructions, NodeSet, SiteDiagnostics, node_array
 from server.strategy_base import LedgerStrategy, RunControl
 
 log = logging.getLogger("privadapt.server")
@@ -60,7 +61,7 @@ class RoundLog:
     """What the server knows about one round (diagnostics are NOT DP: kept by the server)."""
 
     round: int
-    sampled: list[int]
+    sampled: array  # sorted node ids, 8 B per site (a list of ints: ~40 B); a list is converted
     used: array = field(default_factory=lambda: array(NODE_ARRAY))  # 8 B per site (a list of ints: ~37 B)
     rejected: list[dict] = field(default_factory=list)
     ignored: list[int] = field(default_factory=list)
@@ -70,6 +71,12 @@ class RoundLog:
     # the used sites' diagnostics as running sums per name (server.sites): nothing per site
     diagnostics: SiteDiagnostics = field(default_factory=lambda: SiteDiagnostics(keys.DIAGNOSTICS))
     short: bool = False  # fewer valid sites than min-sites: charged, not applied
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampled, array):
+            self.sampled = array(NODE_ARRAY, self.sampled)
+        if not isinstance(self.used, array):
+            self.used = array(NODE_ARRAY, self.used)
 
     def to_state(self) -> dict:
         """The round as plain data for the checkpoint (copies; diagnostics as running sums)."""
@@ -81,7 +88,7 @@ class RoundLog:
     @classmethod
     def from_state(cls, state: dict) -> "RoundLog":
         """:meth:`to_state`'s round back (also an older checkpoint's, with a dict per site)."""
-        return cls(**{**state, "used": array(NODE_ARRAY, state.get("used", ())),
+        return cls(**{**state, "used": state.get("used", ()),
                       "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
 
     def summary(self) -> dict:
@@ -188,7 +195,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         return tree_record(self.global_state)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        nodes = sorted(grid.get_node_ids())
+        nodes = node_array(grid.get_node_ids())  # sorted ids, 8 B each: Flower's list of ints is not kept
         if self.num_sites == 0:
             self.num_sites = len(nodes)
             if self.num_sites == 0:
@@ -197,7 +204,8 @@ class DPFedAvgLoRA(LedgerStrategy):
         elif len(nodes) > self.num_sites:
             log.warning("round %d: %d nodes connected but num-sites declares %d; the denominator stays q*K = %g",
                         server_round, len(nodes), self.num_sites, self.denominator)
-        chosen = [nodes[i] for i in poisson_sample(len(nodes), self.plan.sample_rate, self.sampling).tolist()]
+        picked = poisson_sample(len(nodes), self.plan.sample_rate, self.sampling).numpy()
+        chosen = array(NODE_ARRAY, np.frombuffer(nodes, dtype=np.uint64)[picked].tobytes())  # sorted, as nodes
         self.rounds.append(RoundLog(round=server_round, sampled=chosen))
         cfg = ConfigRecord({**dict(config), keys.ROUND: server_round, keys.METHOD: METHOD, keys.DEFENSE: self.defense})
         if self.aggregation != "central":
@@ -246,6 +254,26 @@ class DPFedAvgLoRA(LedgerStrategy):
         self.ledger.record(report.event(entry.round, node))
         self.reported_record_epsilons[f"site-{report.index}"] = report.epsilon
 
+    def _take(self, entry: RoundLog, asked: NodeSet, sums: BlockedSum, reply: Message) -> None:
+        """Check one reply and queue its delta in ``sums``, or log why it is left out."""
+        node = reply.metadata.src_node_id
+        if node not in asked or node in entry.used:
+            log.warning("round %d: ignoring a reply from node %s, which was not asked (or answered twice)",
+                        entry.round, node)
+            entry.ignored.append(node)
+            return
+        try:
+            if self.defense == "dp-sgd" and self.private:
+                self._record_site_spend(entry, reply, node)
+            # float32 views of the reply and their float64 norm (checked against C when private)
+            delta, norm = read_update(reply, self.shapes, max_norm=self.mechanism.clip_norm if self.private else None)
+        except ReplyError as err:
+            self._reject(entry, node, err)
+            return
+        sums.add(reply, delta, norm)  # private: re-bound, exact sensitivity C whatever the wire did
+        entry.used.append(node)
+        entry.diagnostics.add(read_diagnostics(reply, keys.DIAGNOSTICS))
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if not self.rounds or self.rounds[-1].round != server_round:
             self.rounds.append(RoundLog(round=server_round, sampled=[]))  # configure_train was not called
@@ -256,23 +284,8 @@ class DPFedAvgLoRA(LedgerStrategy):
         # checked deltas are summed a block at a time (server.blocks); re-bounded when private
         sums = BlockedSum(self.mechanism, bounded=self.private)
         for reply in sums.receive(replies):
-            node = reply.metadata.src_node_id
-            if node not in asked or node in entry.used:
-                log.warning("round %d: ignoring a reply from node %s, which was not asked (or answered twice)",
-                            server_round, node)
-                entry.ignored.append(node)
-                continue
-            try:
-                if self.defense == "dp-sgd" and self.private:
-                    self._record_site_spend(entry, reply, node)
-                # float32 views of the reply and their float64 norm (checked against C when private)
-                delta, norm = read_update(reply, self.shapes, max_norm=self.mechanism.clip_norm if self.private else None)
-            except ReplyError as err:
-                self._reject(entry, node, err)
-                continue
-            sums.add(reply, delta, norm)  # private: re-bound, exact sensitivity C whatever the wire did
-            entry.used.append(node)
-            entry.diagnostics.add(read_diagnostics(reply, keys.DIAGNOSTICS))
+            self._take(entry, asked, sums, reply)
+            del reply  # before the stream's next pull: only the block may keep a reply (server.blocks)
         total = sums.result()
 
         if self.is_short(len(entry.used)):

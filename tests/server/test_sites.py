@@ -20,7 +20,7 @@ from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from server.dpagg_strategy import DPAggTIStrategy
 from server.plan import DPAggPlan
-from server.sites import Instructions, MessageIds, NodeSet, SiteDiagnostics, push_in_batches
+from server.sites import NODE_ARRAY, Instructions, MessageIds, NodeSet, SiteDiagnostics, node_array, push_in_batches
 from simulations.bench_scale import ReplayGrid, dpagg_answer, lora_answer, set_task_identity
 from tests.server.test_streaming import SHAPES, lora_strategy
 
@@ -126,11 +126,14 @@ def test_message_ids_cost_their_bytes_not_a_string_each(make, width):
     assert held < 1.3 * width * 2000, f"{held / 2000:.1f} B per id"  # a str each: 85 to 113 B
 
 
-def test_node_set_uses_a_sorted_list_as_it_is_and_sorts_anything_else():
-    ordered = [2, 5, 9]
+def test_node_set_uses_a_sorted_array_as_it_is_and_sorts_anything_else():
+    ordered = array(NODE_ARRAY, [2, 5, 9])
     assert NodeSet(ordered).nodes is ordered
+    listed = [2, 5, 9]  # a list of ints (Flower's get_node_ids) is not kept: 40 B per node
+    assert NodeSet(listed).nodes is not listed and NodeSet(listed).nodes == ordered
     unordered = NodeSet({9, 2, 5, 2**64 - 1})
     assert isinstance(unordered.nodes, array) and list(unordered) == [2, 5, 9, 2**64 - 1]
+    assert node_array([9, 2, 9, 5]) == ordered  # sorted and deduplicated
     assert 5 in unordered and 2**64 - 1 in unordered and len(unordered) == 4
     assert 3 not in unordered and 10 not in unordered and -1 not in unordered and "5" not in unordered
     assert 1 not in NodeSet([])
