@@ -166,9 +166,10 @@ def _render_lora(r: dict) -> str:
                    for k in e2e])
 
 
-def _render_aggregation(r: "dict | list[dict]") -> str:
-    """The server path against a copy, and (entries since 2026-12-03) the passes' ceilings."""
-    rows, passes = (r["rows"], r.get("passes")) if isinstance(r, dict) else (r, None)
+def _render_aggregation(result: "dict | list[dict]") -> str:
+    """The server path against a copy, and (entries since 2026-12-03) the passes' ceilings;
+    older entries are the list of rows alone."""
+    rows, passes = (result["rows"], result.get("passes")) if isinstance(result, dict) else (result, None)
     text = _table(["adapter", "wire", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
                    "sum / copy (target >= 0.5)", "validate only / copy", "adds only / copy", "with release / copy",
                    "noise ns/param"],
