@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 from flwr.app import Message
 
 from common.dp import GaussianSumMechanism
-from common.dp.flatsum import ArrayTree, RunningSum
+from common.dp.flatsum import ArrayTree, FlatSum, RunningSum
 from server.streaming import PULL_BATCH, pull_drained
 
 BLOCK = PULL_BATCH  # replies per block: one pull's worth, so a block never outlives a pull
@@ -34,19 +34,24 @@ class BlockedSum:
             (DPAgg-TI, and non-private runs).
         bounded: whether records are re-bounded (then :meth:`add` needs each record's norm).
         size: records per block (>= 1).
+        out: a running sum of the same layout from an earlier round that nobody reads any more:
+            the first block is written over it instead of into a new buffer (a large adapter's
+            float64 sum is then not faulted in again every round).
 
     The block is added when it holds ``size`` records, when the reply stream says its next
     reply needs a new pull (:meth:`receive`: the block then holds at most one pull's replies,
     the streaming receive's memory bound), and at :meth:`result`.
     """
 
-    def __init__(self, mechanism: GaussianSumMechanism, *, bounded: bool, size: int = BLOCK) -> None:
+    def __init__(self, mechanism: GaussianSumMechanism, *, bounded: bool, size: int = BLOCK,
+                 out: FlatSum | None = None) -> None:
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.mechanism = mechanism
         self.bounded = bounded
         self.size = size
         self.total: RunningSum | None = None
+        self._out = out
         self._records: list[ArrayTree] = []
         self._norms: list[float] = []
         # The records are views of these replies' bytes, which live as long anyway; holding the
@@ -77,9 +82,9 @@ class BlockedSum:
         if not self._records:
             return
         if self.bounded:
-            self.total = self.mechanism.add_bounded_block(self.total, self._records, self._norms)
+            self.total = self.mechanism.add_bounded_block(self.total, self._records, self._norms, out=self._out)
         else:
-            self.total = self.mechanism.add_block(self.total, self._records)
+            self.total = self.mechanism.add_block(self.total, self._records, out=self._out)
         self._records, self._norms, self._replies = [], [], []
 
     def result(self) -> RunningSum | None:

@@ -41,6 +41,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
+from common.dp.flatsum import FlatSum
 from common.dp.sampling import poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import Layout, packed_record, tree_record
@@ -151,6 +152,9 @@ class DPFedAvgLoRA(LedgerStrategy):
         self.reported_record_epsilons: dict[str, float] = {}
         self.aggregation = aggregation
         self.timeout = timeout
+        # the last round's float64 sum, written over by the next (server.blocks.BlockedSum's out):
+        # not state (never checkpointed), only pages the OS need not fault in and zero again
+        self._sum_buffer: FlatSum | None = None
 
     def summary(self) -> None:
         log.info("DP-FedAvg LoRA (%s): z=%.4f, site rate q=%.4f, C=%g, %d round(s), %d tensors", self.defense,
@@ -282,11 +286,13 @@ class DPFedAvgLoRA(LedgerStrategy):
             return self._aggregate_secure(entry)
         asked = NodeSet(entry.sampled)  # sorted: looked up by bisection, no copy (server.sites)
         # checked deltas are summed a block at a time (server.blocks); re-bounded when private
-        sums = BlockedSum(self.mechanism, bounded=self.private)
+        sums = BlockedSum(self.mechanism, bounded=self.private, out=self._sum_buffer)
         for reply in sums.receive(replies):
             self._take(entry, asked, sums, reply)
             del reply  # before the stream's next pull: only the block may keep a reply (server.blocks)
         total = sums.result()
+        if isinstance(total, FlatSum):  # nothing keeps this round's sum: the next round writes over it
+            self._sum_buffer = total
 
         if self.is_short(len(entry.used)):
             return self._short_round(entry)

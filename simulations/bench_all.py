@@ -171,21 +171,23 @@ def _render_aggregation(result: "dict | list[dict]") -> str:
     older entries are the list of rows alone."""
     rows, passes = (result["rows"], result.get("passes")) if isinstance(result, dict) else (result, None)
     text = _table(["adapter", "wire", "MB", "replies", "validate+clip+sum GB/s", "with release GB/s", "memcpy GB/s",
-                   "sum / copy (target >= 0.5)", "validate only / copy", "adds only / copy", "with release / copy",
-                   "noise ns/param"],
+                   "sum / copy (target >= 0.5)", "first round's sum / copy", "validate only / copy", "adds only / copy",
+                   "with release / copy", "noise ns/param"],
                   [[r["adapter"], r.get("wire", "tensors"), r["adapter_mb"], r["replies"], r["validate_clip_sum_gb_s"], r["with_release_gb_s"],
-                    r["copy_gb_s"], r["ratio_validate_clip_sum_to_copy"], r.get("ratio_validate_only_to_copy", "-"),
+                    r["copy_gb_s"], r["ratio_validate_clip_sum_to_copy"], r.get("ratio_first_round_sum_to_copy", "-"),
+                    r.get("ratio_validate_only_to_copy", "-"),
                     r.get("ratio_add_only_to_copy", "-"), r["ratio_with_release_to_copy"], r["noise_ns_per_parameter"]]
                    for r in rows])
     if not passes:
         return text
     ns = passes["ns_per_parameter"]
     return text + "\n\n" + _table(
-        ["passes on one array of", *ns, "NumPy norm + add / copy", "compiled norm + add / copy",
-         "copy / two plain reads (ceiling)"],
+        ["passes on one array of", *ns, "NumPy norm + add / copy", "server's fused norm + add / copy",
+         "C norm + add / copy", "copy / two plain reads (ceiling)"],
         [[f"{passes['parameters']:,} float32, ns/param", *ns.values(), passes["best_ratio_two_passes"],
-          passes.get("native_ratio_two_passes", "-"), passes["ceiling_two_reads"]]]) + (
-        f"\n\nCompiled passes: {passes['native']}. An exact sum reads each reply twice (its norm decides its clip "
+          passes.get("server_ratio_two_passes", "-"), passes.get("native_ratio_two_passes", "-"),
+          passes["ceiling_two_reads"]]]) + (
+        f"\n\nC passes: {passes['native']}. An exact sum reads each reply twice (its norm decides its clip "
         "factor before it is added); \"read\" is BLAS's float32 dot of the array with itself, so copy / two reads "
         "bounds any implementation (\"Server aggregation against a memory copy\" above).")
 

@@ -1,14 +1,15 @@
-"""The flat float64 buffer behind the server's blocked sum, and the runs it is walked in.
+"""The flat float64 buffer behind the server's blocked sum, and the norm's runs.
 
 :meth:`common.dp.mechanism.GaussianSumMechanism.add_bounded_block` and ``add_block`` add
 CHECKED records (keys and shapes those of the running sum, every record checked before the
-total is touched) into one C-ordered float64 buffer (:class:`FlatSum`), a cache-sized run at a
-time (:func:`chunk_plan`, across tensor boundaries): every record of a block is added to a run
-before the next run. Each entry still sees the float64 additions one record after another, in
+total is touched) into one C-ordered float64 buffer (:class:`FlatSum`), every record of a
+block in one compiled loop (:func:`common.dp.kernels.add_block`): each entry of the sum is read
+and written once per block and still sees the float64 additions one record after another, in
 block order, so the sum is exact in the sense that matters here: bit for bit the one that
-adding the records one by one gives. :func:`flat_sum_of_squares` walks the same kind of runs
-for the float64 norm. Bounding, noise and release stay in :mod:`common.dp.mechanism`, the
-one entry point; nothing here draws noise or decides a scale factor.
+adding the records one by one gives. :func:`flat_sum_of_squares` gives the float64 norm, in
+runs (:func:`chunk_plan`, across tensor boundaries) that make it independent of how a record is
+cut into tensors. Bounding, noise and release stay in :mod:`common.dp.mechanism`, the one entry
+point; nothing here draws noise or decides a scale factor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from common.dp import kernels
 
 # A record the server read off the wire: tensors, or NumPy arrays (read-only views of the
 # message bytes, float32 as sent);
@@ -40,13 +43,9 @@ def cpu_array(value: "torch.Tensor | np.ndarray") -> np.ndarray | None:
     return None
 
 
-# Entries per run of the norm's float64 conversion and of the blocked sum: 64K float64 entries
-# (512 KB, within a 1 MB L2). Measured on SD 1.5 LoRA rank 4 and 64 against runs of 4K-128K
-# entries (BENCHMARKS.md, item 3): below 32K the NumPy calls per run and record cost more than
-# the cache saves; 32K-128K were equal within the noise.
+# Entries per run of the norm: its runs' partial sums are added left to right whatever the
+# tensors, and a run that spans tensors is staged into one contiguous array of this size.
 _SQUARES_CHUNK = 1 << 16
-_ADD_CHUNK = 1 << 16
-_DIRECT_PIECE = 1 << 14  # pieces at least this long on average are added one by one, not staged
 
 
 def flat_views(values: "Iterable[torch.Tensor | np.ndarray]") -> list[np.ndarray] | None:
@@ -100,24 +99,29 @@ def flat_sum_of_squares(flats: list[np.ndarray], sizes: tuple[int, ...] | None =
     when the caller has them at hand), accumulated in float64.
 
     The concatenation is cut into runs of ``_SQUARES_CHUNK`` entries (:func:`chunk_plan`,
-    across array boundaries: a tree of many small tensors costs one conversion and one BLAS
-    ``dot`` per run, not per tensor); each run is converted to float64 (exact for float16/32:
-    every square is then exact too) and its dot product added, left to right, to a Python
-    float. The result depends only on the entries and their order, so every caller that
-    passes the same values in the same order gets the same float, bit for bit."""
-    if len(flats) == 1 and flats[0].size <= _SQUARES_CHUNK:  # one small array: the one run is the array
-        run = flats[0].astype(np.float64)
-        return float(np.dot(run, run))
+    across array boundaries); each run's float64 sum of squares comes from the fused loop
+    :func:`common.dp.kernels.run_squares` (float32 read and squared in float64: every square of
+    a float16/32 entry is exact), and the runs' sums are added left to right. A run within one
+    array is read where it lies; a run that spans arrays is first copied into one contiguous
+    stage (float32, or float64 when one of its pieces is). So the result depends only on the
+    entries, their order and dtype: the same values give the same float, bit for bit, whether
+    they come as one packed array or as one array per tensor."""
+    if len(flats) == 1:  # one array: its runs are walked inside the compiled loop
+        return kernels.run_squares(flats[0], _SQUARES_CHUNK)
     plan = chunk_plan(tuple(flat.size for flat in flats) if sizes is None else sizes, _SQUARES_CHUNK)
-    if len(plan) == 1:  # one run (a small tree): one conversion call, no stage to set up
-        run = np.concatenate(chunk_pieces(flats, plan[0]), dtype=np.float64)
-        return float(np.dot(run, run))
     squares = 0.0
-    stage = np.empty(_SQUARES_CHUNK, dtype=np.float64)
+    stage: np.ndarray | None = None
     for entry in plan:
-        run = stage[:entry[1] - entry[0]]
-        np.concatenate(chunk_pieces(flats, entry), out=run)
-        squares += float(np.dot(run, run))
+        pieces = chunk_pieces(flats, entry)
+        if len(pieces) == 1:
+            run = pieces[0]
+        else:
+            dtype = np.float64 if any(piece.dtype == np.float64 for piece in pieces) else np.float32
+            if stage is None or stage.dtype != dtype:
+                stage = np.empty(_SQUARES_CHUNK, dtype=dtype)
+            run = stage[:entry[1] - entry[0]]
+            np.concatenate(pieces, out=run)
+        squares += kernels.run_squares(run, _SQUARES_CHUNK)  # one run: the same loop as above
     return squares
 
 
@@ -196,24 +200,21 @@ class FlatSum(Mapping[str, torch.Tensor]):
 
     Reads as a mapping of float64 tensors (views into the buffer, in key order), so
     :meth:`common.dp.mechanism.GaussianSumMechanism.release` and the strategies use it as any
-    tree. The blocked sum (:func:`_add_runs`) walks the buffer in runs of ``_ADD_CHUNK``
-    entries across tensor boundaries: a tree of many small tensors (SD 1.5 rank 4: 256 tensors
-    of 3K entries) costs a few NumPy calls per record and run, not one per tensor."""
+    tree. The blocked sum (:func:`_add_records`) adds a block of packed records to the whole
+    buffer in one compiled loop, and records held per tensor tensor by tensor (``flats``)."""
 
     def __init__(self, keys: list[str], shapes: list[tuple[int, ...]]) -> None:
         self.keys_list, self.shapes = keys, shapes
         sizes = tuple(math.prod(shape) for shape in shapes)
         self.flat = np.empty(sum(sizes), dtype=np.float64)
-        self.plan = chunk_plan(sizes, _ADD_CHUNK)
-        self.whole_plan = chunk_plan((self.flat.size,), _ADD_CHUNK)  # for records held whole (packed)
-        self._offsets = (0, *itertools.accumulate(sizes))
+        self.flats = split_at(self.flat, (0, *itertools.accumulate(sizes)))  # 1-D views, one per key
         self._tensors: dict[str, torch.Tensor] | None = None  # the views, made when first read
 
     @property
     def _views(self) -> dict[str, torch.Tensor]:
         if self._tensors is None:
             self._tensors = {key: torch.from_numpy(part.reshape(shape)) for key, shape, part in
-                             zip(self.keys_list, self.shapes, split_at(self.flat, self._offsets))}
+                             zip(self.keys_list, self.shapes, self.flats)}
         return self._tensors
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -262,25 +263,29 @@ def _record_flats(keys: list[str], shapes: list[tuple[int, ...]], record: ArrayT
     return flat_views(_ordered_values(keys, shapes, record))
 
 
-def _sum_block(total: RunningSum | None, records: Sequence[ArrayTree], factors: list[float]) -> RunningSum | None:
+def _sum_block(total: RunningSum | None, records: Sequence[ArrayTree], factors: list[float],
+               out: FlatSum | None = None) -> RunningSum | None:
     """``total + float64(record) * factor`` for each record in turn, in place (``factor`` 1:
     just the record). Every record is checked (keys, shapes) before the total is touched.
-    CPU arrays go through :func:`_add_runs` into a :class:`FlatSum`; a GPU or bfloat16 record,
-    or a total that is a plain dict, through torch one record at a time."""
+    CPU arrays go through :func:`_add_records` into a :class:`FlatSum`; a GPU or bfloat16 record,
+    or a total that is a plain dict, through torch one record at a time. ``out``: when
+    ``total`` is None, a FlatSum of the same keys and shapes to start the sum in (what it held
+    is overwritten, never read) instead of a new buffer; ignored when it does not fit."""
     if not records:
         return total
     keys, shapes = (total.keys_list, total.shapes) if isinstance(total, FlatSum) else _layout(
         records[0] if total is None else total)
     flat_total = total is None or isinstance(total, FlatSum)
-    # packed records (each one contiguous array) are walked whole, in the same runs: the same
-    # additions in the same order per entry as through their per-key views, bit for bit
+    # packed records (each one contiguous array) are added whole: the same additions in the
+    # same order per entry as through their per-key views, bit for bit
     whole = flat_total and all(_fits(keys, shapes, r) and r.whole is not None for r in records)
     flats = [[r.whole] for r in records] if whole else [_record_flats(keys, shapes, r) for r in records]
     if flat_total and all(f is not None for f in flats):
         fresh = total is None
         if fresh:
-            total = FlatSum(keys, shapes)
-        _add_runs(total.flat, total.whole_plan if whole else total.plan, flats, factors, fresh)
+            fits = out is not None and out.keys_list == keys and out.shapes == shapes
+            total = out if fits else FlatSum(keys, shapes)
+        _add_records([total.flat] if whole else total.flats, flats, factors, fresh)
         return total
     for record, factor in zip(records, factors):
         values = _ordered_values(keys, shapes, record)
@@ -292,47 +297,15 @@ def _sum_block(total: RunningSum | None, records: Sequence[ArrayTree], factors: 
     return total
 
 
-def _add_runs(out: np.ndarray, plan, flats: list[list[np.ndarray]], factors: list[float], fresh: bool) -> None:
-    """Add every record (``flats[j]``: its 1-D arrays in key order, times ``factors[j]``) into
-    the flat float64 sum ``out``, one cache-sized run of ``out`` at a time.
-
-    For each run every record's matching entries are added before the next run, so the run
-    stays in cache and ``out`` is read and written once per block instead of once per record.
-    Each entry still sees the additions one record after another in block order: the float64
-    result is that of adding the records one by one. A record's pieces of a run are converted
-    to float64 (exact) with one ``np.concatenate`` into a cache-resident stage, scaled there
-    when clipped (float64(x) * factor, one rounding, as bound_tree), then added. ``fresh``: the
-    first record STARTS the sum (its scaled copy is written, nothing is read)."""
-    stage = np.empty(min(_ADD_CHUNK, out.size), dtype=np.float64)
-    for entry in plan:
-        run = out[entry[0]:entry[1]]
-        for j, (record, factor) in enumerate(zip(flats, factors)):
-            pieces = chunk_pieces(record, entry)
-            if fresh and j == 0:
-                _load(run, pieces, factor)
-            elif factor == 1.0 and (len(pieces) == 1 or len(pieces) * _DIRECT_PIECE <= run.size):
-                _add_pieces(run, pieces)  # one or a few large pieces: no stage (measured 15% faster)
-            else:
-                part = stage[:run.size]
-                _load(part, pieces, factor)
-                np.add(run, part, out=run)
-
-
-def _add_pieces(run: np.ndarray, pieces: list[np.ndarray]) -> None:
-    """``run += float64(concatenate(pieces))``, one ``np.add`` per piece: NumPy converts each
-    float32 piece in its own loop, exactly, and adds in float64 (one rounding per entry)."""
-    if len(pieces) == 1:
-        np.add(run, pieces[0], out=run)
-        return
-    offset = 0
-    for piece in pieces:
-        part = run[offset:offset + piece.size]
-        np.add(part, piece, out=part)
-        offset += piece.size
-
-
-def _load(out: np.ndarray, pieces: list[np.ndarray], factor: float) -> None:
-    """``out = float64(concatenate(pieces)) * factor`` (a plain exact copy when factor is 1)."""
-    np.concatenate(pieces, out=out)
-    if factor != 1.0:
-        np.multiply(out, factor, out=out)
+def _add_records(out: list[np.ndarray], flats: list[list[np.ndarray]], factors: list[float], fresh: bool) -> None:
+    """Add every record (``flats[j]``: its 1-D arrays, one per part of ``out``, times
+    ``factors[j]``) into the float64 sum's parts ``out`` (the whole buffer, for packed records;
+    one view per tensor otherwise), a part at a time, every record of the block at once
+    (:func:`common.dp.kernels.add_block`): each entry of the sum is read and written once per
+    block and sees the records' additions one after another in block order, so the float64
+    result is that of adding the records one by one. A clipped record enters as
+    float64(x) * factor (one rounding, as bound_tree). ``fresh``: the first record STARTS the
+    sum (its scaled copy is written, nothing is read)."""
+    for part, pieces in zip(out, zip(*flats)):
+        if part.size:
+            kernels.add_block(part, pieces, factors, fresh=fresh)

@@ -26,7 +26,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from common.dp.flatsum import ArrayTree, RunningSum, _sum_block, flat_sum_of_squares, flat_views
+from common.dp.flatsum import ArrayTree, FlatSum, RunningSum, _sum_block, flat_sum_of_squares, flat_views
 from common.dp.noise import NoiseSource
 
 BoundMode = Literal["clip", "normalize"]
@@ -38,10 +38,8 @@ def sum_of_squares(value: "torch.Tensor | np.ndarray") -> float:
     entry is exact in float64). Finite iff every entry is finite, for entries in float32's
     range (their squares cannot overflow float64), so the same pass also detects NaN/Inf.
 
-    On the CPU: :func:`~common.dp.flatsum.flat_sum_of_squares` of the one array (float64 copies of at most 64K
-    entries at a time and BLAS ``dot``, which measured 2-10x faster than
-    ``np.einsum(..., dtype=float64)`` and ``Tensor.to(float64)`` + ``torch.dot`` on this
-    project's adapter tensors, 3K-800K entries)."""
+    On the CPU: :func:`~common.dp.flatsum.flat_sum_of_squares` of the one array (a fused,
+    compiled loop, :mod:`common.dp.kernels`); a GPU or bfloat16 tensor through torch."""
     flats = flat_views([value])
     if flats is not None:
         return flat_sum_of_squares(flats)
@@ -188,11 +186,11 @@ class GaussianSumMechanism:
         return {k: total[k] + part64[k] for k in total}
 
     @staticmethod
-    def add_block(total: "RunningSum | None", parts: Sequence[ArrayTree]) -> "RunningSum":
+    def add_block(total: "RunningSum | None", parts: Sequence[ArrayTree], *, out: FlatSum | None = None) -> "RunningSum":
         """``add`` of several partial sums in turn, IN PLACE and a block at a time
         (:meth:`add_bounded_block` with every factor 1: each entry of the total sees the same
         float64 additions in the same order as ``add`` one part after another, bit for bit)."""
-        return _sum_block(total, parts, [1.0] * len(parts))
+        return _sum_block(total, parts, [1.0] * len(parts), out)
 
     def add_bounded(self, total: "RunningSum | None", record: ArrayTree, *,
                     norm: float | None = None) -> "RunningSum":
@@ -201,7 +199,7 @@ class GaussianSumMechanism:
         return self.add_bounded_block(total, [record], None if norm is None else [norm])
 
     def add_bounded_block(self, total: "RunningSum | None", records: Sequence[ArrayTree],
-                          norms: Sequence[float] | None = None) -> "RunningSum":
+                          norms: Sequence[float] | None = None, *, out: FlatSum | None = None) -> "RunningSum":
         """``add(total, bound_tree(record))`` for each record in turn, IN PLACE (the server's hot path).
 
         ``total`` must be None (the first block starts the sum) or a running sum this method
@@ -215,17 +213,23 @@ class GaussianSumMechanism:
         adding its records one by one, bit for bit.
 
         Why blocks: one record at a time, the float64 total is read and written once per record
-        (16 bytes per parameter, besides the 4 of the float32 record); here the total is walked
-        in runs of ``common.dp.flatsum._ADD_CHUNK`` entries (cache-sized) and every record of the block is added
-        to a run before the next, so the total costs 16 bytes per parameter per BLOCK. Records
+        (16 bytes per parameter, besides the 4 of the float32 record); here one compiled loop
+        adds every record of the block to each entry while it is in a register
+        (:func:`common.dp.kernels.add_block`), so the total costs 16 bytes per parameter per
+        BLOCK. Records
         may hold tensors or NumPy arrays (the read-only float32 views ``read_update`` gives);
         a GPU or bfloat16 record takes the torch path, one record at a time. Every record is
-        checked (keys, shapes) before the total is touched."""
+        checked (keys, shapes) before the total is touched.
+
+        ``out``: when ``total`` is None, a running sum of the same layout that an earlier round
+        returned and no longer needs: the new sum is written over it (nothing of it is read)
+        instead of into a fresh buffer, whose pages the OS would fault in and zero again (for
+        SD 1.5 rank 64, 102 MB: about half the time the adds take, BENCHMARKS.md item 3)."""
         if norms is None:
             norms = [float(self.tree_norm(record)) for record in records]
         elif len(norms) != len(records):
             raise ValueError(f"{len(norms)} norms for {len(records)} records")
-        return _sum_block(total, records, [self.scale_factor(norm) for norm in norms])
+        return _sum_block(total, records, [self.scale_factor(norm) for norm in norms], out)
 
     def release(
         self,

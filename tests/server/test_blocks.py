@@ -39,14 +39,14 @@ class SpyMechanism(GaussianSumMechanism):
         SEEN.append({k: v.clone() for k, v in total.items()})
         return super().release(total, **kwargs)
 
-    def add_bounded_block(self, total, records, norms=None):
+    def add_bounded_block(self, total, records, norms=None, *, out=None):
         SpyMechanism.blocks.append(len(records))
-        return super().add_bounded_block(total, records, norms)
+        return super().add_bounded_block(total, records, norms, out=out)
 
     @staticmethod
-    def add_block(total, parts):
+    def add_block(total, parts, *, out=None):
         SpyMechanism.blocks.append(len(parts))
-        return GaussianSumMechanism.add_block(total, parts)
+        return GaussianSumMechanism.add_block(total, parts, out=out)
 
 
 @pytest.fixture(autouse=True)

@@ -85,6 +85,24 @@ def test_zero_noise_aggregate_is_the_sum_over_the_expected_count(tmp_path):
     assert PrivacyLedger.load(tmp_path / "ledger.json").events == s.ledger.events
 
 
+def test_later_rounds_write_their_sum_over_the_last_rounds_buffer():
+    """Round 2's sum reuses round 1's float64 buffer (no new pages to fault in) and is still
+    exactly round 2's: nothing of round 1 leaks into it."""
+    s, fresh = make(sites=2), make(sites=2)
+    start_round(s, 1, [1, 2])
+    s.aggregate_train(1, [reply(tree(0.1, seed=1), 1), reply(tree(0.2, seed=2), 2)])
+    buffer = s._sum_buffer
+    assert buffer is not None
+    deltas = [tree(0.05, seed=3), tree(0.3, seed=4)]
+    start_round(s, 2, [1, 2])
+    s.aggregate_train(2, [reply(d, n) for n, d in enumerate(deltas, 1)])
+    assert s._sum_buffer is buffer
+    start_round(fresh, 1, [1, 2])
+    fresh.aggregate_train(1, [reply(d, n) for n, d in enumerate(deltas, 1)])
+    for k in SHAPES:
+        assert torch.equal(buffer[k], fresh._sum_buffer[k])
+
+
 def test_k_defaults_to_the_connected_nodes_and_stays_fixed():
     s = make(q=1.0)
     start_round(s, 1, [1, 2, 3, 4, 5])

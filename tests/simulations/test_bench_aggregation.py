@@ -17,8 +17,8 @@ def test_every_arm_runs_and_the_server_sum_is_the_strategies_sum(wire):
     row = bench_aggregation.measure("tiny", lora_shapes(tiny_unet_config(), 4), n=3, repeats=1, ti=False, clock="cpu",
                                     wire=wire)
     assert row["clock"] == "cpu" and row["replies"] == 3 and row["wire"] == wire
-    for key in ("ratio_validate_clip_sum_to_copy", "ratio_validate_only_to_copy", "ratio_add_only_to_copy",
-                "ratio_with_release_to_copy"):
+    for key in ("ratio_validate_clip_sum_to_copy", "ratio_first_round_sum_to_copy", "ratio_validate_only_to_copy",
+                "ratio_add_only_to_copy", "ratio_with_release_to_copy"):
         assert row[key] > 0
     assert all(n >= 1 for n in row["calls_per_sample"].values())
     ti = bench_aggregation.measure("ti", {"v": (8,)}, n=2, repeats=1, ti=True)
@@ -38,6 +38,7 @@ def test_replies_are_built_in_the_layout_asked_for():
 
 def test_the_passes_are_timed_against_a_copy_and_a_plain_read():
     out = bench_aggregation.passes(200_000, repeats=1, native=False)
-    assert set(out["ns_per_parameter"]) == {"copy", "read", "cast", "dot", "add", "mixed_add"}
-    assert 0 < out["best_ratio_two_passes"] and 0 < out["ceiling_two_reads"]
+    assert set(out["ns_per_parameter"]) == {"copy", "read", "cast", "dot", "add", "mixed_add", "server_norm",
+                                            "server_add"}
+    assert 0 < out["best_ratio_two_passes"] and 0 < out["ceiling_two_reads"] and 0 < out["server_ratio_two_passes"]
     assert out["native"] == "not asked for" and "native_ratio_two_passes" not in out

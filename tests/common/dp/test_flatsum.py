@@ -49,17 +49,15 @@ def _reference(m: GaussianSumMechanism, records: list) -> dict[str, torch.Tensor
 BLOCK_SHAPES = {"a": (3, 5), "b": (7,), "empty": (0, 4), "c": (40, 30), "d": (2, 2, 2)}
 
 
-@pytest.mark.parametrize("run", [16, 100, 1 << 16])  # run boundaries inside tensors, across them, none
-@pytest.mark.parametrize("direct", [1, 1 << 14])  # pieces added one by one, or through the stage
+@pytest.mark.parametrize("run", [16, 100, 1 << 16])  # the norm's run boundaries inside tensors, across them, none
 @pytest.mark.parametrize("blocks", [[1, 1, 1, 1, 1], [5], [2, 3], [1, 4]])
 @pytest.mark.parametrize("scales", [[0.5, 3.0, 0.999, 1.0 + 1e-7, 7.0], [7.0, 0.5, 1.0, 2.0, 0.1]])
-def test_blocks_give_the_one_by_one_sum_bit_for_bit(monkeypatch, run: int, direct: int, blocks: list[int],
+def test_blocks_give_the_one_by_one_sum_bit_for_bit(monkeypatch, run: int, blocks: list[int],
                                                     scales: list[float]) -> None:
     """Blocks of any size, clipped and unclipped records mixed (the first one too), equal
     add(total, bound_tree(r)) record by record: every entry sees the same float64 additions
     in the same order."""
-    monkeypatch.setattr(flatsum, "_ADD_CHUNK", run)
-    monkeypatch.setattr(flatsum, "_DIRECT_PIECE", direct)
+    monkeypatch.setattr(flatsum, "_SQUARES_CHUNK", run)
     chunk_plan.cache_clear()
     m = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
     records = _records(scales, BLOCK_SHAPES)
@@ -99,6 +97,24 @@ def test_add_block_of_site_sums_is_add_one_after_another() -> None:
         reference = GaussianSumMechanism.add(reference, {k: torch.from_numpy(v) for k, v in part.items()})
     for k in reference:
         assert torch.equal(_bits(total[k]), _bits(reference[k]))
+
+
+def test_a_sum_started_over_an_old_buffer_is_the_fresh_sum() -> None:
+    """``out``: the last round's sum is written over, never read (first block: the first record
+    starts the sum), so the result is the fresh one bit for bit; a buffer of another layout is
+    not used."""
+    m = GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0)
+    old = m.add_bounded_block(None, _records([0.5, 9.0], BLOCK_SHAPES, seed=5))
+    old.flat[:] = np.nan  # whatever it held
+    records = _records([0.5, 3.0, 1.0], BLOCK_SHAPES, seed=6)
+    total = m.add_bounded_block(None, records[:2], out=old)
+    total = m.add_bounded_block(total, records[2:])
+    assert total is old
+    reference = _reference(m, records)
+    for k in reference:
+        assert torch.equal(_bits(total[k]), _bits(reference[k])), k
+    other = m.add_bounded_block(None, _records([0.5], {"z": (3,)}))
+    assert m.add_block(None, records[:1], out=other) is not other  # another layout: a new buffer
 
 
 @pytest.mark.parametrize("bad,match", [({"a": np.zeros((5, 3), np.float32)}, "shape"), ({}, "keys")])
