@@ -6,7 +6,7 @@ site sends them: one packed ``Array`` for a LoRA delta, :func:`common.wire.packe
 reads), the server path is what the strategies run (:class:`server.blocks.BlockedSum`):
 LoRA (:class:`server.lora_strategy.DPFedAvgLoRA`): ``read_update`` per reply (keys, shapes,
 dtype, finite, flat norm <= C; float32 views), then ``GaussianSumMechanism.add_bounded_block``
-per block of 8 checked replies (bound each by its norm, add run by run); DPAgg-TI
+per block of 8 checked replies (bound each by its norm, add the block in one pass); DPAgg-TI
 (:class:`server.dpagg_strategy.DPAggTIStrategy`): ``read_vector_view`` + ``add_block``; then one
 ``release`` (seeded Gaussian noise over the total, divided by the denominator). The "sum"
 arm is a round after the first (the LoRA strategy writes its float64 sum over the last round's
@@ -209,7 +209,7 @@ def measure(name: str, shapes: dict[str, tuple[int, ...]], n: int, repeats: int,
 def passes(parameters: int, repeats: int = 7, clock: str = "wall", native: bool = True) -> dict:
     """The passes the exact path is made of, in ns per parameter, on one float32 array of
     ``parameters`` entries (the SD 1.5 rank-64 adapter's size: far larger than the caches),
-    walked in runs of 64K entries as the mechanism does; the ceilings they set for the sum/copy ratio.
+    walked in runs of 64K entries; the ceilings they set for the sum/copy ratio.
 
     An exact sum of checked replies reads every reply twice from memory: the norm must be known
     (the reply checked, its clip factor fixed) before any of it enters the sum, and a reply or a

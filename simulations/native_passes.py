@@ -1,13 +1,14 @@
-"""Compiled versions of the two passes an exact clipped sum makes, for the benchmark only.
+"""C versions of the two passes an exact clipped sum makes, for the benchmark only.
 
 :func:`simulations.bench_aggregation.passes` asks how close to a memory copy the server's sum
 of checked replies could get. NumPy has no fused kernel for either pass (float32 squares
-accumulated in float64; float32 added into a float64 sum), so it stages a float64 copy. These
-two C loops are what a fused kernel would be: vectorised by the compiler (AVX-512 / AVX2 /
-baseline clones on x86-64, chosen at load time), no FMA contraction (``-ffp-contract=off``: a
-scaled record is ``float64(x) * f`` rounded, then added, as the mechanism does). They are
-compiled into a temporary directory when a C compiler is on PATH and are used by nothing but
-the benchmark: privadapt's server does not compile code at run time.
+accumulated in float64; float32 added into a float64 sum), so it stages a float64 copy; the
+server uses fused loops compiled by numba (:mod:`common.dp.kernels`). These two C loops are a
+second compiler's figure for the same passes: vectorised by gcc (AVX-512 / AVX2 / baseline
+clones on x86-64, chosen at load time), no FMA contraction (``-ffp-contract=off``: a scaled
+record is ``float64(x) * f`` rounded, then added, as the mechanism does). They are compiled
+into a temporary directory when a C compiler is on PATH and are used by nothing but the
+benchmark.
 """
 
 from __future__ import annotations
