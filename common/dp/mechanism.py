@@ -216,10 +216,9 @@ class GaussianSumMechanism:
         (16 bytes per parameter, besides the 4 of the float32 record); here one compiled loop
         adds every record of the block to each entry while it is in a register
         (:func:`common.dp.kernels.add_block`), so the total costs 16 bytes per parameter per
-        BLOCK. Records
-        may hold tensors or NumPy arrays (the read-only float32 views ``read_update`` gives);
-        a GPU or bfloat16 record takes the torch path, one record at a time. Every record is
-        checked (keys, shapes) before the total is touched.
+        BLOCK. Records may hold tensors or NumPy arrays (the read-only float32 views
+        ``read_update`` gives); a GPU or bfloat16 record takes the torch path, one record at a
+        time. Every record is checked (keys, shapes) before the total is touched.
 
         ``out``: when ``total`` is None, a running sum of the same layout that an earlier round
         returned and no longer needs: the new sum is written over it (nothing of it is read)
