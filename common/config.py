@@ -21,6 +21,10 @@ RESCALE_MODES = ("none", "initializer-norm")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 RESUME_MODES = ("auto", "never")
 SHORT_ROUND_POLICIES = ("skip", "retry")
+# Where privacy noise and privacy sampling come from: the OS CSPRNG ("os", the only private
+# choice), or generators seeded from the run seed ("seeded-insecure": tests and replayable
+# research; anyone who knows the seed can regenerate the noise, so such a run claims no DP).
+PRIVACY_RANDOMNESS = ("os", "seeded-insecure")
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ class RunConfig:
     dataset_size: int = 48  # declared PUBLIC total number of images across sites (N)
     num_releases: int = 1
     rescale: str = "none"
-    secure_noise: bool = False
+    privacy_randomness: str = "os"  # "os": OS CSPRNG (private); "seeded-insecure": replayable, NOT private
     aggregation: str = "central"  # "central", "secure" (SecAgg, server noise), "distributed" (SecAgg, site noise)
     # textual inversion
     ti_steps: int = 100
@@ -60,7 +64,7 @@ class RunConfig:
     defense: str = "none"  # local training: plain LoRA, MP-LoRA, SMP-LoRA, or Opacus DP-SGD
     rounds: int = 3  # T federated rounds
     site_sampling_rate: float = 1.0  # q: each site takes part in a round with this probability
-    num_sites: int = 0  # declared PUBLIC number of sites K; 0 = the nodes connected at the start
+    num_sites: int = 0  # declared PUBLIC number of sites K (required by private LoRA runs); 0 = not declared
     lora_clip_norm: float = 0.1  # C: bound on a site's delta, flat L2 norm over all adapter tensors
     server_learning_rate: float = 1.0
     local_steps: int = 10
@@ -76,7 +80,8 @@ class RunConfig:
     attacker_learning_rate: float = 1e-5
     attacker_weight_decay: float = 1e-4
     record_target_epsilon: float = 0.0  # defense = dp-sgd: record-level target; <= 0 means target-epsilon
-    site_diagnostics: bool = True  # sites send loss / attacker accuracy / clipping to the (trusted) server
+    site_diagnostics: bool = False  # opt-in: sites send loss / attacker accuracy / clipping (NOT private) to the server
+    site_dataset_size: int = 0  # declared PUBLIC upper bound on one site's number of images; 0 = dataset-size
     # reliability
     resume: str = "auto"  # "auto": go on from output-dir's checkpoint if the config matches; "never": refuse one
     min_sites: int = 0  # a round with fewer valid site contributions is short (charged, not applied); 0: never
@@ -111,7 +116,14 @@ class RunConfig:
              "secure aggregation needs a private run (non-private runs have no noise to distribute)")
         need(self.rounds >= 1, "rounds", "must be >= 1")
         need(0 < self.site_sampling_rate <= 1, "site_sampling_rate", "must be in (0, 1]")
-        need(self.num_sites >= 0, "num_sites", "must be >= 0 (0: count the connected nodes)")
+        need(self.num_sites >= 0, "num_sites", "must be >= 0")
+        need(self.num_sites >= 1 or self.adapter != "lora" or not self.private, "num_sites",
+             "a private LoRA run (site-level DP-FedAvg) needs the declared public number of sites K (num-sites >= 1): "
+             "it is never read from who connected")
+        need(self.privacy_randomness in PRIVACY_RANDOMNESS, "privacy_randomness", f"must be one of {PRIVACY_RANDOMNESS}")
+        need(self.aggregation != "distributed" or self.privacy_randomness == "os", "privacy_randomness",
+             "distributed aggregation needs secret noise shares: 'os' only (a seeded share could be rebuilt by the server)")
+        need(self.site_dataset_size >= 0, "site_dataset_size", "must be >= 0 (0: dataset-size)")
         need(math.isfinite(self.lora_clip_norm) and self.lora_clip_norm > 0, "lora_clip_norm", "must be finite and > 0")
         need(math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0, "server_learning_rate", "must be > 0")
         need(self.local_steps >= 1, "local_steps", "must be >= 1")
@@ -161,6 +173,20 @@ class RunConfig:
     def private(self) -> bool:
         """False in non-private mode (target-epsilon = inf): no sampling, no noise."""
         return not math.isinf(self.target_epsilon)
+
+    @property
+    def secret_randomness(self) -> bool:
+        """True when privacy noise and privacy sampling come from the OS CSPRNG (the only mode that claims DP)."""
+        return self.privacy_randomness == "os"
+
+    @property
+    def secure_noise(self) -> bool:  # transitional alias of secret_randomness
+        return self.secret_randomness
+
+    @property
+    def declared_site_size(self) -> int:
+        """The declared public upper bound on one site's images (``site-dataset-size``, else ``dataset-size``)."""
+        return self.site_dataset_size or self.dataset_size
 
     @property
     def effective_sampling_rate(self) -> float:
