@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.dpagg import site_contribution
-from common.dp.sampling import sampling_generator
+from common.dp.sampling import privacy_sampling
 from client.policy import check_round, load_policy, plan_from_message, reserve_run
 from client.ti import TISettings
 from common import keys
@@ -30,7 +30,6 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
 from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
-from common.secagg.protocol import ROUND_ID as SECAGG_ROUND
 from common.secagg.protocol import STAGE as SECAGG_STAGE
 from common.tiny_sd import tiny_sd_dir
 from common.wire import packed_record, record_tree
@@ -101,7 +100,7 @@ def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, fold
         mechanism,
         sample_rate=cfg.effective_sampling_rate,
         center=cfg.center,
-        sampling=sampling_generator(None if cfg.secure_noise else derive_seed(cfg.seed, "sample", index, release)),
+        sampling=privacy_sampling(cfg.secret_randomness, cfg.seed, "sample", index, release),
         training=training,
     )
     # Logged on the site only: the count of sampled images is private.
@@ -217,10 +216,20 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, index: int, nam
             return lora_contribution(msg, context, cfg, index, name, folder)[0]
         raise ValueError(f"{name}: secure aggregation is not available for method {method!r}")
 
-    round_id = int(msg.content[keys.CONFIG][SECAGG_ROUND])
-    noise = (NoiseSource.secure() if cfg.secure_noise
-             else NoiseSource.seeded(derive_seed(cfg.seed, "secagg-noise", index, round_id)))
-    return handle_secagg(msg, context, contribution, noise=noise)
+    return handle_secagg(msg, context, contribution, noise=noise_share_source(cfg, name))
+
+
+def noise_share_source(cfg: RunConfig, name: str) -> NoiseSource:
+    """The source of this site's distributed noise share: always the OS CSPRNG.
+
+    A seeded share could be rebuilt by the server from the run seed (and the sum's noise
+    removed), so ``distributed`` aggregation refuses seeded randomness here too, even if the
+    config check (``RunConfig.__post_init__``) were bypassed. In ``secure`` aggregation the
+    sites add no noise (the server does), so the source is never drawn from."""
+    if cfg.aggregation == "distributed" and not cfg.secret_randomness:
+        raise ValueError(f"{name}: distributed aggregation refuses seeded noise shares "
+                         f"(privacy-randomness = {cfg.privacy_randomness!r}): the server could rebuild them")
+    return NoiseSource.secure()
 
 
 def own_dpsgd_event(method: str, defense: str, cfg: RunConfig, context: Context, name: str,

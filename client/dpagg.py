@@ -16,7 +16,7 @@ import torch
 from client.ti import TISettings, initializer_vector, train_per_image_embeddings
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism
-from common.dp.sampling import poisson_sample
+from common.dp.sampling import SamplingSource, poisson_sample
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def site_contribution(
     *,
     sample_rate: float,
     center: bool,
-    sampling: torch.Generator,
+    sampling: SamplingSource,
     training: torch.Generator,
 ) -> SiteContribution:
     """Run the site's half of one DPAgg-TI release."""

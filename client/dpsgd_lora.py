@@ -86,7 +86,7 @@ def dpsgd_lora_round(
                          round_index=round_index)
     device = pipe.unet.device
     training, sampling, noise = dpsgd_draws(cfg.seed, "lora-dpsgd", device, site_index, round_index,
-                                            secure=cfg.secure_noise)
+                                            secret=cfg.secret_randomness)
 
     dist = encode_latents(pipe.vae, images.pixels)
     with torch.no_grad():

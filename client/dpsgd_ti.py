@@ -23,9 +23,10 @@ refuses a round that would take it above ``target-epsilon`` before touching its 
 
 Notes:
     The noise is drawn by :class:`common.dp.NoiseSource` (the one noise source of
-    privadapt), plugged into Opacus' ``DPOptimizer``: seeded per site and round for tests
-    and replay, read from ``os.urandom`` when ``secure-noise`` is set. Opacus' own
-    ``secure_mode`` needs torchcsprng, which is not installed.
+    privadapt), plugged into Opacus' ``DPOptimizer``: read from ``os.urandom`` by default
+    (``privacy-randomness = "os"``), as are the Poisson batches; seeded per site and round
+    from the run seed only with ``"seeded-insecure"`` (tests and replay; NOT private). Opacus'
+    own ``secure_mode`` needs torchcsprng, which is not installed.
 
     The sample rate q = B / n_site follows Opacus' convention of treating the site's image
     count as public; the site reports q to the server (it needs it for the ledger), which
@@ -103,7 +104,7 @@ def dpsgd_site_round(
         images: the site's private images.
         settings: textual-inversion settings (placeholder, initializer, prompt, learning rate).
         cfg: the run config (``dpsgd-*`` keys, ``target-epsilon``/``-delta``,
-            ``noise-multiplier``, ``secure-noise``, ``seed``).
+            ``noise-multiplier``, ``privacy-randomness``, ``seed``).
         global_embedding: the server's current embedding, float [D].
         state: the site's persistent Flower ``context.state``; holds its accountant.
         site_index: the site's index (its privacy scope is ``site-<index>``).
@@ -140,7 +141,7 @@ def dpsgd_site_round(
     }
     log.info("site %d round %d: DP-SGD z=%.4g q=%.4g C=%g, %d step(s), site epsilon %.4g, noise %s",
              site_index, round_index, z, q, cfg.dpsgd_max_grad_norm, cfg.dpsgd_local_steps, eps,
-             "os.urandom (secure)" if cfg.secure_noise else "seeded (not secure)")
+             "os.urandom" if cfg.secret_randomness else "seeded-insecure (NOT private)")
     return vector, metrics
 
 
@@ -151,7 +152,7 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
     start = global_embedding.detach().reshape(-1)
     # random draws: latents/diffusion noise (training), batches and DP noise (both secret)
     training, sampling, noise = dpsgd_draws(cfg.seed, "dpsgd", device, site_index, round_index,
-                                            secure=cfg.secure_noise)
+                                            secret=cfg.secret_randomness)
 
     dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size)
     with placeholder_rows(pipe, settings, num_rows=1) as table:

@@ -25,7 +25,8 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from common.dp import NoiseSource, PrivacyEvent, calibrate_noise_multiplier, epsilon
-from common.dp.sampling import sampling_generator
+from common.dp.noise import privacy_noise
+from common.dp.sampling import SamplingSource, privacy_sampling
 from common.paths import derive_seed
 
 STATE_KEY = "privadapt-dpsgd"  # ConfigRecord in context.state holding the site's accountant
@@ -172,17 +173,16 @@ class NoiseSourceDPOptimizer(DPOptimizer):
 
 
 def dpsgd_draws(seed: int, label: str, device, site_index: int, round_index: int, *,
-                secure: bool) -> tuple[torch.Generator, torch.Generator, NoiseSource]:
+                secret: bool) -> tuple[torch.Generator, SamplingSource, NoiseSource]:
     """The three random sources of a DP-SGD round: training draws (latents, diffusion noise,
-    timesteps; on ``device``), Poisson batches and DP noise. The last two must stay secret:
-    OS-seeded when ``secure``, else derived from the run seed, ``label``, site and round
-    (``<label>-train``, ``<label>-sample``, ``<label>``) for replay."""
+    timesteps; on ``device``; from the run seed, ``<label>-train``, site and round: they need
+    no secrecy), Poisson batches and DP noise. The last two must stay secret: the OS CSPRNG
+    when ``secret`` (``privacy-randomness = "os"``), else derived from the run seed
+    (``<label>-sample``, ``<label>``), which makes the round replayable and NOT private."""
     training = torch.Generator(device=device)
     training.manual_seed(derive_seed(seed, f"{label}-train", site_index, round_index))
-    if secure:
-        return training, sampling_generator(None), NoiseSource.secure()
-    return (training, sampling_generator(derive_seed(seed, f"{label}-sample", site_index, round_index)),
-            NoiseSource.seeded(derive_seed(seed, label, site_index, round_index)))
+    return (training, privacy_sampling(secret, seed, f"{label}-sample", site_index, round_index),
+            privacy_noise(secret, seed, label, site_index, round_index))
 
 
 def poisson_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],

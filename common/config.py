@@ -180,10 +180,6 @@ class RunConfig:
         return self.privacy_randomness == "os"
 
     @property
-    def secure_noise(self) -> bool:  # transitional alias of secret_randomness
-        return self.secret_randomness
-
-    @property
     def declared_site_size(self) -> int:
         """The declared public upper bound on one site's images (``site-dataset-size``, else ``dataset-size``)."""
         return self.site_dataset_size or self.dataset_size

@@ -123,8 +123,23 @@ def trust_model(mode: str, contribution: str) -> str:
             "the published adapter is what carries the guarantee.")
 
 
-def noise_description(mode: str, noise: NoiseSource, secure_noise: bool) -> str:
-    if mode == "distributed":
-        return ("on each site, its share: " + ("os.urandom Box-Muller (secure)" if secure_noise
-                                               else "torch.Generator seeded from the run seed, site and round (not secure)"))
-    return noise.describe()
+def seeded_insecure(what: str) -> str:
+    """The warning every report of a ``privacy-randomness = "seeded-insecure"`` run carries."""
+    return (f"derived from the run seed in run_config.json (privacy-randomness = seeded-insecure): anyone who knows "
+            f"it can regenerate {what}, so this run is NOT differentially private")
+
+
+def noise_description(mode: str, randomness: str) -> str:
+    """Where a run's noise comes from, for privacy.json and the model card: the OS CSPRNG
+    (``randomness = "os"``) or the run seed; never a seed itself."""
+    where = "on each site, its share" if mode == "distributed" else "on the server"
+    if randomness == "os":
+        return f"{where}, drawn from the OS CSPRNG (os.urandom, Box-Muller in float64)"
+    return f"{where}, {seeded_insecure('the noise')}"
+
+
+def sampling_description(where: str, randomness: str) -> str:
+    """Where a run's Poisson sampling (``where``: of what, by whom) comes from; never a seed."""
+    if randomness == "os":
+        return f"{where}, drawn from the OS CSPRNG (os.urandom) and kept secret"
+    return f"{where}, {seeded_insecure('who or what was sampled')}"

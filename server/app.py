@@ -22,10 +22,11 @@ from client.app import model_dir, ti_settings
 from client.ti import initializer_vector
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.noise import privacy_noise
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
-from common.paths import derive_seed, resolve
-from server.aggregation import noise_description, trust_model
+from common.paths import resolve
+from server.aggregation import noise_description, sampling_description, seeded_insecure, trust_model
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -42,7 +43,8 @@ from server.strategy_base import reliability_report, run_control
 log = logging.getLogger("privadapt.server")
 
 def noise_source(cfg: RunConfig) -> NoiseSource:
-    return NoiseSource.secure() if cfg.secure_noise else NoiseSource.seeded(derive_seed(cfg.seed, "server-noise"))
+    """The server's noise: the OS CSPRNG unless ``privacy-randomness = "seeded-insecure"``."""
+    return privacy_noise(cfg.secret_randomness, cfg.seed, "server-noise")
 
 
 def postprocess(release: torch.Tensor, init: torch.Tensor, cfg: RunConfig) -> tuple[torch.Tensor, list[str]]:
@@ -107,9 +109,9 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": post,
         "aggregation": cfg.aggregation,
         "achieved_noise_multipliers": strategy.achieved_noise_multipliers,
-        "noise_source": noise_description(cfg.aggregation, noise, cfg.secure_noise),
-        "sampling_source": ("OS-seeded on each site (secret)" if cfg.secure_noise else
-                            "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
+        "privacy_randomness": cfg.privacy_randomness,
+        "noise_source": noise_description(cfg.aggregation, cfg.privacy_randomness),
+        "sampling_source": sampling_description("Poisson sampling of images on each site", cfg.privacy_randomness),
         "trust_model": trust_model(cfg.aggregation, "sum of bounded embeddings"),
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),
@@ -157,6 +159,9 @@ def export_lora_run(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
 def run_server(grid: Grid, cfg: RunConfig) -> Path:
     """Run one privadapt job against the sites reachable through ``grid``."""
     started = time.time()
+    if not cfg.secret_randomness:
+        log.warning("privadapt: privacy noise and sampling are %s (tests and replayable research only)",
+                    seeded_insecure("them"))
     out = resolve(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "run_config.json", cfg.to_run_config())
@@ -169,8 +174,17 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
     write_json(out / "metrics.json", metrics)
     card = lora_model_card if cfg.adapter == "lora" else model_card
     (out / "README.md").write_text(card(result["privacy"], metrics, result["samples"]))
-    log.info("privadapt: wrote %s (epsilon %s at delta %g)", out, result["privacy"]["epsilon"], cfg.target_delta)
+    log_summary(cfg, out, result["privacy"]["epsilon"])
     return out
+
+
+def log_summary(cfg: RunConfig, out: Path, eps) -> None:
+    """The run's last log line; a seeded-insecure run says loudly that its epsilon is no guarantee."""
+    if cfg.secret_randomness or not cfg.private:
+        log.info("privadapt: wrote %s (epsilon %s at delta %g)", out, eps, cfg.target_delta)
+        return
+    log.warning("privadapt: wrote %s (epsilon %s at delta %g is the mechanism's value, NOT a guarantee for this "
+                "release: its noise and sampling are %s)", out, eps, cfg.target_delta, seeded_insecure("them"))
 
 
 def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

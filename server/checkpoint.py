@@ -2,20 +2,21 @@
 
 The checkpoint holds everything the server needs to go on from the last complete round as if
 it had never stopped: the round index, the strategy's state (global adapter or releases so
-far, round logs, the seeded noise and sampling generators' states), the privacy ledger, the
-plan's (z, q) and a fingerprint of the run config. Ledger and state live in the SAME file,
-so they are committed together: a crash leaves either the previous round's checkpoint or
-this one, never a ledger that disagrees with the adapter.
+far, round logs; the noise and sampling generators' states only with privacy-randomness =
+"seeded-insecure", None with the OS CSPRNG), the privacy ledger, the plan's (z, q) and a
+fingerprint of the run config. Ledger and state live in the SAME file, so they are committed
+together: a crash leaves either the previous round's checkpoint or this one, never a ledger
+that disagrees with the adapter.
 
 Writing: a temporary file in the same folder, flushed and fsync'd, then ``os.replace`` (atomic
 on POSIX) and an fsync of the folder so the rename itself is durable.
 
 What a crash can cost: a round whose release was computed but whose checkpoint was not yet
-written is redone on resume. With seeded noise the restored generators draw the same noise
-again, so the redone round is bit-identical and is counted once. With secure noise the redone
-round draws fresh noise; the lost release was held only in the crashed process' memory (the
-adapter and privacy report are exported at the end of the run), so it was never published and
-is not counted.
+written is redone on resume. With seeded-insecure randomness the restored generators draw the
+same noise again, so the redone round is bit-identical and is counted once. With the OS CSPRNG
+(the default) the redone round draws fresh noise and a fresh sample; the lost release was held
+only in the crashed process' memory (the adapter and privacy report are exported at the end of
+the run), so it was never published and is not counted.
 
 Loading uses ``torch.load(weights_only=True)``: tensors and plain containers only, no pickle
 code execution from a file in the output folder.

@@ -34,6 +34,7 @@ from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyLedger, epsilon
+from server.aggregation import seeded_insecure
 from server.export import embedding_metrics
 from server.plan import plan_record
 from server.replies import ReplyError, read_site_report, read_vector
@@ -164,12 +165,13 @@ def _none_if_inf(x: float) -> float | None:
 
 
 def noise_source_description(cfg: RunConfig) -> str:
+    """Where the sites' DP-SGD noise and Poisson batches come from, in words; never a seed."""
     if not cfg.private:
         return "none (non-private run: no noise, no clipping)"
-    if cfg.secure_noise:
-        return "on each site: os.urandom Box-Muller (common.dp.NoiseSource, secure) inside Opacus' DPOptimizer"
-    return ("on each site: torch.Generator seeded with derive_seed(seed, 'dpsgd', site, round) (not secure) "
-            "inside Opacus' DPOptimizer")
+    if cfg.secret_randomness:
+        return ("on each site: the OS CSPRNG (os.urandom, Box-Muller in float64; common.dp.NoiseSource) inside Opacus' "
+                "DPOptimizer, and the Poisson batches from os.urandom")
+    return f"on each site: the noise and the Poisson batches are {seeded_insecure('them')}"
 
 
 def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
@@ -227,6 +229,7 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
                        "epsilon is the largest site's (parallel composition)",
         "site_epsilon": {"prv": site_prv, "rdp": site_rdp},
         "post_processing": ["uniform average of the sites' DP-SGD embeddings (post-processing)"],
+        "privacy_randomness": cfg.privacy_randomness,
         "noise_source": noise_source_description(cfg),
         "trust_model": TRUST_LOCAL if cfg.private else TRUST_NONE,
         **reliability_report(strategy),

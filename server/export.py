@@ -137,11 +137,25 @@ def samples_and_metrics(adapter: str, samples: list[dict], metrics: dict) -> lis
     ]
 
 
+def seeded_claim(p: dict, eps: dict, unit: str, adapter: str) -> str:
+    """The statement of a ``privacy-randomness = "seeded-insecure"`` run: it claims no DP, because
+    its noise is a function of the run seed in run_config.json; its epsilon is only the
+    mechanism's value for secret noise."""
+    return (
+        "**Not differentially private.** This run's noise and sampling were derived from the run seed "
+        "(privacy-randomness = seeded-insecure), which run_config.json holds: anyone who knows the seed can "
+        f"regenerate the noise and remove it. The epsilon {fmt_eps(eps.get('prv'))} at delta {p['delta']:g} ({unit}, PRV "
+        f"accountant) is the mechanism's value for secret noise, not a guarantee for this {adapter}."
+    )
+
+
 def ti_claim(p: dict) -> str:
     """The privacy statement of a textual-inversion run, in words."""
     if not p["private"]:
         return "**No privacy guarantee.** This is the non-private reference run: no sampling, no noise, plain mean."
     eps = p["epsilon"]
+    if p["privacy_randomness"] != "os":
+        return seeded_claim(p, eps, "one image", "embedding")
     return (
         f"This embedding is ({fmt_eps(eps['prv'])}, {p['delta']:g})-differentially private at the level of "
         f"**one image** (record-level DP, add/remove-one-image adjacency), by the PRV accountant "
@@ -184,6 +198,8 @@ def lora_claim(p: dict) -> str:
     if not p["private"]:
         return "**No privacy guarantee.** This is the non-private reference run: every site, no clipping, no noise."
     site = p["epsilon"].get("site", {})
+    if p["privacy_randomness"] != "os":
+        return seeded_claim(p, site, "one site", "adapter")
     text = (
         f"This LoRA adapter is ({fmt_eps(site.get('prv'))}, {p['delta']:g})-differentially private at the level of "
         f"**one site** (site-level DP; adjacency: {p.get('adjacency', 'add/remove one site')}), by the PRV accountant (Opacus; the RDP "

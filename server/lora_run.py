@@ -16,11 +16,12 @@ from flwr.serverapp import Grid
 from client.app import lora_spec
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
-from common.dp.sampling import sampling_generator
+from common.dp.noise import privacy_noise
+from common.dp.sampling import SamplingSource, privacy_sampling
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
 from common.wire import tree_record
-from server.aggregation import noise_description, trust_model
+from server.aggregation import noise_description, sampling_description, trust_model
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import plan_fedavg, plan_record
 from server.strategy_base import reliability_report, run_control
@@ -39,12 +40,11 @@ NOT_COVERED = ("round_metrics.json (per-round site diagnostics: losses, proxy-at
                "with the adapter.")
 
 
-def server_noise(cfg: RunConfig) -> tuple[NoiseSource, "object"]:
-    """The noise source and the site-sampling generator: both OS-seeded in secure mode."""
-    if cfg.secure_noise:
-        return NoiseSource.secure(), sampling_generator(None)
-    return (NoiseSource.seeded(derive_seed(cfg.seed, "server-noise")),
-            sampling_generator(derive_seed(cfg.seed, "site-sampling")))
+def server_noise(cfg: RunConfig) -> tuple[NoiseSource, SamplingSource]:
+    """The server's noise source and site-sampling source: both draw from the OS CSPRNG unless
+    ``privacy-randomness = "seeded-insecure"`` (then both replay from the run seed: not private)."""
+    return (privacy_noise(cfg.secret_randomness, cfg.seed, "server-noise"),
+            privacy_sampling(cfg.secret_randomness, cfg.seed, "site-sampling"))
 
 
 def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
@@ -101,9 +101,10 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": [f"global adapter += {cfg.server_learning_rate:g} x the noisy mean delta, every round"],
         "aggregation": cfg.aggregation,
         "accounted_sample_rate": plan.accounting_sample_rate,
-        "noise_source": noise_description(cfg.aggregation, noise, cfg.secure_noise) if private else "none (non-private run)",
-        "sampling_source": ("OS-seeded on the server (secret)" if cfg.secure_noise else
-                            "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
+        "privacy_randomness": cfg.privacy_randomness,
+        "noise_source": (noise_description(cfg.aggregation, cfg.privacy_randomness) if private
+                         else "none (non-private run)"),
+        "sampling_source": sampling_description("Poisson sampling of sites on the server", cfg.privacy_randomness),
         "trust_model": trust_model(cfg.aggregation, "clipped delta") if private else
                        "non-private reference run: no clipping, no noise.",
         "not_covered": NOT_COVERED,

@@ -4,8 +4,8 @@ McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Langu
 Models" (ICLR 2018), Alg. 1 with the fixed-denominator estimator: every round
 
 1. each of the K sites is sampled independently with probability q (Poisson; q = 1 means
-   every site, no amplification); the draws come from the server's sampling generator
-   (OS-seeded in secure mode: they must stay secret for amplification to hold);
+   every site, no amplification); the draws come from the server's sampling source
+   (os.urandom by default: they must stay secret for amplification to hold);
 2. every sampled site starts from the global adapter, trains locally (plain LoRA, MP-LoRA,
    SMP-LoRA or DP-SGD), clips its delta to L2 norm C over all adapter tensors, and sends it;
 3. the server checks every reply (keys, shapes, dtype, finite, norm <= C), re-bounds it with
@@ -42,7 +42,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.flatsum import FlatSum
-from common.dp.sampling import poisson_sample
+from common.dp.sampling import SamplingSource, poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import Layout, packed_record, tree_record
 from server.aggregation import release_secure, secure_round
@@ -123,7 +123,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         plan: FedAvgPlan,
         mechanism: GaussianSumMechanism,
         noise: NoiseSource,
-        sampling: torch.Generator,
+        sampling: SamplingSource,
         ledger: PrivacyLedger,
         initial: dict[str, torch.Tensor],
         defense: str,
@@ -173,14 +173,14 @@ class DPFedAvgLoRA(LedgerStrategy):
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs: adapter, K, round logs, site reports, and the
-        seeded generators' states (secure mode keeps none: its draws are fresh after a resume)."""
+        seeded generators' states (None with the OS CSPRNG: its draws are fresh after a resume)."""
         return {
             "global_state": {k: v.clone() for k, v in self.global_state.items()},
             "num_sites": self.num_sites,
             "rounds": [r.to_state() for r in self.rounds],
             "reported_record_epsilons": dict(self.reported_record_epsilons),
             "noise": self.noise.get_state(),
-            "sampling": None if self.noise.secure_mode else self.sampling.get_state(),
+            "sampling": None if self.sampling is None else self.sampling.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -192,7 +192,10 @@ class DPFedAvgLoRA(LedgerStrategy):
         self.rounds = [RoundLog.from_state(r) for r in state["rounds"]]
         self.reported_record_epsilons = dict(state["reported_record_epsilons"])
         self.noise.set_state(state["noise"])
-        if state["sampling"] is not None:
+        if (state["sampling"] is None) != (self.sampling is None):
+            raise ValueError("a seeded sampling state can only be restored into a seeded sampling source, "
+                             "and vice versa")
+        if self.sampling is not None:
             self.sampling.set_state(state["sampling"])
 
     def current_arrays(self) -> ArrayRecord:

@@ -1,11 +1,25 @@
-"""Gaussian noise from an explicit source: seeded for tests, CSPRNG-backed in secure mode.
+"""Gaussian noise from an explicit source: the OS CSPRNG by default, seeded only on request.
 
-Noise never comes from global RNG state. ``NoiseSource.seeded(seed)`` gives reproducible draws
-(tests, simulations you want to replay); ``NoiseSource.secure()`` draws every sample from the
+Noise never comes from global RNG state. ``NoiseSource.secure()`` draws every sample from the
 operating system's cryptographically secure generator (``os.urandom``) through the Box-Muller
-transform in float64, so no seed exists that an observer could recover.
+transform in float64, so no seed exists that an observer could recover; ``NoiseSource.seeded(seed)``
+gives reproducible draws. :func:`privacy_noise` picks between them from the run config's
+``privacy-randomness``.
 
 Notes:
+    What each mode is for (run-config key ``privacy-randomness``):
+
+    - ``"os"`` (the default, and the only private choice): every noise sample comes from
+      ``os.urandom``. A redone round after a resume draws fresh noise; nothing about the
+      noise can be regenerated from the outputs, the run config or the checkpoint.
+    - ``"seeded-insecure"``: the noise is a deterministic function of the run seed (via
+      :func:`common.paths.derive_seed` and a label), for tests and replayable research. The run
+      seed is in ``run_config.json``, so anyone who knows it regenerates the noise, subtracts
+      it from the release and recovers the exact clipped sum: such a run is NOT differentially
+      private, and its outputs say so. Distributed noise shares refuse this mode outright.
+
+    The description of a source (:meth:`NoiseSource.describe`) never contains a seed.
+
     Floating-point Gaussian samplers leak in their low-order bits (Mironov, "On Significance
     of the Least Significant Bits for Differential Privacy", CCS 2012). Secure mode draws in
     float64 and the released adapters are float32, which rounds away most of that structure;
@@ -21,6 +35,8 @@ import os
 import numpy as np
 import torch
 
+from common.paths import derive_seed
+
 
 class NoiseSource:
     """Draws i.i.d. N(0, std^2) noise from an explicit generator.
@@ -35,7 +51,6 @@ class NoiseSource:
         if not secure and seed is None:
             raise ValueError("seeded noise needs an integer seed")
         self.secure_mode = secure
-        self.seed = seed
         self._generator: torch.Generator | None = None
         if not secure:
             self._generator = torch.Generator(device="cpu")
@@ -43,7 +58,7 @@ class NoiseSource:
 
     @classmethod
     def seeded(cls, seed: int) -> "NoiseSource":
-        """Reproducible noise for tests and replayable simulations (not for production)."""
+        """Reproducible noise for tests and replayable research: NOT private (the seed regenerates it)."""
         return cls(seed=seed, secure=False)
 
     @classmethod
@@ -52,7 +67,11 @@ class NoiseSource:
         return cls(seed=None, secure=True)
 
     def describe(self) -> str:
-        return "os.urandom Box-Muller (secure)" if self.secure_mode else f"torch.Generator seed={self.seed} (not secure)"
+        """Where the noise comes from, in words, for reports; never the seed (it would regenerate the noise)."""
+        if self.secure_mode:
+            return "the OS CSPRNG (os.urandom, Box-Muller in float64)"
+        return ("a seeded torch.Generator (seeded-insecure: anyone who knows the seed can regenerate this noise; "
+                "not private)")
 
     def get_state(self) -> torch.Tensor | None:
         """The seeded generator's state (for checkpoints); None in secure mode (nothing to replay)."""
@@ -77,13 +96,24 @@ class NoiseSource:
         return torch.from_numpy(_urandom_standard_normal(math.prod(shape)).reshape(shape)) * std
 
 
+def privacy_noise(secret: bool, seed: int, *labels: int | str) -> NoiseSource:
+    """The noise source of one privacy mechanism: the OS CSPRNG when ``secret``
+    (``privacy-randomness = "os"``), else seeded with ``derive_seed(seed, *labels)``
+    (``"seeded-insecure"``: replayable by anyone who knows the run seed, so NOT private)."""
+    return NoiseSource.secure() if secret else NoiseSource.seeded(derive_seed(seed, *labels))
+
+
+def urandom_uniform(n: int) -> np.ndarray:
+    """n uniforms on {0, 1, ..., 2^53 - 1} / 2^53 (53 random mantissa bits each) from os.urandom."""
+    raw = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return (raw >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
 def _urandom_standard_normal(n: int) -> np.ndarray:
-    """n standard normals from os.urandom via Box-Muller on 53-bit uniforms in (0, 1]."""
+    """n standard normals from os.urandom via Box-Muller on 53-bit uniforms."""
     pairs = (n + 1) // 2
-    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
-    # 53 random mantissa bits -> uniform on {1, ..., 2^53} / 2^53, never zero (log is finite).
-    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0**53
-    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) / 2.0**53
+    u1 = 1.0 - urandom_uniform(pairs)  # in (0, 1]: never zero, so the log is finite
+    u2 = urandom_uniform(pairs)
     radius = np.sqrt(-2.0 * np.log(u1))
     angle = 2.0 * np.pi * u2
     return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]

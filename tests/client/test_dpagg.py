@@ -1,7 +1,8 @@
 import torch
 
 from client.dpagg import site_contribution
-from common.dp.sampling import poisson_sample, sampling_generator
+from common.dp.sampling import poisson_sample, privacy_sampling, sampling_generator
+from common.paths import derive_seed
 from client.ti import TISettings, initializer_vector, train_per_image_embeddings
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism
@@ -21,7 +22,20 @@ def test_sampling_generator_seeded_and_secure():
     a = torch.rand(4, generator=sampling_generator(7))
     b = torch.rand(4, generator=sampling_generator(7))
     assert torch.equal(a, b)
-    assert not torch.equal(torch.rand(4, generator=sampling_generator(None)), torch.rand(4, generator=sampling_generator(None)))
+    # seeded-insecure: a generator from the run seed and the labels, replayable by anyone who knows it
+    replayed = privacy_sampling(False, 3, "sample", 0, 1)
+    expected = sampling_generator(derive_seed(3, "sample", 0, 1))
+    assert torch.equal(torch.rand(4, generator=replayed), torch.rand(4, generator=expected))
+    # os: no generator at all; every draw reads os.urandom and none repeats
+    assert privacy_sampling(True, 3, "sample", 0, 1) is None
+    assert not torch.equal(poisson_sample(64, 0.5, None), poisson_sample(64, 0.5, None))
+
+
+def test_os_poisson_sample_has_the_rate():
+    counts = [len(poisson_sample(1000, 0.3, None)) for _ in range(50)]
+    # Binomial(1000, 0.3): sd of the mean over 50 draws is ~2.05; 10 is ~4.9 sd (p ~ 1e-6)
+    assert abs(sum(counts) / len(counts) - 300) < 10
+    assert poisson_sample(5, 1.0, None).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_site_sends_sum_of_bounded_centred_embeddings(tiny_sd_path):

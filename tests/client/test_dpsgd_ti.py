@@ -131,11 +131,16 @@ def test_dp_round_trains_and_the_site_accountant_persists_across_rounds(pipe, mo
     assert [(h.round, h.noise_multiplier, h.sample_rate, h.steps) for h in history] == [(1, 1.0, 0.6, 2), (2, 1.0, 0.6, 2)]
     assert site_epsilon(history, 2, DELTA, "rdp") == pytest.approx(epsilon(events, DELTA, "rdp"), rel=1e-9)
 
-    # seeded: the same round from the same state replays exactly
-    replay_state = RecordDict()
-    again, _ = dpsgd_site_round(pipe, images, settings, cfg, init, state=replay_state, site_index=2, round_index=1)
-    assert torch.equal(again, v1)
     assert opacus_leftovers(pipe) == []
+
+
+def test_seeded_insecure_round_replays_exactly(pipe):
+    cfg = config(privacy_randomness="seeded-insecure", dpsgd_local_steps=1)
+    settings = ti_settings(cfg)
+    init = initializer_vector(pipe, settings)
+    a, _ = dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=2, round_index=1)
+    b, _ = dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=2, round_index=1)
+    assert torch.equal(a, b)  # the noise and the batches are functions of the run seed: replayable, NOT private
 
 
 def test_round_that_would_exceed_the_target_is_refused_before_training(pipe):
@@ -182,8 +187,9 @@ def test_non_private_round_has_no_noise_and_infinite_epsilon(pipe):
     assert not torch.equal(vector, init)
 
 
-def test_secure_noise_round_runs_and_is_not_replayable(pipe):
-    cfg = config(secure_noise=True, dpsgd_local_steps=1)
+def test_os_randomness_round_is_not_replayable(pipe):
+    cfg = config(dpsgd_local_steps=1)  # privacy-randomness = "os", the default
+    assert cfg.secret_randomness
     settings = ti_settings(cfg)
     init = initializer_vector(pipe, settings)
     a, _ = dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=0, round_index=1)

@@ -174,7 +174,7 @@ def test_the_sum_of_m_shares_has_the_total_std():
     assert abs(float(np.mean(total))) < 5 * sigma / math.sqrt(dim)
 
 
-def test_secure_noise_shares_have_the_total_std_too():
+def test_os_noise_shares_have_the_total_std_too():
     total = sum(add_noise_share(np.zeros(50_000), 1.5, 3, NoiseSource.secure()) for _ in range(3))
     assert float(np.std(total)) == pytest.approx(1.5, rel=0.03)
 

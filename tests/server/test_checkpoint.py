@@ -12,8 +12,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from common import keys
-from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger, epsilon
-from common.dp.sampling import sampling_generator
+from common.dp import GaussianSumMechanism, PrivacyEvent, PrivacyLedger, epsilon
+from common.dp.noise import privacy_noise
+from common.dp.sampling import privacy_sampling
 from common.wire import record_tree
 from server.dpagg_strategy import DPAggTIStrategy
 from server.checkpoint import CHECKPOINT_FILE, CheckpointError, CheckpointStore, config_fingerprint
@@ -54,12 +55,15 @@ class ReplyingGrid(PushPullGrid):
         return reply(delta, node)
 
 
-def strategy(out, *, control_kw=None, fingerprint="f", z=PLAN["noise_multiplier"], q=PLAN["sample_rate"], resume="auto"):
+def strategy(out, *, control_kw=None, fingerprint="f", z=PLAN["noise_multiplier"], q=PLAN["sample_rate"], resume="auto",
+             randomness="seeded-insecure"):
+    """A LoRA strategy; ``randomness`` as the run-config key privacy-randomness (seeded: bit-identical resumes)."""
     plan = FedAvgPlan(noise_multiplier=z, sample_rate=q, rounds=3, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
     store = CheckpointStore(out, fingerprint=fingerprint, plan={"noise_multiplier": z, "sample_rate": q}, resume=resume)
     control = RunControl(checkpoint=store, delta=DELTA, unit="site", **(control_kw or {}))
     return DPFedAvgLoRA(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=z),
-                        noise=NoiseSource.seeded(11), sampling=sampling_generator(12),
+                        noise=privacy_noise(randomness == "os", 11, "server-noise"),
+                        sampling=privacy_sampling(randomness == "os", 12, "site-sampling"),
                         ledger=PrivacyLedger(delta=DELTA), initial=zeros(), defense="none", private=True,
                         num_sites=4, ledger_path=out / "ledger.json", control=control)
 
@@ -94,14 +98,7 @@ def test_a_crash_after_a_release_before_its_checkpoint_counts_the_round_once(tmp
     whole = strategy(tmp_path / "whole")
     run(whole, 3)
     crashing = strategy(tmp_path / "crash")
-    original_end = crashing.end_round
-
-    def end_round(server_round, arrays):
-        if server_round == 3:
-            raise KeyboardInterrupt("killed after the release of round 3, before its checkpoint")
-        original_end(server_round, arrays)
-
-    crashing.end_round = end_round
+    crash_after_release(crashing, 3, snapshot=lambda: None)
     with pytest.raises(KeyboardInterrupt):
         run(crashing, 3)
     assert len(PrivacyLedger.load(tmp_path / "crash" / "ledger.json").events) == 3  # saved at the release
@@ -140,14 +137,65 @@ def test_the_fingerprint_ignores_only_keys_that_do_not_change_the_rounds():
     assert config_fingerprint(base) != config_fingerprint({**base, "lora-clip-norm": 0.2})
 
 
-def test_secure_noise_resumes_with_fresh_noise(tmp_path):
-    s = strategy(tmp_path)
-    s.noise = NoiseSource.secure()
-    run(s, 1)
-    resumed = strategy(tmp_path)
-    resumed.noise = NoiseSource.secure()
-    run(resumed, 2)
-    assert len(resumed.ledger.events) == 2 and resumed.resumed_from == 1
+def crash_after_release(s, crash_round: int, snapshot) -> list:
+    """Make ``s`` die after computing and recording round ``crash_round``'s release, before its
+    checkpoint; return the list that receives ``snapshot()`` of the lost release."""
+    lost: list = []
+    original_end = s.end_round
+
+    def end_round(server_round, arrays):
+        if server_round == crash_round:
+            lost.append(snapshot())
+            raise KeyboardInterrupt(f"killed after the release of round {crash_round}, before its checkpoint")
+        original_end(server_round, arrays)
+
+    s.end_round = end_round
+    return lost
+
+
+def test_os_randomness_redoes_a_lost_round_with_fresh_noise_and_counts_it_once(tmp_path):
+    crashing = strategy(tmp_path, randomness="os")
+    lost = crash_after_release(crashing, 3, snapshot=lambda: {k: v.clone() for k, v in crashing.global_state.items()})
+    with pytest.raises(KeyboardInterrupt):
+        run(crashing, 3)
+    after_two = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
+    assert after_two["completed_round"] == 2
+    # nothing in the checkpoint could replay the noise or the site sample: no generator state at all
+    assert after_two["strategy"]["noise"] is None and after_two["strategy"]["sampling"] is None
+    assert len(PrivacyLedger.load(tmp_path / "ledger.json").events) == 3  # the lost release was recorded...
+    resumed = strategy(tmp_path, randomness="os")
+    grid = ReplyingGrid()
+    run(resumed, 3, grid)
+    assert resumed.resumed_from == 2 and len(grid.asked) == 1  # only round 3 was redone
+    # ...and is not counted: it never left the crashed process, so only the redone release is charged
+    labels = [e.label for e in resumed.ledger.events]
+    assert labels == [f"dp-fedavg lora round {r}" for r in (1, 2, 3)]
+    assert PrivacyLedger.load(tmp_path / "ledger.json").events == resumed.ledger.events
+    # the redone round drew fresh noise: its release differs from the lost one by noise of the plan's scale
+    (lost_state,) = lost
+    gap = math.sqrt(sum(float(((resumed.global_state[k] - lost_state[k]).double() ** 2).sum()) for k in lost_state))
+    dim = sum(v.numel() for v in lost_state.values())
+    noise_of_mean = PLAN["noise_multiplier"] * 1.0 * math.sqrt(dim) / resumed.denominator  # z*C*sqrt(d)/(qK)
+    # sqrt(2) x noise_of_mean is expected; under 0.1 x has probability P(chi2_12 < 0.06) ~ 1e-12
+    assert gap > 0.1 * noise_of_mean
+
+
+def test_os_randomness_dpagg_redoes_a_lost_release_with_fresh_noise(tmp_path):
+    crashing = dpagg(tmp_path, randomness="os")
+    lost = crash_after_release(crashing, 2, snapshot=lambda: crashing.releases[-1].clone())
+    with pytest.raises(KeyboardInterrupt):
+        crashing.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    assert torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)["strategy"]["noise"] is None
+    first = crashing.releases[0].clone()
+    resumed = dpagg(tmp_path, randomness="os")
+    resumed.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    assert resumed.resumed_from == 1 and len(resumed.releases) == 3
+    assert torch.equal(resumed.releases[0], first)  # the checkpointed release is kept as it was
+    assert [e.label for e in resumed.ledger.events] == [f"dpagg-ti release {r}" for r in (1, 2, 3)]
+    # fresh noise: the redone release 2 is the lost one's sum plus independent N(0, (zC)^2) / denominator
+    noise_of_release = 2.0 * 1.0 * math.sqrt(4) / 5.0  # z*C*sqrt(d)/denominator
+    # sqrt(2) x that is expected; under 0.01 x has probability P(chi2_4 < 2e-4) ~ 5e-9
+    assert float(torch.linalg.vector_norm(resumed.releases[1] - lost[0])) > 0.01 * noise_of_release
 
 
 def test_the_run_stops_before_the_release_that_would_pass_the_target(tmp_path):
@@ -220,12 +268,13 @@ class SumGrid(PushPullGrid):
         return reply_with([math.nan if n in self.bad else 0.1 * n] * 4, node_id=n)
 
 
-def dpagg(out, z=2.0, **control_kw):
+def dpagg(out, z=2.0, randomness="seeded-insecure", **control_kw):
     plan = DPAggPlan(noise_multiplier=z, sample_rate=0.5, releases=3, denominator=5.0,
                      planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
     store = CheckpointStore(out, fingerprint="f", plan={"noise_multiplier": z, "sample_rate": 0.5})
     return DPAggTIStrategy(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=z),
-                           noise=NoiseSource.seeded(3), ledger=PrivacyLedger(delta=DELTA), dim=4,
+                           noise=privacy_noise(randomness == "os", 3, "server-noise"),
+                           ledger=PrivacyLedger(delta=DELTA), dim=4,
                            ledger_path=out / "ledger.json", max_site_norm=10.0,
                            control=RunControl(checkpoint=store, delta=DELTA, unit="record", **control_kw))
 

@@ -15,11 +15,11 @@ def test_exported_embedding_loads_in_a_fresh_stock_pipeline(tiny_sd_path, tmp_pa
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], vector, rtol=0, atol=0)
 
 
-def lora_privacy(defense="none", private=True, record=None):
+def lora_privacy(defense="none", private=True, record=None, randomness="os"):
     eps = {"site": {"prv": 0.98, "rdp": 1.07}}
     if record:
         eps["record"] = record
-    return {"private": private, "epsilon": eps, "delta": 1e-5, "defense": defense}
+    return {"private": private, "epsilon": eps, "delta": 1e-5, "defense": defense, "privacy_randomness": randomness}
 
 
 def test_lora_claim_states_each_unit_that_applies():
@@ -32,6 +32,17 @@ def test_lora_claim_states_each_unit_that_applies():
     dpsgd = lora_claim(lora_privacy("dp-sgd", record={"prv": 2.5, "rdp": 3.0}))
     assert "(2.500, 1e-05)-DP at the level of **one image**" in dpsgd
     assert "No privacy guarantee" in lora_claim(lora_privacy(private=False))
+
+
+def test_a_seeded_insecure_run_claims_no_dp():
+    from server.export import lora_claim, ti_claim
+
+    ti = {"private": True, "epsilon": {"prv": 0.98, "rdp": 1.07}, "delta": 1e-5, "privacy_randomness": "seeded-insecure"}
+    for claim in (lora_claim(lora_privacy("dp-sgd", record={"prv": 2.5, "rdp": 3.0}, randomness="seeded-insecure")),
+                  ti_claim(ti)):
+        assert claim.startswith("**Not differentially private.**") and "differentially private at" not in claim
+        assert "regenerate the noise" in claim and "not a guarantee" in claim and "0.980" in claim
+    assert "-differentially private at the level of **one image**" in ti_claim({**ti, "privacy_randomness": "os"})
 
 
 def test_samples_use_the_run_template_and_the_card_shows_it(tiny_sd_path, tmp_path):

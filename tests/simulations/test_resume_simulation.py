@@ -16,7 +16,10 @@ FAST = {"adapter": "lora", "local-steps": 2, "lora-batch-size": 2, "lora-rank": 
         "sample-steps": 1, "sample-prompts": "an emoji of a cat", "site-sampling-rate": 0.9, "seed": 3,
         # explicit: a noise multiplier calibrated to the target changes with the number of rounds,
         # and a checkpoint made under another noise is refused (tests/server/test_checkpoint.py)
-        "noise-multiplier": 6.0}
+        "noise-multiplier": 6.0,
+        # bit-identical resumes need replayable noise and site sampling: seeded from the run seed, NOT private
+        # (tests/server/test_checkpoint.py covers resume with the OS CSPRNG); K declared, as private LoRA requires
+        "privacy-randomness": "seeded-insecure", "num-sites": 2}
 
 
 def events(out):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from scipy import stats
 
-from common.dp.noise import NoiseSource
+from common.dp.noise import NoiseSource, privacy_noise
+from common.paths import derive_seed
 
 ALPHA = 1e-6  # two-sided failure probability of each statistical check
 Z_CRIT = stats.norm.ppf(1 - ALPHA / 2)
@@ -99,9 +100,17 @@ def test_seeded_without_seed_raises() -> None:
         NoiseSource(seed=None, secure=False)
 
 
-def test_describe() -> None:
-    assert "secure" in NoiseSource.secure().describe()
-    assert "seed=4" in NoiseSource.seeded(4).describe() and "not secure" in NoiseSource.seeded(4).describe()
+def test_describe_names_the_source_and_never_a_seed() -> None:
+    assert "os.urandom" in NoiseSource.secure().describe()
+    seeded = NoiseSource.seeded(987654321).describe()
+    assert "seeded-insecure" in seeded and "not private" in seeded
+    assert not any(ch.isdigit() for ch in seeded)  # no seed, nor any part of one
+
+
+def test_privacy_noise_is_the_os_csprng_unless_seeded_insecure() -> None:
+    assert privacy_noise(True, 5, "server-noise").get_state() is None  # os: no state, no seed
+    replayed = privacy_noise(False, 5, "server-noise").normal((8,), 1.0)
+    assert torch.equal(replayed, NoiseSource.seeded(derive_seed(5, "server-noise")).normal((8,), 1.0))
 
 
 @pytest.mark.parametrize("source", [NoiseSource.seeded(0), NoiseSource.secure()], ids=["seeded", "secure"])
