@@ -16,7 +16,7 @@ from tests.deployment.conftest import DATA, federation
 FAST = {"sample-steps": 2, "sample-prompts": "an emoji of a cat"}
 TI = {**FAST, "ti-steps": 2, "dataset-size": 24}
 LORA = {**FAST, "adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2,
-        "lora-alpha": 2.0}
+        "lora-alpha": 2.0, "num-sites": 2}  # K is declared, never read from who connected
 
 
 @pytest.fixture(scope="module")
