@@ -4,9 +4,14 @@ The site reads the run config (the same on every site), loads its own images fro
 data folder, and answers the server's train message with DPAgg-TI's sum of bounded
 per-image embeddings, a DP-SGD update of the shared embedding, or its clipped LoRA delta
 (plain LoRA, MP-LoRA, SMP-LoRA or DP-SGD local training; the SMP/MP proxy attacker stays in
-the site's ``context.state`` and never leaves the site). Bad input raises an
-error that names the site and the file; Flower turns it into an error reply, and the
-server leaves this site out of the round without stopping the others.
+the site's ``context.state`` and never leaves the site).
+
+An image that cannot be used is left out as absent and logged here, on the site only (see
+:func:`common.data.load_site_images`). Any error that makes the site refuse a round is
+logged here in full, and what leaves the site is a :class:`~common.reasons.SiteRefusal`
+with one fixed text (:data:`common.reasons.SITE_REFUSALS`): no file name, path or exception
+text. Flower turns it into an error reply, and the server leaves this site out of the round
+without stopping the others.
 """
 
 from __future__ import annotations
@@ -21,15 +26,16 @@ from flwr.clientapp import ClientApp
 
 from client.dpagg import site_contribution
 from common.dp.sampling import privacy_sampling
-from client.policy import check_round, load_policy, plan_from_message, reserve_run
+from client.policy import PolicyError, check_round, load_policy, plan_from_message, reserve_run
 from client.ti import TISettings
 from common import keys
 from common.config import RunConfig
-from common.data import SiteImages, load_site_images
+from common.data import SiteDataError, SiteImages, load_site_images
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
 from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
+from common.reasons import SITE_DATA, SITE_INTERNAL, SITE_POLICY, SITE_PROTOCOL, SiteRefusal
 from common.secagg.protocol import STAGE as SECAGG_STAGE
 from common.tiny_sd import tiny_sd_dir
 from common.wire import packed_record, record_tree
@@ -82,7 +88,22 @@ def site_identity(node_config: Mapping[str, Any], cfg: RunConfig) -> tuple[int, 
 
 
 def load_images(cfg: RunConfig, name: str, folder: str) -> SiteImages:
-    return load_site_images(folder, site=name, resolution=cfg.resolution)
+    """This site's usable images; each one left out (unusable, or a copy) is logged here,
+    on the site only: the names are private."""
+    images = load_site_images(folder, site=name, resolution=cfg.resolution)
+    for problem in images.skipped:
+        log.warning("%s: left out of the data (treated as absent): %s", name, problem)
+    if not images.names:
+        log.warning("%s: no usable image in %s", name, folder)
+    return images
+
+
+def require_images(images: SiteImages, folder: str) -> SiteImages:
+    """``images``, or SiteDataError if there is none: local training needs at least one
+    (DPAgg-TI does not: a site without images sends a zero sum, like one that sampled none)."""
+    if not images.names:
+        raise SiteDataError(images.site, folder, "no usable image to train on")
+    return images
 
 
 def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> torch.Tensor:
@@ -118,7 +139,7 @@ def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str
 def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
     from client.dpsgd_ti import dpsgd_site_round  # Opacus is only needed for the baseline
 
-    images = load_images(cfg, name, folder)
+    images = require_images(load_images(cfg, name, folder), folder)
     global_embedding = torch.from_numpy(msg.content[keys.ARRAYS][keys.EMBEDDING].numpy()).float()
     update, metrics = dpsgd_site_round(
         get_pipeline(cfg), images, ti_settings(cfg), cfg, global_embedding,
@@ -179,7 +200,7 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     if tree_shapes(received) != expected:
         raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
                          f"(rank {spec.rank}, targets {','.join(spec.targets)})")
-    images = load_images(cfg, name, folder)
+    images = require_images(load_images(cfg, name, folder), folder)
     load_lora_state(pipe, spec, received)
     metrics = train_lora(pipe, spec, images, cfg, context, defense, index, round_index)
     delta = tree_sub(lora_state(pipe, spec), received)
@@ -244,7 +265,7 @@ def own_dpsgd_event(method: str, defense: str, cfg: RunConfig, context: Context,
     from client.site_accountant import site_noise_multiplier, site_sample_rate
 
     budget = budget_of(cfg)
-    q = site_sample_rate(cfg.dpsgd_batch_size, len(load_images(cfg, name, folder)))
+    q = site_sample_rate(cfg.dpsgd_batch_size, len(require_images(load_images(cfg, name, folder), folder)))
     z = site_noise_multiplier(budget, q, context.state)
     return PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=budget.total_steps, unit="record")
 
@@ -265,7 +286,34 @@ def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str, fo
 SITE_KEYS = ("model-path", "device")  # node-config keys a site may set for itself
 
 
+def refusal_reason(err: BaseException) -> str:
+    """The fixed text (one of :data:`common.reasons.SITE_REFUSALS`) a site sends for ``err``."""
+    from client.secagg import SecAggProtocolError
+
+    if isinstance(err, SiteDataError):
+        return SITE_DATA
+    if isinstance(err, PolicyError):
+        return SITE_POLICY
+    if isinstance(err, SecAggProtocolError):
+        return SITE_PROTOCOL
+    return SITE_INTERNAL
+
+
 def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
+    """Answer a train message; an error is logged here in full and leaves the site only as a
+    :class:`~common.reasons.SiteRefusal` with a fixed text (error texts name private files and
+    depend on the data, and Flower forwards them to the server with a traceback)."""
+    try:
+        return answer_train(msg, context, overrides)
+    except Exception as err:  # noqa: BLE001 - every error is refused the same way
+        reason = refusal_reason(err)
+        log.error("this site refused the round (%s); sent only %r", err, reason, exc_info=err)
+    # raised outside the handler: the refusal carries no __context__ (the original error)
+    raise SiteRefusal(reason)
+
+
+def answer_train(msg: Message, context: Context, overrides: Mapping[str, Any] | None = None) -> Message:
+    """The site's reply to a train message (errors propagate; :func:`handle_train` refuses them)."""
     # where the model lives and which device to use are the site's own business
     local = {k: context.node_config[k] for k in SITE_KEYS if k in context.node_config}
     cfg = RunConfig.from_run_config({**context.run_config, **(overrides or {}), **local})

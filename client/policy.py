@@ -7,8 +7,9 @@ either. Before it touches its images for a round, the site checks the privacy pl
 server sent with the round (unit, z, q, number of rounds/releases, delta, aggregation mode)
 against the policy, recomputing every epsilon with its own accountant rather than trusting
 a number from the server. A round that would break the policy is refused with an error that
-names the site, the rule and the figures; Flower returns it to the server as the site's
-reply, and the server leaves the site out.
+names the site, the rule and the figures; the site logs it, and what reaches the server (as
+the site's error reply) is only the fixed text :data:`common.reasons.SITE_POLICY` (see
+:func:`client.app.handle_train`), and the server leaves the site out.
 
 The lifetime ledger (``ledger`` in the policy) records, at the first round of every run the
 site joins, the whole planned spend of that run (every round of the plan, as the accountant

@@ -5,9 +5,16 @@ and, optionally, captions: a ``captions.json`` object mapping file name -> capti
 sidecar ``<stem>.txt`` per image. Everything else in the folder (sub-folders, hidden files
 such as ``.DS_Store`` or macOS ``._x.png`` forks, other extensions) is ignored.
 
-Every problem with the data raises :class:`SiteDataError` naming the site and the file, so a
-site operator can fix it; nothing is skipped silently. Those messages contain file names,
-which are local to the site: do not forward them to the server if names are private.
+One record is one image with its caption. A record that cannot be used (an unreadable,
+truncated, too large or unsupported image, a file resolving outside the folder, a malformed
+or contradictory caption of that image) or that repeats the pixels of an earlier one is left
+out as if it were absent: the site's result is then exactly that of the folder without it,
+which the add/remove-one-image guarantee covers (raising instead would drop the whole site,
+a change of up to n_site * C from one record). What was left out, and why, comes back in
+:attr:`SiteImages.skipped`, for the site's own log and ``client.check_data``. Only problems
+of the folder as a whole (missing, not a directory, unlistable, an unusable
+``captions.json``) raise :class:`SiteDataError`. Both name files, which are private to the
+site: never forward them to the server.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ _DIRECT_MODES = frozenset({"RGB", "L", "1", "CMYK", "YCbCr", "RGBX"})
 
 
 class SiteDataError(ValueError):
-    """A site's data folder or one of its files is missing, unreadable or malformed."""
+    """A site's data folder as a whole (or its ``captions.json``) is missing, unreadable or malformed."""
 
     def __init__(self, site: str, path: str | Path, problem: str) -> None:
         self.site = site
@@ -40,23 +47,47 @@ class SiteDataError(ValueError):
 
 
 @dataclass(frozen=True)
+class RecordProblem:
+    """Why one file of a site's folder was left out (or one ``captions.json`` entry ignored).
+
+    Attributes:
+        name: the file, relative to the data folder: the image left out, or ``captions.json``
+            for an entry that names no image.
+        problem: what is wrong, in words (may name other files of the folder).
+    """
+
+    name: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.problem}"
+
+
+@dataclass(frozen=True)
 class SiteImages:
-    """The images of one site, in file-name order.
+    """The usable images of one site, in file-name order.
 
     Attributes:
         names: file names relative to the data folder, sorted.
-        pixels: float32 tensor [N, 3, R, R] with values in [-1, 1].
+        pixels: float32 tensor [N, 3, R, R] with values in [-1, 1] (N may be 0).
         captions: one caption per image, or None where the image has none.
         site: the site the images belong to.
+        skipped: the records left out as absent and the caption entries ignored, with why
+            (private to the site, like the names).
     """
 
     names: tuple[str, ...]
     pixels: torch.Tensor
     captions: tuple[str | None, ...]
     site: str
+    skipped: tuple[RecordProblem, ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class _Unusable(Exception):
+    """One record cannot be used; ``args[0]`` says why (becomes a :class:`RecordProblem`)."""
 
 
 def load_site_images(
@@ -67,18 +98,19 @@ def load_site_images(
     max_images: int | None = None,
     max_pixels: int = 40_000_000,
 ) -> SiteImages:
-    """Load and validate every image of one site's data folder.
+    """Load and validate every image of one site's data folder, leaving out unusable ones.
 
-    Images are taken in sorted file-name order (the first ``max_images`` of them if given);
-    only the top level of ``folder`` is read. Each image is decoded fully (a truncated file
-    is an error, never padded), its EXIF orientation applied, and converted to RGB:
+    Images are taken in sorted file-name order (the first ``max_images`` usable ones if
+    given); only the top level of ``folder`` is read. Each image is decoded fully (a
+    truncated file is unusable, never padded), its EXIF orientation applied, and converted
+    to RGB:
 
     - RGBA, LA and palette (P) images with transparency are composited on a white background;
     - grayscale (L, 1-bit) is replicated to the three channels;
     - 16-bit grayscale (``I;16``) and 32-bit integer (``I``) images are read as 16-bit data
-      (0..65535; ``I`` values outside that range are an error), scaled to 8 bits (/257) and
-      replicated to RGB;
-    - CMYK and YCbCr are converted by Pillow; other modes (e.g. float ``F``) are refused.
+      (0..65535; ``I`` values outside that range make the image unusable), scaled to 8 bits
+      (/257) and replicated to RGB;
+    - CMYK and YCbCr are converted by Pillow; other modes (e.g. float ``F``) are unusable.
 
     Then it is center-cropped to the largest square and resized to ``resolution`` with
     bicubic resampling (``Image.BICUBIC``), and mapped from [0, 255] to [-1, 1].
@@ -88,147 +120,186 @@ def load_site_images(
 
     Captions come from ``captions.json`` and ``<stem>.txt`` sidecars (UTF-8, stripped; a
     blank caption counts as none). A sidecar applies to every image with its stem (``a.png`` and
-    ``a.jpg`` share ``a.txt``). An image may get a caption from both sources only if they agree.
+    ``a.jpg`` share ``a.txt``). An image may get a caption from both sources only if they
+    agree; an image whose caption is unreadable, malformed, given twice in ``captions.json``
+    or contradictory is left out (its record is unusable). A ``captions.json`` entry naming
+    no image file is ignored.
 
-    Duplicates are refused: two files whose decoded RGB pixels are identical (the same file
-    copied, or the same picture saved as PNG and BMP) would make one private image count twice,
-    so its contribution could exceed the per-image bound the DP guarantee rests on.
+    Copies are left out: an image whose decoded RGB pixels equal those of an earlier kept
+    image in name order (the same file copied, the same picture saved as PNG and BMP, a
+    symlink to another image) is a later copy of the same record. Keeping it would count
+    one private image twice, so its contribution could exceed the per-image bound.
+
+    Every image, caption entry or copy left out is listed in :attr:`SiteImages.skipped`.
 
     Args:
         folder: the site's data folder.
         site: the site's name, used in error messages and kept in the result.
         resolution: side R of the square output images, in pixels.
-        max_images: load at most this many images (None: all).
-        max_pixels: refuse any image with more pixels (width * height) than this, checked from
-            the header before decoding (decompression-bomb guard).
+        max_images: keep at most this many usable images (None: all).
+        max_pixels: an image with more pixels (width * height) than this is unusable,
+            checked from the header before decoding (decompression-bomb guard).
 
     Returns:
-        The site's images, names and captions.
+        The site's usable images, names and captions, and what was left out.
 
     Raises:
-        SiteDataError: the folder is missing, not a directory or holds no image; an image is
-            empty, unreadable, truncated, too large or of an unsupported mode; ``captions.json`` (also one
-            naming a file twice)
-            or a sidecar is malformed; a file (e.g. a symlink) resolves outside the folder; two
-            images have the same pixels.
+        SiteDataError: the folder is missing, not a directory or cannot be listed;
+            ``captions.json`` resolves outside the folder, is not UTF-8 JSON or not an object.
         ValueError: ``resolution``, ``max_images`` or ``max_pixels`` is not a positive integer.
     """
     for arg, value in (("resolution", resolution), ("max_pixels", max_pixels), ("max_images", max_images)):
         if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ValueError(f"{arg} must be a positive integer, got {value!r}")
     folder = Path(folder)
+    root = _site_root(folder, site)
+    images = image_files(folder, site)
+    json_captions, skipped = _read_captions_json(folder, root, site, set(images))
+
+    pixels: list[np.ndarray] = []
+    names: list[str] = []
+    captions: list[str | None] = []
+    kept: dict[str, str] = {}  # digest of the decoded pixels -> the kept image with them
+    for name in images:
+        if max_images is not None and len(names) >= max_images:
+            break
+        try:
+            arr, digest = _load_pixels(_inside(folder / name, root), resolution, max_pixels)
+            caption = _caption(folder, root, name, json_captions.get(name))
+        except _Unusable as exc:
+            skipped.append(RecordProblem(name, str(exc.args[0])))
+            continue
+        if digest in kept:
+            skipped.append(RecordProblem(name, f"has the same pixels as {kept[digest]}: a copy of one image, "
+                                               "left out so that the image counts once"))
+            continue
+        kept[digest] = name
+        names.append(name)
+        pixels.append(arr)
+        captions.append(caption)
+    stacked = np.stack(pixels) if pixels else np.zeros((0, 3, resolution, resolution), np.float32)
+    return SiteImages(names=tuple(names), pixels=torch.from_numpy(stacked), captions=tuple(captions), site=site,
+                      skipped=tuple(skipped))
+
+
+def _site_root(folder: Path, site: str) -> Path:
+    """The resolved data folder; SiteDataError if it is missing or not a directory."""
     if not folder.exists():
         raise SiteDataError(site, folder, "data folder does not exist")
     if not folder.is_dir():
         raise SiteDataError(site, folder, "data folder is not a directory")
-    root = folder.resolve()
+    return folder.resolve()
 
+
+def image_files(folder: str | Path, site: str) -> list[str]:
+    """The sorted names of the image files at the top level of ``folder`` (by extension;
+    hidden files and folders excluded); SiteDataError if the folder cannot be listed."""
+    folder = Path(folder)
     try:
         entries = list(folder.iterdir())
     except OSError as exc:
         raise SiteDataError(site, folder, f"data folder cannot be listed ({exc})") from exc
-    images = sorted(
+    return sorted(
         p.name for p in entries
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and not p.is_dir()
     )
-    if not images:
-        extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise SiteDataError(site, folder, f"data folder holds no image (looked for {extensions})")
-    json_captions = _read_captions_json(folder, root, site, set(images))
-    names = images if max_images is None else images[:max_images]
-
-    pixels = []
-    captions: list[str | None] = []
-    seen: dict[str, str] = {}  # digest of the decoded pixels -> first file with them
-    for name in names:
-        path = _inside(folder / name, root, site)
-        arr, digest = _load_pixels(path, site, resolution, max_pixels)
-        if digest in seen:
-            raise SiteDataError(site, path, f"has the same pixels as {seen[digest]}: a duplicate would count one "
-                                            "image twice (remove one of them)")
-        seen[digest] = name
-        pixels.append(arr)
-        captions.append(_caption(folder, root, site, name, json_captions.get(name)))
-    return SiteImages(
-        names=tuple(names), pixels=torch.from_numpy(np.stack(pixels)), captions=tuple(captions), site=site
-    )
 
 
-def _inside(path: Path, root: Path, site: str) -> Path:
-    """``path`` if it resolves inside ``root`` (symlinks included), else SiteDataError."""
+def _inside(path: Path, root: Path) -> Path:
+    """``path`` if it resolves inside ``root`` (symlinks included), else :class:`_Unusable`."""
     try:
         resolved = path.resolve()
     except (OSError, RuntimeError) as exc:  # symlink loop
-        raise SiteDataError(site, path, f"cannot resolve path ({exc})") from exc
+        raise _Unusable(f"cannot resolve path ({exc})") from exc
     if not resolved.is_relative_to(root):
-        raise SiteDataError(site, path, f"resolves to {resolved}, outside the data folder {root}")
+        raise _Unusable(f"resolves to {resolved}, outside the data folder {root}")
     return path
 
 
-def _read_captions_json(folder: Path, root: Path, site: str, images: set[str]) -> dict[str, str | None]:
-    """The validated ``captions.json`` of ``folder`` as {image name: caption}; {} if absent."""
+class _Entry:
+    """A ``captions.json`` entry that makes its image unusable (kept instead of the caption)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _read_captions_json(folder: Path, root: Path, site: str,
+                        images: set[str]) -> tuple[dict[str, str | None | _Entry], list[RecordProblem]]:
+    """``captions.json`` of ``folder`` as {image name: caption, or an :class:`_Entry` saying
+    why that image's caption is unusable}, and the entries ignored because they name no image
+    file; ``({}, [])`` if absent. A file that cannot be read as a JSON object is a SiteDataError."""
     path = folder / CAPTIONS_FILE
     if not path.exists() and not path.is_symlink():
-        return {}
-    _inside(path, root, site)
+        return {}, []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
+        _inside(path, root)
+    except _Unusable as exc:
+        raise SiteDataError(site, path, str(exc.args[0])) from None
+    repeated: dict[int, set[str]] = {}  # id of each parsed object -> its keys given more than once
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=lambda pairs: _object(pairs, repeated))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SiteDataError(site, path, f"is not readable UTF-8 JSON ({type(exc).__name__}: {exc})") from exc
-    except _DuplicateKey as exc:
-        raise SiteDataError(site, path, f"names {exc.args[0]!r} more than once") from None
     if not isinstance(data, dict):
         raise SiteDataError(
             site, path, f"must be a JSON object mapping file name -> caption, got {type(data).__name__}"
         )
-    out: dict[str, str | None] = {}
+    twice = repeated.get(id(data), set())
+    out: dict[str, str | None | _Entry] = {}
+    ignored: list[RecordProblem] = []
     for name, caption in data.items():
-        if not isinstance(caption, str):
-            raise SiteDataError(site, path, f"caption of {name!r} must be a string, got {type(caption).__name__}")
         if name not in images:
-            raise SiteDataError(site, path, f"names {name!r}, which is not an image file in {folder}")
-        out[name] = caption.strip() or None
-    return out
+            ignored.append(RecordProblem(CAPTIONS_FILE, f"names {name!r}, which is not an image file of the folder: "
+                                                        "entry ignored"))
+        elif name in twice:
+            out[name] = _Entry(f"{CAPTIONS_FILE} names {name!r} more than once")
+        elif not isinstance(caption, str):
+            out[name] = _Entry(f"{CAPTIONS_FILE}: caption of {name!r} must be a string, got {type(caption).__name__}")
+        else:
+            out[name] = caption.strip() or None
+    return out, ignored
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object's dict; a key given twice (json keeps the last silently) is an error."""
+def _object(pairs: list[tuple[str, object]], repeated: dict[int, set[str]]) -> dict:
+    """A JSON object's dict, noting in ``repeated[id(dict)]`` the keys given more than once
+    (json would keep the last silently; the caller makes that image's caption unusable)."""
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            repeated.setdefault(id(out), set()).add(key)
         out[key] = value
     return out
 
 
-def _caption(folder: Path, root: Path, site: str, name: str, from_json: str | None) -> str | None:
-    """The caption of image ``name``: its ``<stem>.txt`` sidecar and/or its JSON entry."""
+def _caption(folder: Path, root: Path, name: str, from_json: str | None | _Entry) -> str | None:
+    """The caption of image ``name``: its ``<stem>.txt`` sidecar and/or its JSON entry
+    (:class:`_Unusable` if either is unusable or they disagree)."""
+    if isinstance(from_json, _Entry):
+        raise _Unusable(from_json.problem)
     sidecar = folder / (Path(name).stem + ".txt")
     if not sidecar.exists() and not sidecar.is_symlink():
         return from_json
-    _inside(sidecar, root, site)
     try:
+        _inside(sidecar, root)
         text = sidecar.read_text(encoding="utf-8").strip() or None
+    except _Unusable as exc:
+        raise _Unusable(f"caption file {sidecar.name}: {exc.args[0]}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SiteDataError(site, sidecar, f"caption file is not readable UTF-8 text ({exc})") from exc
+        raise _Unusable(f"caption file {sidecar.name} is not readable UTF-8 text ({exc})") from exc
     if from_json is not None and text is not None and text != from_json:
-        raise SiteDataError(site, sidecar, f"caption of {name!r} disagrees with {CAPTIONS_FILE}")
+        raise _Unusable(f"caption file {sidecar.name} disagrees with {CAPTIONS_FILE}")
     return text or from_json
 
 
-def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> tuple[np.ndarray, str]:
+def _load_pixels(path: Path, resolution: int, max_pixels: int) -> tuple[np.ndarray, str]:
     """Decode, check, convert and resize one image: float32 [3, R, R] in [-1, 1], and a
-    SHA-256 of the full-size RGB pixels (for duplicates)."""
+    SHA-256 of the full-size RGB pixels (for copies); :class:`_Unusable` if it cannot be."""
     try:
         size = path.stat().st_size
     except OSError as exc:
-        raise SiteDataError(site, path, f"cannot be read ({exc})") from exc
+        raise _Unusable(f"cannot be read ({exc})") from exc
     if size == 0:
-        raise SiteDataError(site, path, "is an empty (zero-byte) file")
+        raise _Unusable("is an empty (zero-byte) file")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's bomb warning.
@@ -236,18 +307,15 @@ def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> tup
             with Image.open(path) as img:
                 width, height = img.size
                 if width * height > max_pixels:
-                    raise SiteDataError(
-                        site, path, f"image is too large: {width}x{height} = {width * height} pixels > {max_pixels}"
-                    )
+                    raise _Unusable(f"image is too large: {width}x{height} = {width * height} pixels > {max_pixels}")
                 img.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(img), site, path)
-    except SiteDataError:
+                rgb = _to_rgb(ImageOps.exif_transpose(img))
+    except _Unusable:
         raise
     except Image.DecompressionBombError as exc:
-        raise SiteDataError(site, path, f"image is too large ({exc})") from exc
+        raise _Unusable(f"image is too large ({exc})") from exc
     except Exception as exc:  # Pillow raises many types on hostile input; all mean "unreadable"
-        problem = f"is not a readable image or is truncated ({type(exc).__name__}: {exc})"
-        raise SiteDataError(site, path, problem) from exc
+        raise _Unusable(f"is not a readable image or is truncated ({type(exc).__name__}: {exc})") from exc
     digest = hashlib.sha256(f"{rgb.width}x{rgb.height}:".encode() + rgb.tobytes()).hexdigest()
     side = min(rgb.size)
     left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
@@ -257,7 +325,7 @@ def _load_pixels(path: Path, site: str, resolution: int, max_pixels: int) -> tup
     return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1)), digest
 
 
-def _to_rgb(img: Image.Image, site: str, path: Path) -> Image.Image:
+def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert a decoded image of any supported mode to 8-bit RGB (see load_site_images)."""
     mode = img.mode
     if mode == "P" and "transparency" in img.info:
@@ -269,9 +337,9 @@ def _to_rgb(img: Image.Image, site: str, path: Path) -> Image.Image:
     if mode in _SIXTEEN_BIT_MODES:
         values = np.asarray(img).astype(np.int64)
         if values.size and (values.min() < 0 or values.max() > 65535):
-            raise SiteDataError(site, path, f"{mode} image has values outside the 16-bit range 0..65535")
+            raise _Unusable(f"{mode} image has values outside the 16-bit range 0..65535")
         gray = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257)
         return Image.fromarray(gray).convert("RGB")
     if mode in _DIRECT_MODES or mode == "P":
         return img.convert("RGB")
-    raise SiteDataError(site, path, f"unsupported image mode {mode!r}")
+    raise _Unusable(f"unsupported image mode {mode!r}")

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.flatsum import FlatRecord
+from common.reasons import NO_SECURE_SUM, REPLY_UNASKED, SECAGG_DROPPED, public_rejections
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import DPAggPlan
@@ -63,7 +64,7 @@ class DPAggTIStrategy(LedgerStrategy):
         self.achieved_noise_multipliers: list[float] = []
         self.releases: list[torch.Tensor] = []
         self.contributors: list[array] = []  # per release: the nodes whose sums entered it (8 B each)
-        self.rejected: list[dict] = []
+        self.rejected: list[dict] = []  # {"release", "node", "reason"}: reasons from common.reasons only
         self.asked: NodeSet | None = None  # nodes sent this release's message (None: not sent by configure_train)
 
     def summary(self) -> None:
@@ -87,7 +88,7 @@ class DPAggTIStrategy(LedgerStrategy):
             raise ValueError(f"the checkpointed releases are not {self.dim}-dimensional")
         self.releases = releases
         self.contributors = [array(NODE_ARRAY, c) for c in state["contributors"]]
-        self.rejected = [dict(r) for r in state["rejected"]]
+        self.rejected = public_rejections(state["rejected"])
         self.achieved_noise_multipliers = [float(z) for z in state["achieved_noise_multipliers"]]
         self.noise.set_state(state["noise"])
 
@@ -117,11 +118,11 @@ class DPAggTIStrategy(LedgerStrategy):
         if released is None:
             log.warning("release %d: no secure sum (%s); nothing released, no privacy spent", server_round,
                         secure.error or "no site")
-            self.rejected.append({"release": server_round, "node": None, "reason": secure.error or "no site"})
+            self.rejected.append({"release": server_round, "node": None, "reason": NO_SECURE_SUM})
             return None, None
         mean, event = released
         for node in secure.result.dropped:
-            self.rejected.append({"release": server_round, "node": node, "reason": "dropped out of secure aggregation"})
+            self.rejected.append({"release": server_round, "node": node, "reason": SECAGG_DROPPED})
         return self._record_release(server_round, mean, event, array(NODE_ARRAY, secure.result.survivors))
 
     def _record_release(self, server_round: int, released: dict, event, used: array):
@@ -140,13 +141,13 @@ class DPAggTIStrategy(LedgerStrategy):
             # one sum per site: a second or unrequested sum would break the per-image bound
             log.warning("release %d: ignoring a reply from node %s, which was not asked (or answered twice)",
                         server_round, node)
-            self.rejected.append({"release": server_round, "node": node, "reason": "not asked, or a second reply"})
+            self.rejected.append({"release": server_round, "node": node, "reason": REPLY_UNASKED})
             return
         try:
             vector = read_vector_view(reply, keys.EMBEDDING_SUM, self.dim)
         except ReplyError as err:
             log.warning("release %d: node %s left out: %s", server_round, node, err)
-            self.rejected.append({"release": server_round, "node": node, "reason": str(err)})
+            self.rejected.append({"release": server_round, "node": node, "reason": err.public})
             return
         sums.add(reply, FlatRecord([keys.EMBEDDING_SUM], [(self.dim,)], [vector]))
         used.append(node)

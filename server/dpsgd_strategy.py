@@ -37,6 +37,7 @@ from common.dp import PrivacyLedger, epsilon
 from server.aggregation import seeded_insecure
 from server.export import embedding_metrics
 from server.plan import plan_record
+from common.reasons import public_rejections
 from server.replies import ReplyError, read_site_report, read_vector
 from server.sites import NODE_ARRAY, Instructions
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
@@ -68,7 +69,7 @@ class DPSGDTIStrategy(LedgerStrategy):
         self.global_embedding = initial.clone()
         self.contributors: list[array] = []  # per round: nodes whose embedding entered the mean (8 B each)
         self.reported_epsilons: dict[str, float] = {}  # scope -> the latest epsilon the site reported
-        self.rejected: list[dict] = []
+        self.rejected: list[dict] = []  # {"round", "node", "reason"}: reasons from common.reasons only
 
     def state_dict(self) -> dict:
         return {"global_embedding": self.global_embedding.clone(), "contributors": [list(c) for c in self.contributors],
@@ -81,7 +82,7 @@ class DPSGDTIStrategy(LedgerStrategy):
         self.global_embedding = embedding
         self.contributors = [array(NODE_ARRAY, c) for c in state["contributors"]]
         self.reported_epsilons = dict(state["reported_epsilons"])
-        self.rejected = [dict(r) for r in state["rejected"]]
+        self.rejected = public_rejections(state["rejected"])
 
     def current_arrays(self) -> ArrayRecord:
         return embedding_record(self.global_embedding)
@@ -102,9 +103,10 @@ class DPSGDTIStrategy(LedgerStrategy):
         return Instructions(array(NODE_ARRAY, grid.get_node_ids()), RecordDict({keys.ARRAYS: embedding_record(current),
                                                                      keys.CONFIG: cfg}))
 
-    def _reject(self, server_round: int, node: int, err: Exception) -> None:
+    def _reject(self, server_round: int, node: int, err: ReplyError) -> None:
+        """Log why a reply is left out (server log) and keep its public reason only."""
         log.warning("round %d: node %s left out: %s", server_round, node, err)
-        self.rejected.append({"round": server_round, "node": node, "reason": str(err)})
+        self.rejected.append({"round": server_round, "node": node, "reason": err.public})
 
     def _take(self, server_round: int, scopes: dict[str, int], reply: Message) -> tuple[int, torch.Tensor | None]:
         """Record one site's reported spend and read its embedding: (its node, the embedding,

@@ -48,6 +48,7 @@ from common.wire import Layout, packed_record, tree_record
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from server.plan import FedAvgPlan
+from common.reasons import NO_SECURE_SUM, SECAGG_DROPPED, public_rejections
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_update
 from server.sites import NODE_ARRAY, Instructions, NodeSet, SiteDiagnostics, node_array
 from server.strategy_base import LedgerStrategy, RunControl
@@ -64,7 +65,7 @@ class RoundLog:
     round: int
     sampled: array  # sorted node ids, 8 B per site (a list of ints: ~40 B); a list is converted
     used: array = field(default_factory=lambda: array(NODE_ARRAY))  # 8 B per site (a list of ints: ~37 B)
-    rejected: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"node", "reason"}: reasons from common.reasons only
     ignored: list[int] = field(default_factory=list)
     noise_norm: float = 0.0
     update_norm: float = 0.0
@@ -89,7 +90,7 @@ class RoundLog:
     @classmethod
     def from_state(cls, state: dict) -> "RoundLog":
         """:meth:`to_state`'s round back (also an older checkpoint's, with a dict per site)."""
-        return cls(**{**state, "used": state.get("used", ()),
+        return cls(**{**state, "used": state.get("used", ()), "rejected": public_rejections(state.get("rejected", [])),
                       "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
 
     def summary(self) -> dict:
@@ -231,12 +232,12 @@ class DPFedAvgLoRA(LedgerStrategy):
         secure = self.take_secure(entry.round)
         if secure.result is not None:
             entry.used = array(NODE_ARRAY, secure.result.survivors)
-            entry.rejected = [{"node": n, "reason": "dropped out of secure aggregation"} for n in secure.result.dropped]
+            entry.rejected = [{"node": n, "reason": SECAGG_DROPPED} for n in secure.result.dropped]
         released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
                                   denominator=self.denominator, sample_rate=self.plan.accounting_sample_rate,
                                   unit="site", label=f"dp-fedavg lora round {entry.round} ({self.aggregation})")
         if released is None:
-            entry.rejected.append({"node": None, "reason": secure.error or "no site sampled"})
+            entry.rejected.append({"node": None, "reason": NO_SECURE_SUM})
             return None, MetricRecord({"sites": 0})
         mean, event = released
         self.ledger.record(event)
@@ -250,9 +251,10 @@ class DPFedAvgLoRA(LedgerStrategy):
         return tree_record(self.global_state), MetricRecord({"sites": len(entry.used),
                                                              "update-norm": float(entry.update_norm)})
 
-    def _reject(self, entry: RoundLog, node: int, err: Exception) -> None:
+    def _reject(self, entry: RoundLog, node: int, err: ReplyError) -> None:
+        """Log why a reply is left out (server log) and keep its public reason only."""
         log.warning("round %d: node %s left out: %s", entry.round, node, err)
-        entry.rejected.append({"node": node, "reason": str(err)})
+        entry.rejected.append({"node": node, "reason": err.public})
 
     def _record_site_spend(self, entry: RoundLog, reply: Message, node: int) -> None:
         """DP-SGD sites report the record-level parameters they spent; the ledger keeps them

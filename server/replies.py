@@ -2,6 +2,10 @@
 
 Every reader raises :class:`ReplyError` with a reason that names what is wrong; the
 strategies log it with the node, leave that reply out of the round and go on with the others.
+That text is the server's own (built here, never from a site's error text) and goes to the
+server log only: what an output may keep is :attr:`ReplyError.public`, one of
+:data:`common.reasons.REJECTION_REASONS`. A site's error reply is never echoed: its reason
+(a site's message, possibly with Flower's or Ray's traceback) may name private files.
 """
 
 from __future__ import annotations
@@ -18,18 +22,27 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from common import keys
 from common.dp import PrivacyEvent
 from common.dp.flatsum import FlatRecord, flat_sum_of_squares
+from common.reasons import REPLY_MALFORMED, REPLY_SITE_ERROR
 from common.wire import Layout, as_layout, check_layout, packed_array_key
 
 
 class ReplyError(ValueError):
-    """A site's reply that cannot enter the aggregate."""
+    """A site's reply that cannot enter the aggregate.
+
+    Its text (for the server log) says what the server's checks found; ``public`` is the
+    fixed reason an output may hold (whether a reply was malformed in this or that way can
+    depend on the site's data, e.g. a norm above the bound)."""
+
+    def __init__(self, detail: str, public: str = REPLY_MALFORMED) -> None:
+        super().__init__(detail)
+        self.public = public
 
 
 def _record(reply: Message, name: str, kind: type):
     """The record ``name`` of a reply, of type ``kind``; an error reply or a missing record
     is a :class:`ReplyError`."""
-    if reply.has_error():
-        raise ReplyError(f"site reported an error: {reply.error.reason}")
+    if reply.has_error():  # the site's text is not echoed, not even to the server log
+        raise ReplyError(f"{REPLY_SITE_ERROR} (error code {reply.error.code})", public=REPLY_SITE_ERROR)
     record = reply.content.get(name)
     if not isinstance(record, kind):
         raise ReplyError(f"reply has no {name} record")

@@ -230,7 +230,9 @@ class _Run:
                 log.warning("secagg round %d, %s: ignoring a reply from node %s (not asked, or twice)",
                             self.round_id, stage, node)
             elif reply.has_error():
-                log.warning("secagg round %d, %s: node %s failed: %s", self.round_id, stage, node, reply.error.reason)
+                # the site's error text is not echoed (it may name private files)
+                log.warning("secagg round %d, %s: node %s returned an error (code %s)", self.round_id, stage, node,
+                            reply.error.code)
             else:
                 replies[node] = reply
         self.answered[stage] = sorted(replies)

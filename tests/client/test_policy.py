@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -13,6 +15,7 @@ from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from common.paths import REPO_ROOT
+from common.reasons import SITE_POLICY, SiteRefusal
 from server.plan import plan_dpagg, plan_record
 
 
@@ -96,16 +99,9 @@ def test_plan_from_message_reads_what_the_server_sends():
     assert got.method == "dpagg" and got.adapter == "ti" and got.aggregation == "central" and got.private
 
 
-@pytest.fixture()
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
-def test_the_client_app_refuses_before_touching_the_images(task_identity, tiny_sd_path, tmp_path):
-    """The refusal reaches the server as the site's error reply, with the rule and the figures."""
+def test_the_client_app_refuses_before_touching_the_images(task_identity, tiny_sd_path, tmp_path, caplog):
+    """The refusal reaches the server as the site's error reply with a fixed text; the rule
+    and the figures stay in the site's own log."""
     cfg = RunConfig.from_run_config({"model-path": str(tiny_sd_path), "ti-steps": 1})
     p = plan_dpagg(cfg)
     config = ConfigRecord({**plan_record(cfg, unit="record", noise_multiplier=p.noise_multiplier,
@@ -115,8 +111,10 @@ def test_the_client_app_refuses_before_touching_the_images(task_identity, tiny_s
     node = {"partition-id": 0, "data-path": str(tmp_path / "does-not-exist"),  # never read: refused first
             "policy-max-epsilon-record": 0.5, "site-name": "clinic-a"}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=cfg.to_run_config())
-    with pytest.raises(PolicyError, match="clinic-a: refused .* above max-epsilon-record 0.5"):
+    with caplog.at_level(logging.ERROR, logger="privadapt.client"), pytest.raises(SiteRefusal) as refused:
         handle_train(msg, context)
+    assert str(refused.value) == SITE_POLICY and refused.value.__context__ is None
+    assert re.search("clinic-a: refused .* above max-epsilon-record 0.5", caplog.text)
     # within its policy, the same site trains and answers
     node = {**node, "policy-max-epsilon-record": 1.0, "data-path": str(REPO_ROOT / "data/demo/site-0"),
             "policy-ledger": str(tmp_path / "ledger.json")}

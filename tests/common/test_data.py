@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from common.data import SiteDataError, SiteImages, load_site_images
+from common.data import RecordProblem, SiteDataError, SiteImages, load_site_images
 
 SITE = "site-test"
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "site-0"
@@ -37,7 +37,8 @@ def load(folder: Path, resolution: int = 8, **kw) -> SiteImages:
 
 
 def expect_error(folder: Path, culprit: str, *words: str, **kw) -> SiteDataError:
-    """Loading must raise SiteDataError naming the site, the culprit file and the problem."""
+    """Loading must raise SiteDataError naming the site, the culprit file and the problem
+    (only for problems of the folder as a whole)."""
     with pytest.raises(SiteDataError) as info:
         load(folder, **kw)
     msg = str(info.value)
@@ -45,6 +46,22 @@ def expect_error(folder: Path, culprit: str, *words: str, **kw) -> SiteDataError
     for w in words:
         assert w in msg, msg
     return info.value
+
+
+NEIGHBOUR = "zz-valid.png"  # a usable image next to the bad one: it must still be loaded
+
+
+def expect_left_out(folder: Path, culprit: str, *words: str, **kw) -> RecordProblem:
+    """Loading must leave the image ``culprit`` out as absent, say why in ``skipped``, and
+    keep the folder's other images (a valid neighbour is added to show it)."""
+    save(Image.fromarray(np.random.default_rng(99).integers(0, 256, (4, 4, 3), np.uint8)), folder / NEIGHBOUR)
+    data = load(folder, **kw)
+    assert culprit not in data.names and NEIGHBOUR in data.names, data
+    assert data.pixels.shape[0] == len(data.names) == len(data.captions)
+    (problem,) = [p for p in data.skipped if p.name == culprit]
+    for w in words:
+        assert w in problem.problem, problem
+    return problem
 
 
 # ---- the real demo data -----------------------------------------------------------------
@@ -196,9 +213,9 @@ def test_int32_image_read_as_sixteen_bit(tmp_path: Path) -> None:
     assert torch.all(load(tmp_path, resolution=4).pixels == 1.0)
 
 
-def test_int32_out_of_16_bit_range_refused(tmp_path: Path) -> None:
+def test_int32_out_of_16_bit_range_left_out(tmp_path: Path) -> None:
     save(Image.fromarray(np.full((4, 4), -5, np.int32)), tmp_path / "neg.png", format="TIFF")
-    expect_error(tmp_path, "neg.png", "16-bit")
+    expect_left_out(tmp_path, "neg.png", "16-bit")
 
 
 def test_cmyk_converted(tmp_path: Path) -> None:
@@ -229,7 +246,7 @@ def test_unicode_sidecar(tmp_path: Path) -> None:
     assert load(tmp_path).captions == ("café ☕",)
 
 
-# ---- errors: each names the site and the culprit -----------------------------------------
+# ---- folder errors name the site and the folder; bad records are left out, by name -------
 def test_missing_folder(tmp_path: Path) -> None:
     expect_error(tmp_path / "nowhere", "nowhere", "does not exist")
 
@@ -240,21 +257,54 @@ def test_folder_is_a_file(tmp_path: Path) -> None:
     expect_error(f, "afile", "not a directory")
 
 
-def test_empty_folder(tmp_path: Path) -> None:
+def test_a_folder_without_images_is_an_empty_site(tmp_path: Path) -> None:
+    """No image means zero records (a DPAgg-TI site then sends a zero sum), not an error."""
     folder = tmp_path / "empty-site"
     folder.mkdir()
     (folder / "readme.txt").write_text("no images here")
-    expect_error(folder, "empty-site", "no image")
+    data = load(folder, resolution=8)
+    assert data.names == () and data.captions == () and data.skipped == ()
+    assert data.pixels.shape == (0, 3, 8, 8) and data.pixels.dtype == torch.float32
+
+
+def test_a_folder_of_unusable_images_is_an_empty_site(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_text("text")
+    data = load(tmp_path)
+    assert len(data) == 0 and data.pixels.shape == (0, 3, 8, 8)
+    assert [p.name for p in data.skipped] == ["a.png", "b.png"]
 
 
 def test_zero_byte_file(tmp_path: Path) -> None:
     (tmp_path / "zero.png").write_bytes(b"")
-    expect_error(tmp_path, "zero.png", "zero-byte")
+    expect_left_out(tmp_path, "zero.png", "zero-byte")
 
 
 def test_not_an_image(tmp_path: Path) -> None:
     (tmp_path / "fake.jpg").write_bytes(b"this is text, not a JPEG")
-    expect_error(tmp_path, "fake.jpg", "not a readable image")
+    expect_left_out(tmp_path, "fake.jpg", "not a readable image")
+
+
+def test_left_out_image_is_exactly_absent(tmp_path: Path) -> None:
+    """The result with a bad file equals the result of the folder without it, bit for bit."""
+    rng = np.random.default_rng(5)
+    for name in ("a.png", "c.png"):
+        save(Image.fromarray(rng.integers(0, 256, (9, 9, 3), np.uint8)), tmp_path / name)
+    (tmp_path / "captions.json").write_text(json.dumps({"a.png": "first", "c.png": "third"}))
+    without = load(tmp_path)
+    (tmp_path / "b.png").write_bytes(VALID_PNG[: len(VALID_PNG) // 2])
+    (tmp_path / "b.txt").write_text("caption of a broken file")
+    with_bad = load(tmp_path)
+    assert with_bad.names == without.names == ("a.png", "c.png")
+    assert with_bad.captions == without.captions and torch.equal(with_bad.pixels, without.pixels)
+    assert [p.name for p in with_bad.skipped] == ["b.png"] and without.skipped == ()
+
+
+def test_max_images_counts_usable_images(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    for i, name in enumerate(("b.png", "c.png", "d.png")):
+        save(Image.new("RGB", (4, 4), (i, 0, 0)), tmp_path / name)
+    assert load(tmp_path, max_images=2).names == ("b.png", "c.png")
 
 
 @pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp"), ("BMP", "bmp")])
@@ -264,13 +314,13 @@ def test_truncated_image(tmp_path: Path, fmt: str, ext: str) -> None:
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format=fmt)
     data = buf.getvalue()
     (tmp_path / f"cut.{ext}").write_bytes(data[: len(data) * 2 // 3])
-    expect_error(tmp_path, f"cut.{ext}", "truncated")
+    expect_left_out(tmp_path, f"cut.{ext}", "truncated")
 
 
 def test_too_large(tmp_path: Path) -> None:
     save(Image.new("RGB", (20, 20)), tmp_path / "big.png")
-    expect_error(tmp_path, "big.png", "too large", "400", max_pixels=399)
-    assert len(load(tmp_path, max_pixels=400)) == 1
+    expect_left_out(tmp_path, "big.png", "too large", "400", max_pixels=399)
+    assert load(tmp_path, max_pixels=400).names == ("big.png", NEIGHBOUR)
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -289,12 +339,12 @@ def _png_claiming(width: int, height: int) -> bytes:
 def test_too_large_checked_from_header_before_decoding(tmp_path: Path, side: int) -> None:
     # The pixel data is far too short: decoding first would report truncation instead.
     (tmp_path / "bomb.png").write_bytes(_png_claiming(side, side))
-    expect_error(tmp_path, "bomb.png", "too large")
+    expect_left_out(tmp_path, "bomb.png", "too large")
 
 
 def test_unsupported_mode(tmp_path: Path) -> None:
     save(Image.new("F", (4, 4), 0.5), tmp_path / "float.png", format="TIFF")
-    expect_error(tmp_path, "float.png", "unsupported image mode", "'F'")
+    expect_left_out(tmp_path, "float.png", "unsupported image mode", "'F'")
 
 
 def test_captions_json_not_json(tmp_path: Path) -> None:
@@ -303,21 +353,29 @@ def test_captions_json_not_json(tmp_path: Path) -> None:
     expect_error(tmp_path, "captions.json", "JSON")
 
 
-@pytest.mark.parametrize(
-    "content,words",
-    [
-        (["a.png", "a caption"], ("JSON object", "list")),
-        ({"a.png": 3}, ("'a.png'", "must be a string")),
-        ({"a.png": None}, ("'a.png'", "must be a string")),
-        ({"missing.png": "x"}, ("'missing.png'", "not an image")),
-        ({"notes.md": "x"}, ("'notes.md'", "not an image")),
-    ],
-)
-def test_captions_json_malformed(tmp_path: Path, content: object, words: tuple[str, ...]) -> None:
+def test_captions_json_not_an_object(tmp_path: Path) -> None:
+    save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
+    (tmp_path / "captions.json").write_text(json.dumps(["a.png", "a caption"]))
+    expect_error(tmp_path, "captions.json", "JSON object", "list")
+
+
+@pytest.mark.parametrize("caption", [3, None, ["a"]])
+def test_a_malformed_caption_entry_leaves_its_image_out(tmp_path: Path, caption: object) -> None:
+    save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
+    (tmp_path / "captions.json").write_text(json.dumps({"a.png": caption, NEIGHBOUR: "fine"}))
+    expect_left_out(tmp_path, "a.png", "'a.png'", "must be a string")
+    assert load(tmp_path).captions == ("fine",)
+
+
+@pytest.mark.parametrize("named", ["missing.png", "notes.md"])
+def test_a_caption_entry_naming_no_image_is_ignored(tmp_path: Path, named: str) -> None:
     save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     (tmp_path / "notes.md").write_text("x")
-    (tmp_path / "captions.json").write_text(json.dumps(content))
-    expect_error(tmp_path, "captions.json", *words)
+    (tmp_path / "captions.json").write_text(json.dumps({named: "x", "a.png": "kept"}))
+    data = load(tmp_path)
+    assert data.names == ("a.png",) and data.captions == ("kept",)
+    (problem,) = data.skipped
+    assert problem.name == "captions.json" and f"{named!r}" in problem.problem and "not an image" in problem.problem
 
 
 def test_captions_json_not_utf8(tmp_path: Path) -> None:
@@ -329,14 +387,14 @@ def test_captions_json_not_utf8(tmp_path: Path) -> None:
 def test_sidecar_not_utf8(tmp_path: Path) -> None:
     save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes(b"\xff\xfe\xfa")
-    expect_error(tmp_path, "a.txt", "UTF-8")
+    expect_left_out(tmp_path, "a.png", "a.txt", "UTF-8")
 
 
 def test_sidecar_disagrees_with_json(tmp_path: Path) -> None:
     save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     (tmp_path / "captions.json").write_text(json.dumps({"a.png": "one"}))
     (tmp_path / "a.txt").write_text("two")
-    expect_error(tmp_path, "a.txt", "disagrees")
+    expect_left_out(tmp_path, "a.png", "a.txt", "disagrees")
 
 
 @pytest.fixture
@@ -351,14 +409,21 @@ def site_and_outside(tmp_path: Path) -> tuple[Path, Path]:
     return site, outside
 
 
-@pytest.mark.parametrize(
-    "link,target",
-    [("b.png", "secret.png"), ("captions.json", "captions.json"), ("a.txt", "secret.txt")],
-)
-def test_symlink_escaping_folder(site_and_outside: tuple[Path, Path], link: str, target: str) -> None:
+@pytest.mark.parametrize("link,target,dropped,words", [
+    ("b.png", "secret.png", "b.png", ("outside the data folder",)),
+    ("a.txt", "secret.txt", "a.png", ("caption file a.txt", "outside the data folder")),
+])
+def test_symlink_escaping_folder_leaves_its_image_out(site_and_outside: tuple[Path, Path], link: str, target: str,
+                                                       dropped: str, words: tuple[str, ...]) -> None:
     site, outside = site_and_outside
     os.symlink(outside / target, site / link)
-    expect_error(site, link, "outside the data folder")
+    expect_left_out(site, dropped, *words)
+
+
+def test_captions_json_escaping_folder_is_an_error(site_and_outside: tuple[Path, Path]) -> None:
+    site, outside = site_and_outside
+    os.symlink(outside / "captions.json", site / "captions.json")
+    expect_error(site, "captions.json", "outside the data folder")
 
 
 def test_symlink_inside_folder_is_fine(site_and_outside: tuple[Path, Path]) -> None:
@@ -374,7 +439,7 @@ def test_symlink_inside_folder_is_fine(site_and_outside: tuple[Path, Path]) -> N
 def test_symlink_to_an_image_of_the_folder_is_a_duplicate(site_and_outside: tuple[Path, Path]) -> None:
     site, _ = site_and_outside
     os.symlink("a.png", site / "b.png")
-    expect_error(site, "b.png", "same pixels as a.png")
+    expect_left_out(site, "b.png", "same pixels as a.png")
 
 
 def test_symlinked_site_folder_is_fine(site_and_outside: tuple[Path, Path], tmp_path: Path) -> None:
@@ -387,15 +452,16 @@ def test_symlink_loop(tmp_path: Path) -> None:
     save(Image.new("RGB", (4, 4)), tmp_path / "a.png")
     os.symlink(tmp_path / "y.png", tmp_path / "x.png")
     os.symlink(tmp_path / "x.png", tmp_path / "y.png")
-    expect_error(tmp_path, "x.png")
+    expect_left_out(tmp_path, "x.png")
+    assert {p.name for p in load(tmp_path).skipped} == {"x.png", "y.png"}
 
 
 def test_dangling_symlink(tmp_path: Path) -> None:
     os.symlink(tmp_path / "gone.png", tmp_path / "a.png")
-    expect_error(tmp_path, "a.png", "cannot be read")
+    expect_left_out(tmp_path, "a.png", "cannot be read")
 
 
-# ---- hostile bytes: only SiteDataError ever escapes --------------------------------------
+# ---- hostile bytes: never an exception; the file is loaded or left out by name -----------
 def _valid_png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
@@ -405,24 +471,24 @@ def _valid_png() -> bytes:
 VALID_PNG = _valid_png()
 
 
-def _load_or_site_error(folder: Path, name: str) -> None:
-    """Either a well-formed result (bytes Pillow happens to accept) or a SiteDataError."""
-    try:
-        data = load(folder)
-    except SiteDataError as exc:
-        assert SITE in str(exc) and name in str(exc), str(exc)
-    else:
+def _loaded_or_left_out(folder: Path, name: str) -> None:
+    """Either a well-formed image (bytes Pillow happens to accept) or the file left out by name."""
+    data = load(folder)
+    if data.names:
+        assert data.names == (name,) and data.skipped == ()
         assert data.pixels.shape == (1, 3, 8, 8)
         assert torch.isfinite(data.pixels).all() and data.pixels.abs().max() <= 1
+    else:
+        assert [p.name for p in data.skipped] == [name] and data.pixels.shape == (0, 3, 8, 8)
 
 _hypothesis = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @_hypothesis
 @given(blob=st.binary(min_size=0, max_size=2048))
-def test_random_bytes_raise_only_site_data_error(tmp_path: Path, blob: bytes) -> None:
+def test_random_bytes_are_loaded_or_left_out(tmp_path: Path, blob: bytes) -> None:
     (tmp_path / "r.png").write_bytes(blob)
-    _load_or_site_error(tmp_path, "r.png")
+    _loaded_or_left_out(tmp_path, "r.png")
 
 
 @_hypothesis
@@ -430,9 +496,9 @@ def test_random_bytes_raise_only_site_data_error(tmp_path: Path, blob: bytes) ->
     cut=st.integers(min_value=0, max_value=len(VALID_PNG)),
     flips=st.lists(st.tuples(st.integers(0, len(VALID_PNG) - 1), st.integers(0, 255)), max_size=8),
 )
-def test_corrupted_png_raises_only_site_data_error(tmp_path: Path, cut: int, flips: list[tuple[int, int]]) -> None:
+def test_corrupted_png_is_loaded_or_left_out(tmp_path: Path, cut: int, flips: list[tuple[int, int]]) -> None:
     blob = bytearray(VALID_PNG)
     for pos, byte in flips:
         blob[pos] = byte
     (tmp_path / "m.png").write_bytes(bytes(blob[:cut]))
-    _load_or_site_error(tmp_path, "m.png")
+    _loaded_or_left_out(tmp_path, "m.png")

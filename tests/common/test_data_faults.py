@@ -1,5 +1,7 @@
-"""More bad site inputs for common/data.py: duplicates, animated files, odd modes, hostile
-captions (duplicate keys, names escaping the folder), and property tests of the captions parser."""
+"""More bad site inputs for common/data.py: copies, animated files, odd modes, hostile
+captions (duplicate keys, names escaping the folder), and property tests of the captions parser.
+A bad record is left out as absent (named in ``skipped``); only a ``captions.json`` that cannot
+be read as a JSON object makes the whole folder an error."""
 
 from __future__ import annotations
 
@@ -24,11 +26,21 @@ def load(folder: Path):
 
 
 def refused(folder: Path, culprit: str, *words: str) -> str:
+    """The folder as a whole is refused, naming the site and ``culprit``."""
     with pytest.raises(SiteDataError) as info:
         load(folder)
     msg = str(info.value)
     assert SITE in msg and culprit in msg and all(w in msg for w in words), msg
     return msg
+
+
+def left_out(folder: Path, culprit: str, *words: str, kept: tuple[str, ...]) -> str:
+    """``culprit`` is left out (and said why), exactly the images ``kept`` are loaded."""
+    data = load(folder)
+    assert data.names == kept, data
+    (problem,) = [p for p in data.skipped if p.name == culprit]
+    assert all(w in problem.problem for w in words), problem
+    return problem.problem
 
 
 def colour(i: int) -> Image.Image:
@@ -39,19 +51,37 @@ def test_a_copied_image_is_a_duplicate(tmp_path: Path) -> None:
     colour(1).save(tmp_path / "a.png")
     colour(2).save(tmp_path / "b.png")
     shutil.copy(tmp_path / "a.png", tmp_path / "c.png")
-    refused(tmp_path, "c.png", "same pixels as a.png")
+    left_out(tmp_path, "c.png", "same pixels as a.png", kept=("a.png", "b.png"))
+
+
+def test_the_first_copy_in_name_order_is_kept_with_its_caption(tmp_path: Path) -> None:
+    colour(1).save(tmp_path / "b.png")
+    shutil.copy(tmp_path / "b.png", tmp_path / "a.png")
+    shutil.copy(tmp_path / "b.png", tmp_path / "c.png")
+    (tmp_path / "captions.json").write_text(json.dumps({"a.png": "first", "b.png": "second", "c.png": "third"}))
+    data = load(tmp_path)
+    assert data.names == ("a.png",) and data.captions == ("first",)
+    assert [(p.name, "same pixels as a.png" in p.problem) for p in data.skipped] == [("b.png", True), ("c.png", True)]
+
+
+def test_a_copy_of_a_left_out_image_is_kept(tmp_path: Path) -> None:
+    """The earlier file is unusable (bad caption), so the later one is no copy of a kept image."""
+    colour(1).save(tmp_path / "a.png")
+    shutil.copy(tmp_path / "a.png", tmp_path / "b.png")
+    (tmp_path / "a.txt").write_bytes(b"\xff")
+    left_out(tmp_path, "a.png", "UTF-8", kept=("b.png",))
 
 
 def test_the_same_picture_in_two_lossless_formats_is_a_duplicate(tmp_path: Path) -> None:
     colour(1).save(tmp_path / "a.png")
     colour(1).save(tmp_path / "b.bmp")
-    refused(tmp_path, "b.bmp", "same pixels as a.png")
+    left_out(tmp_path, "b.bmp", "same pixels as a.png", kept=("a.png",))
 
 
 def test_a_grayscale_and_an_rgb_copy_of_the_same_gray_are_duplicates(tmp_path: Path) -> None:
     Image.new("L", (5, 5), 77).save(tmp_path / "a.png")
     Image.new("RGB", (5, 5), (77, 77, 77)).save(tmp_path / "b.png")
-    refused(tmp_path, "b.png", "same pixels")
+    left_out(tmp_path, "b.png", "same pixels", kept=("a.png",))
 
 
 def test_an_animated_gif_gives_its_first_frame(tmp_path: Path) -> None:
@@ -69,10 +99,11 @@ def test_an_animated_png_gives_its_first_frame(tmp_path: Path) -> None:
     assert px[1].min() > 0.9 and px[0].max() < -0.9
 
 
-def test_float_mode_is_refused_by_name(tmp_path: Path) -> None:
+def test_float_mode_is_left_out_by_name(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32), mode="F").save(tmp_path / "f.tiff")
     (tmp_path / "f.tiff").rename(tmp_path / "f.png")  # a TIFF behind a .png name: read by content
-    refused(tmp_path, "f.png", "unsupported image mode 'F'")
+    colour(3).save(tmp_path / "g.png")
+    left_out(tmp_path, "f.png", "unsupported image mode 'F'", kept=("g.png",))
 
 
 def test_a_fully_transparent_la_image_is_white(tmp_path: Path) -> None:
@@ -81,26 +112,54 @@ def test_a_fully_transparent_la_image_is_white(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("text,words", [
-    ('{"a.png": "x", "a.png": "y"}', ("'a.png' more than once",)),
-    ('{"../outside.png": "x"}', ("'../outside.png'", "not an image file")),
-    ('{"/etc/passwd": "x"}', ("'/etc/passwd'", "not an image file")),
     ('{"a.png": "x"', ("not readable UTF-8 JSON",)),
     ("[" * 100_000 + "]" * 100_000, ("not readable UTF-8 JSON",)),
-    ('{"a.png": {"nested": 1}}', ("must be a string",)),
+    ('"just a string"', ("JSON object",)),
 ])
-def test_malformed_captions_json_is_refused(tmp_path: Path, text: str, words: tuple[str, ...]) -> None:
+def test_unreadable_captions_json_is_refused(tmp_path: Path, text: str, words: tuple[str, ...]) -> None:
     colour(1).save(tmp_path / "a.png")
     (tmp_path / "captions.json").write_text(text)
     refused(tmp_path, "captions.json", *words)
 
 
+@pytest.mark.parametrize("text,words", [
+    ('{"a.png": "x", "a.png": "y"}', ("'a.png' more than once",)),
+    ('{"a.png": {"nested": 1}}', ("must be a string",)),
+])
+def test_a_bad_caption_entry_leaves_its_image_out(tmp_path: Path, text: str, words: tuple[str, ...]) -> None:
+    colour(1).save(tmp_path / "a.png")
+    colour(2).save(tmp_path / "b.png")
+    (tmp_path / "captions.json").write_text(text)
+    left_out(tmp_path, "a.png", *words, kept=("b.png",))
+
+
+def test_a_key_repeated_inside_a_caption_value_is_not_a_repeated_entry(tmp_path: Path) -> None:
+    colour(1).save(tmp_path / "a.png")
+    colour(2).save(tmp_path / "b.png")
+    (tmp_path / "captions.json").write_text('{"b.png": {"a.png": 1, "a.png": 2}, "a.png": "kept"}')
+    assert left_out(tmp_path, "b.png", "must be a string", kept=("a.png",))
+    assert load(tmp_path).captions == ("kept",)
+
+
+@pytest.mark.parametrize("name", ["../outside.png", "/etc/passwd"])
+def test_a_caption_entry_outside_the_folder_is_ignored(tmp_path: Path, name: str) -> None:
+    colour(1).save(tmp_path / "a.png")
+    (tmp_path / "captions.json").write_text(json.dumps({name: "x"}))
+    left_out(tmp_path, "captions.json", f"{name!r}", "not an image file", kept=("a.png",))
+
+
 def _loaded_or_refused(folder: Path, culprit: str) -> None:
+    """The folder loads (a.png kept with a caption, or left out by name) or, for an
+    unreadable ``captions.json`` only, is refused by name."""
     try:
         data = load(folder)
     except SiteDataError as exc:
-        assert SITE in str(exc) and culprit in str(exc), str(exc)
+        assert culprit == "captions.json" and SITE in str(exc) and culprit in str(exc), str(exc)
     else:
-        assert len(data.captions) == 1 and (data.captions[0] is None or isinstance(data.captions[0], str))
+        if data.names:
+            assert data.names == ("a.png",) and (data.captions[0] is None or isinstance(data.captions[0], str))
+        else:
+            assert "a.png" in {p.name for p in data.skipped}
 
 
 json_values = st.recursive(

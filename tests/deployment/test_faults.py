@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from common.reasons import REJECTION_REASONS
 from server.checkpoint import CHECKPOINT_FILE
 from simulations.deploy import CONNECTION, leftovers
 from tests.deployment.conftest import DATA, federation
@@ -156,4 +157,6 @@ def test_supernode_killed_mid_round_the_run_goes_on_with_the_planned_noise(deplo
     assert privacy["denominator"] == ref_privacy["denominator"] and privacy["num_sites_declared"] == 3
     assert rounds[0] == ref_rounds[0]  # every site answered round 1: identical
     assert rounds[2]["sites_used"] == 2 and rounds[1]["sites_used"] in (2, 3)
+    # whatever the lost site's reply became, the outputs hold only a generic reason
+    assert all(r["reason"] in REJECTION_REASONS for rnd in rounds for r in rnd["rejected"])
     assert all(torch.isfinite(v).all() for v in adapter.values())

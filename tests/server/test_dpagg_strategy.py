@@ -6,6 +6,7 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.reasons import REPLY_MALFORMED, REPLY_REJECTED, REPLY_UNASKED
 from server.dpagg_strategy import DPAggTIStrategy
 from server.replies import ReplyError, read_vector
 from server.plan import DPAggPlan
@@ -38,13 +39,26 @@ def test_zero_noise_release_is_sum_over_public_denominator(tmp_path):
     assert PrivacyLedger.load(tmp_path / "ledger.json").events == s.ledger.events
 
 
-def test_bad_replies_are_left_out_and_named():
+def test_bad_replies_are_left_out_with_a_generic_reason_and_logged_in_detail(caplog):
     s = strategy()
-    arrays, _ = s.aggregate_train(1, [reply_with([1, 1, 1, 1]), reply_with([np.nan, 0, 0, 0], node_id=7),
-                                      reply_with([1, 2], node_id=8)])
+    with caplog.at_level("WARNING", logger="privadapt.server"):
+        arrays, _ = s.aggregate_train(1, [reply_with([1, 1, 1, 1]), reply_with([np.nan, 0, 0, 0], node_id=7),
+                                          reply_with([1, 2], node_id=8), reply_with([1, 1, 1, 1])])
     np.testing.assert_allclose(arrays[keys.EMBEDDING].numpy(), np.ones(4) / 5.0)
-    reasons = {r["node"]: r["reason"] for r in s.rejected}
-    assert "NaN" in reasons[7] and "shape" in reasons[8]
+    reasons = [(r["node"], r["reason"]) for r in s.rejected]
+    assert reasons == [(7, REPLY_MALFORMED), (8, REPLY_MALFORMED), (1, REPLY_UNASKED)]
+    assert "node 7 left out: embedding-sum has NaN" in caplog.text and "node 8 left out: embedding-sum has shape" in caplog.text
+
+
+def test_a_checkpoint_with_detailed_reasons_loads_them_as_generic(tmp_path):
+    s = strategy()
+    s.aggregate_train(1, [reply_with([1, 1, 1, 1])])
+    state = s.state_dict()
+    state["rejected"] = [{"release": 1, "node": 4, "reason": "site reported an error: site-2: /data/patient-0042.png"},
+                         {"release": 1, "node": 5, "reason": REPLY_MALFORMED}]
+    restored = strategy()
+    restored.load_state_dict(state)
+    assert [r["reason"] for r in restored.rejected] == [REPLY_REJECTED, REPLY_MALFORMED]
 
 
 def test_no_valid_reply_spends_nothing():

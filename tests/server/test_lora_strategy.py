@@ -16,6 +16,7 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLe
 from common.dp.sampling import sampling_generator
 from common.lora import flat_norm
 from common.paths import REPO_ROOT
+from common.reasons import REPLY_MALFORMED, REPLY_REJECTED
 from common.wire import record_tree
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import FedAvgPlan
@@ -123,7 +124,8 @@ def test_server_reclips_exactly_on_the_flat_norm():
     assert flat_norm(s.global_state) == pytest.approx(1.0, rel=1e-6)
 
 
-def test_bad_replies_are_rejected_by_name_and_the_round_goes_on():
+def test_bad_replies_are_rejected_by_name_and_the_round_goes_on(caplog):
+    caplog.set_level("WARNING", logger="privadapt.server")
     s = make(clip=1.0, sites=4)
     start_round(s, 1, [1, 2, 3, 4, 5])
     good = tree(0.1)
@@ -135,7 +137,9 @@ def test_bad_replies_are_rejected_by_name_and_the_round_goes_on():
                           reply(good, 9)])  # node 9 was never asked
     log = s.rounds[-1]
     reasons = {r["node"]: r["reason"] for r in log.rejected}
-    assert "NaN" in reasons[2] and "shape" in reasons[3] and "missing" in reasons[4] and "clip bound" in reasons[5]
+    assert reasons == {n: REPLY_MALFORMED for n in (2, 3, 4, 5)}  # what the outputs keep: generic
+    for node, word in ((2, "NaN"), (3, "shape"), (4, "missing"), (5, "clip bound")):  # the server log: detailed
+        assert any(f"node {node} left out" in m and word in m for m in caplog.messages), (node, word)
     assert list(log.used) == [1] and log.ignored == [9]
     torch.testing.assert_close(s.global_state["unet.a.lora_A.weight"], torch.full((2, 3), 0.1 / 4))
 
@@ -224,6 +228,7 @@ def test_round_logs_of_older_checkpoints_still_load():
              "ignored": [], "noise_norm": 0.5, "update_norm": 0.1, "achieved_noise_multiplier": None,
              "diagnostics": {1: {keys.DIAG_LOSS: 0.2}, 2: {keys.DIAG_LOSS: 0.4, keys.DIAG_CLIPPED: 1.0}}, "short": False}
     log = RoundLog.from_state(older)
+    assert log.rejected == [{"node": 3, "reason": REPLY_REJECTED}]  # an old free text is not carried on
     summary = log.summary()
     assert summary["adaptation_loss"] == 0.3 and summary["fraction_clipped"] == 1.0
     assert summary["attacker_accuracy"] is None and summary["sites_used"] == 2

@@ -13,13 +13,13 @@ from simulations.run import pyproject_run_config, simulate
 
 
 def test_dpagg_with_distributed_noise_survives_a_failing_site(tmp_path, tiny_sd_path):
-    """Site 2's images are broken: it fails at the setup stage, the secure sum goes on with
-    sites 0 and 1, each adding its share of the noise; the ledger holds the achieved z."""
+    """Site 2 has no data folder: it refuses at the setup stage, the secure sum goes on with
+    sites 0 and 1, each adding its share of the noise; the ledger holds the achieved z.
+    (A folder of broken images would not fail: they are left out, and the site sends the sum
+    of no image, see tests/privacy/test_record_faults.py.)"""
     data = tmp_path / "data"
     for index in range(2):
         shutil.copytree(REPO_ROOT / "data/demo" / f"site-{index}", data / f"site-{index}")
-    (data / "site-2").mkdir()
-    (data / "site-2" / "empty.png").write_bytes(b"")
     overrides = {"ti-steps": 2, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "dataset-size": 24,
                  "aggregation": "distributed", "model-path": str(tiny_sd_path), "data-path": str(data),
                  "output-dir": str(tmp_path / "out")}
@@ -28,6 +28,7 @@ def test_dpagg_with_distributed_noise_survives_a_failing_site(tmp_path, tiny_sd_
     privacy = json.loads((out / "privacy.json").read_text())
     assert privacy["aggregation"] == "distributed" and privacy["num_sites"] == 2
     assert privacy["sites_per_release"] == [2]
+    assert [r["reason"] for r in privacy["rejected_replies"]] == ["dropped out of secure aggregation"]  # generic
     # both sites that entered the masking stage survived it: the full noise is there
     assert privacy["achieved_noise_multipliers"] == [pytest.approx(privacy["noise_multiplier"])]
     assert 0 < privacy["epsilon"]["prv"] <= cfg.target_epsilon
@@ -36,8 +37,8 @@ def test_dpagg_with_distributed_noise_survives_a_failing_site(tmp_path, tiny_sd_
 
 
 def test_lora_with_secure_aggregation(tmp_path, tiny_sd_path):
-    overrides = {"adapter": "lora", "aggregation": "secure", "rounds": 2, "local-steps": 2, "lora-batch-size": 2,
-                 "lora-rank": 2, "lora-alpha": 2.0, "sample-steps": 2, "sample-prompts": "an emoji of a cat",
+    overrides = {"adapter": "lora", "aggregation": "secure", "rounds": 2, "num-sites": 2, "local-steps": 2,
+                 "lora-batch-size": 2, "lora-rank": 2, "lora-alpha": 2.0, "sample-steps": 2, "sample-prompts": "an emoji of a cat",
                  "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out")}
     out = simulate(2, overrides)
     privacy = json.loads((out / "privacy.json").read_text())

@@ -38,9 +38,10 @@ def check_outputs(out, tiny_sd_path):
     return json.loads((out / "privacy.json").read_text()), vector
 
 
-def test_two_sites_dp_and_a_broken_site_left_out(tmp_path, tiny_sd_path):
-    """Sites 0 and 1 hold the demo images; site 2 holds a truncated PNG. Site 2's error names
-    the site and the file, the release goes on with the other two, and nothing is lost."""
+def test_two_sites_dp_and_a_site_of_broken_files_is_an_empty_site(tmp_path, tiny_sd_path):
+    """Sites 0 and 1 hold the demo images; site 2 holds only a truncated PNG. Site 2 leaves it
+    out as absent and answers with the sum of no image (it refuses nothing, so whether it holds
+    a usable image is not published); the release goes on, and nothing names the file."""
     data = tmp_path / "data"
     for index in range(2):
         shutil.copytree(REPO_ROOT / "data/demo" / f"site-{index}", data / f"site-{index}")
@@ -50,9 +51,9 @@ def test_two_sites_dp_and_a_broken_site_left_out(tmp_path, tiny_sd_path):
     out, cfg = run(tmp_path, tiny_sd_path, sites=3, **{"data-path": str(data)})
     privacy, _ = check_outputs(out, tiny_sd_path)
     assert privacy["unit"] == "record" and privacy["private"]
-    assert privacy["num_sites"] == 2 and privacy["num_releases"] == 1
-    (rejected,) = privacy["rejected_replies"]
-    assert "site-2" in rejected["reason"] and "broken.png" in rejected["reason"]
+    assert privacy["num_sites"] == 3 and privacy["sites_per_release"] == [3] and privacy["num_releases"] == 1
+    assert privacy["rejected_replies"] == []
+    assert not any(b"broken.png" in path.read_bytes() for path in out.rglob("*") if path.is_file())
     assert privacy["epsilon"]["prv"] <= cfg.target_epsilon
     assert privacy["epsilon"]["rdp"] >= privacy["epsilon"]["prv"]
     assert privacy["noise_multiplier"] > 0 and privacy["denominator"] == cfg.sampling_rate * 24
