@@ -36,6 +36,7 @@ import client.secagg
 from client.app import handle_train, ti_settings
 from client.ti import initializer_vector
 from common import keys
+from common.reasons import SITE_REFUSALS, SiteRefusal
 from common.config import RunConfig
 from common.dp.noise import NoiseSource
 from common.models import load_pipeline
@@ -245,14 +246,16 @@ def test_distributed_aggregation_refuses_seeded_randomness_in_the_config():
         RunConfig(aggregation="distributed", privacy_randomness="seeded-insecure")
 
 
-def test_a_site_refuses_seeded_noise_shares_even_if_the_config_check_is_bypassed(monkeypatch):
+def test_a_site_refuses_seeded_noise_shares_even_if_the_config_check_is_bypassed(monkeypatch, caplog):
     monkeypatch.setattr(RunConfig, "__post_init__", lambda self: None)  # the config check, bypassed
     run_config = {**pyproject_run_config(), "aggregation": "distributed", "privacy-randomness": "seeded-insecure"}
     context = Context(run_id=1, node_id=101, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config)
     setup = Message(content=RecordDict({keys.CONFIG: ConfigRecord({P.STAGE: P.SETUP, keys.METHOD: "dpagg"})}),
                     dst_node_id=101, message_type="train")
-    with pytest.raises(ValueError, match="refuses seeded noise shares"):
+    with caplog.at_level("ERROR", logger="privadapt.client"), pytest.raises(SiteRefusal) as refused:
         handle_train(setup, context)
+    assert refused.value.reason in SITE_REFUSALS  # the server sees only a fixed text...
+    assert "refuses seeded noise shares" in caplog.text  # ...the site's own log says why
     assert not context.state  # refused before any protocol state (or data) was touched
 
 
