@@ -86,10 +86,33 @@ def load_images(cfg: RunConfig, name: str, folder: str) -> SiteImages:
     return load_site_images(folder, site=name, resolution=cfg.resolution)
 
 
+def padding_capacity(cfg: RunConfig) -> int:
+    """The public number of rows a site pads its batched DPAgg-TI run to (0: no padding).
+
+    In ``secure`` and ``distributed`` aggregation the server does not see a site's sum, but
+    it sees how long the site takes to answer, and the unpadded run's time grows with the
+    site's secret Poisson count. There the site pads to the declared public bound on a
+    site's images (``site-dataset-size``, else ``dataset-size``). In ``central`` mode the
+    server is trusted and sees each site's sum anyway: no padding, the run stays fast."""
+    return cfg.declared_site_size if cfg.aggregation != "central" else 0
+
+
+def warn_over_capacity(name: str, num_images: int, capacity: int) -> None:
+    """Logged on the site only: more images than the declared capacity. The DP release is
+    unaffected, but a release that samples more than ``capacity`` of them takes longer than
+    one that does not, which the server can time."""
+    if capacity and num_images > capacity:
+        log.warning("%s: %d images, more than the declared site capacity %d (site-dataset-size): a release that "
+                    "samples more than %d of them is padded to its own size, so its timing is no longer constant; "
+                    "declare a larger site-dataset-size (check-data reports it)", name, num_images, capacity, capacity)
+
+
 def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> torch.Tensor:
     """This site's DPAgg-TI sum of bounded per-image embeddings (float64 [D])."""
     release = int(msg.content[keys.CONFIG][keys.ROUND])
     images = load_images(cfg, name, folder)
+    capacity = padding_capacity(cfg)
+    warn_over_capacity(name, len(images.names), capacity)
     pipe = get_pipeline(cfg)
     mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=0.0, bound_mode=cfg.bound)
     training = torch.Generator(device=pipe.unet.device)
@@ -103,6 +126,7 @@ def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, fold
         center=cfg.center,
         sampling=sampling_generator(None if cfg.secure_noise else derive_seed(cfg.seed, "sample", index, release)),
         training=training,
+        pad_to=capacity,
     )
     # Logged on the site only: the count of sampled images is private.
     log.info("%s release %d: %d of %d images sampled, %d clipped", name, release,
