@@ -34,7 +34,7 @@ REPEATS = 5
 def site_config(tiny_sd_path, sampling_rate: float, aggregation: str = "distributed") -> RunConfig:
     return RunConfig.from_run_config({
         "model-path": str(tiny_sd_path), "aggregation": aggregation, "sampling-rate": sampling_rate,
-        "site-dataset-size": CAPACITY, "dataset-size": 4 * CAPACITY, "ti-steps": 6, "batch-size": 8,
+        "site-dataset-size": CAPACITY, "dataset-size": 4 * CAPACITY, "ti-steps": 5, "batch-size": 8,
     })
 
 
@@ -43,11 +43,22 @@ def release_message() -> Message:
     return Message(content=RecordDict({keys.CONFIG: config}), dst_node_id=1, message_type="train")
 
 
-def timed_contribution(cfg: RunConfig) -> tuple[float, torch.Tensor]:
-    """Wall time of one site's contribution (what the server's clock sees, less the network)."""
-    started = time.perf_counter()
+def timed_contribution(cfg: RunConfig) -> tuple[float, float, torch.Tensor]:
+    """Wall time (what the server's clock sees, less the network) and this thread's CPU time
+    (the site's own work, which other processes on a busy machine do not inflate) of one
+    site's contribution, and the contribution."""
+    wall, cpu = time.perf_counter(), time.thread_time()
     total = dpagg_contribution(release_message(), cfg, 0, "site-0", str(SITE))
-    return time.perf_counter() - started, total
+    return time.perf_counter() - wall, time.thread_time() - cpu, total
+
+
+@pytest.fixture()
+def one_thread():
+    """torch's work on this thread only, so that thread time counts all of it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_the_capacity_is_the_declared_site_size_in_the_modes_that_hide_the_sum(tiny_sd_path):
@@ -56,20 +67,30 @@ def test_the_capacity_is_the_declared_site_size_in_the_modes_that_hide_the_sum(t
     assert padding_capacity(site_config(tiny_sd_path, ALL, "central")) == 0  # trusted server: stay fast
 
 
-def test_reply_time_does_not_depend_on_the_number_of_sampled_images(task_identity, tiny_sd_path):
+def test_reply_time_does_not_depend_on_the_number_of_sampled_images(task_identity, one_thread, tiny_sd_path):
+    """0 against all 12 sampled: the median CPU time of the site's work must agree within
+    [0.8, 1.25], and the best-of-N wall time within [0.5, 2] (on a busy 2-core CI machine other
+    processes swing the wall time by 2x; the CPU time is the work that depends on the data).
+    A leak linear in the count gives about 0.01 on both (the unpadded code: 0.010 s against
+    0.98 s)."""
     none, full = site_config(tiny_sd_path, NONE), site_config(tiny_sd_path, ALL)
     timed_contribution(full)  # warm-up: the pipeline is loaded and cached once per process
-    times: dict[str, list[float]] = {"none": [], "all": []}
+    wall: dict[str, list[float]] = {"none": [], "all": []}
+    cpu: dict[str, list[float]] = {"none": [], "all": []}
     for _ in range(REPEATS):  # interleaved, so that load on the machine hits both alike
         for label, cfg in (("none", none), ("all", full)):
-            seconds, total = timed_contribution(cfg)
-            times[label].append(seconds)
+            seconds, work, total = timed_contribution(cfg)
+            wall[label].append(seconds)
+            cpu[label].append(work)
             # the two cases really differ: no image sampled gives an exact zero sum
             assert torch.count_nonzero(total) == 0 if label == "none" else torch.count_nonzero(total) > 0
-    ratio = statistics.median(times["none"]) / statistics.median(times["all"])
-    print(f"median seconds: 0 sampled {statistics.median(times['none']):.3f}, {CAPACITY} sampled "
-          f"{statistics.median(times['all']):.3f}, ratio {ratio:.3f}")
-    assert 0.8 <= ratio <= 1.25, f"0 vs {CAPACITY} sampled images: time ratio {ratio:.3f} ({times})"
+    wall_ratio = min(wall["none"]) / min(wall["all"])
+    cpu_ratio = statistics.median(cpu["none"]) / statistics.median(cpu["all"])
+    print(f"wall best-of-{REPEATS}: 0 sampled {min(wall['none']):.3f} s, {CAPACITY} sampled {min(wall['all']):.3f} s, "
+          f"ratio {wall_ratio:.3f}; CPU median: {statistics.median(cpu['none']):.3f} s, "
+          f"{statistics.median(cpu['all']):.3f} s, ratio {cpu_ratio:.3f}")
+    assert 0.5 <= wall_ratio <= 2.0, f"0 vs {CAPACITY} sampled images: wall-time ratio {wall_ratio:.3f} ({wall})"
+    assert 0.8 <= cpu_ratio <= 1.25, f"0 vs {CAPACITY} sampled images: CPU-time ratio {cpu_ratio:.3f} ({cpu})"
 
 
 @pytest.fixture()
