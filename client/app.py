@@ -4,7 +4,10 @@ The site reads the run config (the same on every site), loads its own images fro
 data folder, and answers the server's train message with DPAgg-TI's sum of bounded
 per-image embeddings, a DP-SGD update of the shared embedding, or its clipped LoRA delta
 (plain LoRA, MP-LoRA, SMP-LoRA or DP-SGD local training; the SMP/MP proxy attacker stays in
-the site's ``context.state`` and never leaves the site). Bad input raises an
+the site's ``context.state`` and never leaves the site). A reply holds the privatised
+contribution and, for DP-SGD, the public parameters of the site's spend; nothing else
+derived from the images (losses, norms, counts) unless the site's own run config opts in
+with ``site-diagnostics = true`` (:func:`site_report`). Bad input raises an
 error that names the site and the file; Flower turns it into an error reply, and the
 server leaves this site out of the round without stopping the others.
 """
@@ -134,10 +137,38 @@ def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, fold
     return contribution.total
 
 
+def sends_diagnostics(cfg: RunConfig) -> bool:
+    """Whether this site adds diagnostics to its replies: only when its run config opts in
+    (``site-diagnostics = true``) and its reply reaches the server in the clear (``central``;
+    in ``secure`` / ``distributed`` aggregation a site sends masked values and keys only).
+    The site decides; the server reads whatever arrives."""
+    return cfg.site_diagnostics and cfg.aggregation == "central"
+
+
+def site_report(metrics: Mapping[str, float], cfg: RunConfig) -> dict[str, float]:
+    """The figures a reply may carry besides the contribution: the public parameters of a
+    DP-SGD site's spend (z, q, steps, index and the epsilon they give), and the diagnostics
+    (losses, proxy-attacker accuracy, delta norm, clipping: not private) only if
+    :func:`sends_diagnostics`. Anything else in ``metrics`` stays on the site."""
+    report = {k: metrics[k] for k in keys.SITE_SPEND if k in metrics}
+    if sends_diagnostics(cfg):
+        report.update({k: float(metrics[k]) for k in keys.DIAGNOSTICS if k in metrics})
+    return report
+
+
+def reply_content(arrays: ArrayRecord, report: Mapping[str, float]) -> RecordDict:
+    """A reply: the privatised contribution, and a MetricRecord only if there is a report."""
+    content = RecordDict({keys.ARRAYS: arrays})
+    if report:
+        content[keys.METRICS] = MetricRecord(dict(report))
+    return content
+
+
 def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
+    """The sum of bounded embeddings alone: DPAgg-TI sites send no figures at all."""
     total = dpagg_contribution(msg, cfg, index, name, folder)
     arrays = ArrayRecord(array_dict={keys.EMBEDDING_SUM: Array(total.numpy().astype(np.float64))})
-    return RecordDict({keys.ARRAYS: arrays})
+    return reply_content(arrays, {})
 
 
 def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
@@ -150,7 +181,7 @@ def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name
         state=context.state, site_index=index, round_index=int(msg.content[keys.CONFIG][keys.ROUND]),
     )
     arrays = ArrayRecord(array_dict={keys.EMBEDDING: Array(update.numpy().astype(np.float32))})
-    return RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)})
+    return reply_content(arrays, site_report(metrics, cfg))
 
 
 def lora_train_settings(cfg: RunConfig):
@@ -189,7 +220,8 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
 def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int, name: str,
                       folder: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train from the server's adapter; return the delta clipped to ``lora-clip-norm``
-    (float64 tree) and the public DP-SGD parameters plus, if enabled, diagnostics."""
+    (float64 tree) and the site's report (:func:`site_report`: the public DP-SGD parameters,
+    plus the diagnostics only if the site opted in)."""
     config = msg.content[keys.CONFIG]
     defense, round_index = str(config[keys.DEFENSE]), int(config[keys.ROUND])
     if defense != cfg.defense:
@@ -212,18 +244,14 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     if cfg.private:
         delta = GaussianSumMechanism(clip_norm=cfg.lora_clip_norm, noise_multiplier=0.0).bound_tree(delta)
     log.info("%s round %d: %s delta norm %.4g (clip bound %g)", name, round_index, defense, norm, cfg.lora_clip_norm)
-    report = {k: v for k, v in metrics.items() if k.startswith("site-")}  # DP-SGD's public parameters
-    if cfg.site_diagnostics:
-        report.update({k: float(v) for k, v in metrics.items() if k in keys.DIAGNOSTICS})
-        report[keys.DIAG_DELTA_NORM] = norm
-        report[keys.DIAG_CLIPPED] = float(cfg.private and norm > cfg.lora_clip_norm)
-    return delta, report
+    metrics.update({keys.DIAG_DELTA_NORM: norm, keys.DIAG_CLIPPED: float(cfg.private and norm > cfg.lora_clip_norm)})
+    return delta, site_report(metrics, cfg)
 
 
 def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
     """Train from the server's adapter, clip the delta to ``lora-clip-norm`` and send it."""
     delta, report = lora_contribution(msg, context, cfg, index, name, folder)
-    return RecordDict({keys.ARRAYS: packed_record(delta), keys.METRICS: MetricRecord(report)})
+    return reply_content(packed_record(delta), report)
 
 
 def secure_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> Message:

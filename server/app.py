@@ -25,7 +25,7 @@ from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
-from server.aggregation import noise_description, trust_model
+from server.aggregation import diagnostics_statement, noise_description, trust_model
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -111,6 +111,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "sampling_source": ("OS-seeded on each site (secret)" if cfg.secure_noise else
                             "derived from the run seed (replayable; amplification by sampling assumes the seed is secret)"),
         "trust_model": trust_model(cfg.aggregation, "sum of bounded embeddings"),
+        **diagnostics_statement(None),  # DPAgg-TI sites send their sum alone (client.app.dpagg_reply)
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),
         "plan": plan.to_dict(),
