@@ -4,7 +4,10 @@ The site reads the run config (the same on every site), loads its own images fro
 data folder, and answers the server's train message with DPAgg-TI's sum of bounded
 per-image embeddings, a DP-SGD update of the shared embedding, or its clipped LoRA delta
 (plain LoRA, MP-LoRA, SMP-LoRA or DP-SGD local training; the SMP/MP proxy attacker stays in
-the site's ``context.state`` and never leaves the site).
+the site's ``context.state`` and never leaves the site). A reply holds the privatised
+contribution and, for DP-SGD, the public parameters of the site's spend; nothing else
+derived from the images (losses, norms, counts) unless the site's own run config opts in
+with ``site-diagnostics = true`` (:func:`site_report`).
 
 An image that cannot be used is left out as absent and logged here, on the site only (see
 :func:`common.data.load_site_images`). Any error that makes the site refuse a round is
@@ -106,10 +109,33 @@ def require_images(images: SiteImages, folder: str) -> SiteImages:
     return images
 
 
+def padding_capacity(cfg: RunConfig) -> int:
+    """The public number of rows a site pads its batched DPAgg-TI run to (0: no padding).
+
+    In ``secure`` and ``distributed`` aggregation the server does not see a site's sum, but
+    it sees how long the site takes to answer, and the unpadded run's time grows with the
+    site's secret Poisson count. There the site pads to the declared public bound on a
+    site's images (``site-dataset-size``, else ``dataset-size``). In ``central`` mode the
+    server is trusted and sees each site's sum anyway: no padding, the run stays fast."""
+    return cfg.declared_site_size if cfg.aggregation != "central" else 0
+
+
+def warn_over_capacity(name: str, num_images: int, capacity: int) -> None:
+    """Logged on the site only: more images than the declared capacity. The DP release is
+    unaffected, but a release that samples more than ``capacity`` of them takes longer than
+    one that does not, which the server can time."""
+    if capacity and num_images > capacity:
+        log.warning("%s: %d images, more than the declared site capacity %d (site-dataset-size): a release that "
+                    "samples more than %d of them is padded to its own size, so its timing is no longer constant; "
+                    "declare a larger site-dataset-size (check-data reports it)", name, num_images, capacity, capacity)
+
+
 def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> torch.Tensor:
     """This site's DPAgg-TI sum of bounded per-image embeddings (float64 [D])."""
     release = int(msg.content[keys.CONFIG][keys.ROUND])
     images = load_images(cfg, name, folder)
+    capacity = padding_capacity(cfg)
+    warn_over_capacity(name, len(images.names), capacity)
     pipe = get_pipeline(cfg)
     mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=0.0, bound_mode=cfg.bound)
     training = torch.Generator(device=pipe.unet.device)
@@ -123,6 +149,7 @@ def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, fold
         center=cfg.center,
         sampling=privacy_sampling(cfg.secret_randomness, cfg.seed, "sample", index, release),
         training=training,
+        pad_to=capacity,
     )
     # Logged on the site only: the count of sampled images is private.
     log.info("%s release %d: %d of %d images sampled, %d clipped", name, release,
@@ -130,10 +157,38 @@ def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, fold
     return contribution.total
 
 
+def sends_diagnostics(cfg: RunConfig) -> bool:
+    """Whether this site adds diagnostics to its replies: only when its run config opts in
+    (``site-diagnostics = true``) and its reply reaches the server in the clear (``central``;
+    in ``secure`` / ``distributed`` aggregation a site sends masked values and keys only).
+    The site decides; the server reads whatever arrives."""
+    return cfg.site_diagnostics and cfg.aggregation == "central"
+
+
+def site_report(metrics: Mapping[str, float], cfg: RunConfig) -> dict[str, float]:
+    """The figures a reply may carry besides the contribution: the public parameters of a
+    DP-SGD site's spend (z, q, steps, index and the epsilon they give), and the diagnostics
+    (losses, proxy-attacker accuracy, delta norm, clipping: not private) only if
+    :func:`sends_diagnostics`. Anything else in ``metrics`` stays on the site."""
+    report = {k: metrics[k] for k in keys.SITE_SPEND if k in metrics}
+    if sends_diagnostics(cfg):
+        report.update({k: float(metrics[k]) for k in keys.DIAGNOSTICS if k in metrics})
+    return report
+
+
+def reply_content(arrays: ArrayRecord, report: Mapping[str, float]) -> RecordDict:
+    """A reply: the privatised contribution, and a MetricRecord only if there is a report."""
+    content = RecordDict({keys.ARRAYS: arrays})
+    if report:
+        content[keys.METRICS] = MetricRecord(dict(report))
+    return content
+
+
 def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
+    """The sum of bounded embeddings alone: DPAgg-TI sites send no figures at all."""
     total = dpagg_contribution(msg, cfg, index, name, folder)
     arrays = ArrayRecord(array_dict={keys.EMBEDDING_SUM: Array(total.numpy().astype(np.float64))})
-    return RecordDict({keys.ARRAYS: arrays})
+    return reply_content(arrays, {})
 
 
 def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
@@ -146,7 +201,7 @@ def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name
         state=context.state, site_index=index, round_index=int(msg.content[keys.CONFIG][keys.ROUND]),
     )
     arrays = ArrayRecord(array_dict={keys.EMBEDDING: Array(update.numpy().astype(np.float32))})
-    return RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord(metrics)})
+    return reply_content(arrays, site_report(metrics, cfg))
 
 
 def lora_train_settings(cfg: RunConfig):
@@ -185,7 +240,8 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
 def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int, name: str,
                       folder: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train from the server's adapter; return the delta clipped to ``lora-clip-norm``
-    (float64 tree) and the public DP-SGD parameters plus, if enabled, diagnostics."""
+    (float64 tree) and the site's report (:func:`site_report`: the public DP-SGD parameters,
+    plus the diagnostics only if the site opted in)."""
     config = msg.content[keys.CONFIG]
     defense, round_index = str(config[keys.DEFENSE]), int(config[keys.ROUND])
     if defense != cfg.defense:
@@ -208,18 +264,14 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     if cfg.private:
         delta = GaussianSumMechanism(clip_norm=cfg.lora_clip_norm, noise_multiplier=0.0).bound_tree(delta)
     log.info("%s round %d: %s delta norm %.4g (clip bound %g)", name, round_index, defense, norm, cfg.lora_clip_norm)
-    report = {k: v for k, v in metrics.items() if k.startswith("site-")}  # DP-SGD's public parameters
-    if cfg.site_diagnostics:
-        report.update({k: float(v) for k, v in metrics.items() if k in keys.DIAGNOSTICS})
-        report[keys.DIAG_DELTA_NORM] = norm
-        report[keys.DIAG_CLIPPED] = float(cfg.private and norm > cfg.lora_clip_norm)
-    return delta, report
+    metrics.update({keys.DIAG_DELTA_NORM: norm, keys.DIAG_CLIPPED: float(cfg.private and norm > cfg.lora_clip_norm)})
+    return delta, site_report(metrics, cfg)
 
 
 def lora_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
     """Train from the server's adapter, clip the delta to ``lora-clip-norm`` and send it."""
     delta, report = lora_contribution(msg, context, cfg, index, name, folder)
-    return RecordDict({keys.ARRAYS: packed_record(delta), keys.METRICS: MetricRecord(report)})
+    return reply_content(packed_record(delta), report)
 
 
 def secure_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> Message:

@@ -5,6 +5,11 @@ Poisson-samples its images at the public rate q, learns one embedding per sample
 bounds each (optionally after centring on the initializer token's embedding) to L2 norm C,
 and sends ONLY the sum. The server adds the noise once over all sites' sums. Nothing else
 derived from the images leaves the site.
+
+Timing: the work of the batched run grows with the number of sampled images, which is secret
+(the amplification by sampling assumes it). Where the server sees a site's reply time but
+not its sum (``secure`` and ``distributed`` aggregation) the site pads the run to a public
+capacity (``pad_to``, :func:`client.ti.plan_rows`), so that the time does not depend on it.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ def site_contribution(
     center: bool,
     sampling: SamplingSource,
     training: torch.Generator,
+    pad_to: int = 0,
 ) -> SiteContribution:
-    """Run the site's half of one DPAgg-TI release."""
+    """Run the site's half of one DPAgg-TI release; ``pad_to`` > 0 pads the batched run to
+    that public capacity (the same work whatever the number sampled; the sum is unchanged)."""
     keep = poisson_sample(len(images.names), sample_rate, sampling)
     embeds = train_per_image_embeddings(
-        pipe, images.pixels[keep], [images.captions[i] for i in keep.tolist()], settings, generator=training
+        pipe, images.pixels[keep], [images.captions[i] for i in keep.tolist()], settings, generator=training,
+        pad_to=pad_to,
     )
     if center:
         embeds = embeds - initializer_vector(pipe, settings)

@@ -28,6 +28,7 @@ from client.site_accountant import (
     NoiseSourceDPOptimizer,
     begin_round,
     dpsgd_draws,
+    mean_loss,
     poisson_step,
     site_sample_rate,
 )
@@ -120,5 +121,5 @@ def dpsgd_lora_round(
         keys.SITE_SAMPLE_RATE: float(q),
         keys.SITE_STEPS: int(cfg.local_steps),
         keys.SITE_INDEX: int(site_index),
-        keys.DIAG_LOSS: sum(losses) / len(losses) if losses else float("nan"),
+        keys.DIAG_LOSS: mean_loss(losses),
     }

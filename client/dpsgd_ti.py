@@ -46,6 +46,7 @@ from client.site_accountant import (
     NoiseSourceDPOptimizer,
     begin_round,
     dpsgd_draws,
+    mean_loss,
     poisson_step,
     site_sample_rate,
 )
@@ -111,9 +112,10 @@ def dpsgd_site_round(
         round_index: the server's round number (labels and seeds only).
 
     Returns:
-        The trained embedding (float32 [D], CPU) and public metrics: the site's record-level
-        epsilon over all its rounds so far (PRV; inf when non-private), z, q, this round's
-        steps and the site index.
+        The trained embedding (float32 [D], CPU) and metrics: the public ones (the site's
+        record-level epsilon over all its rounds so far (PRV; inf when non-private), z, q,
+        this round's steps and the site index) and the mean training loss, a diagnostic that
+        leaves the site only if it opts in (``client.app.site_report``).
 
     Raises:
         ValueError: the round would take the site above ``target-epsilon`` (nothing is
@@ -130,14 +132,16 @@ def dpsgd_site_round(
     z, eps = begin_round(state, dpsgd_budget(cfg), sample_rate=q, steps=cfg.dpsgd_local_steps,
                          site_index=site_index, round_index=round_index)
 
-    vector = _train_round(pipe, images, settings, cfg, start, z=z, q=q, private=private,
-                          site_index=site_index, round_index=round_index)
+    vector, losses = _train_round(pipe, images, settings, cfg, start, z=z, q=q, private=private,
+                                  site_index=site_index, round_index=round_index)
     metrics: dict[str, float | int] = {
         keys.SITE_EPSILON: float(eps),
         keys.SITE_NOISE_MULTIPLIER: float(z),
         keys.SITE_SAMPLE_RATE: float(q),
         keys.SITE_STEPS: int(cfg.dpsgd_local_steps),
         keys.SITE_INDEX: int(site_index),
+        # a diagnostic (not private): sent only if the site opts in (client.app.site_report)
+        keys.DIAG_LOSS: mean_loss(losses),
     }
     log.info("site %d round %d: DP-SGD z=%.4g q=%.4g C=%g, %d step(s), site epsilon %.4g, noise %s",
              site_index, round_index, z, q, cfg.dpsgd_max_grad_norm, cfg.dpsgd_local_steps, eps,
@@ -146,7 +150,9 @@ def dpsgd_site_round(
 
 
 def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig, global_embedding: torch.Tensor,
-                 *, z: float, q: float, private: bool, site_index: int, round_index: int) -> torch.Tensor:
+                 *, z: float, q: float, private: bool, site_index: int,
+                 round_index: int) -> tuple[torch.Tensor, list[float]]:
+    """The trained embedding and the mean loss of every non-empty Poisson batch."""
     n = len(images)
     device = pipe.unet.device
     start = global_embedding.detach().reshape(-1)
@@ -165,11 +171,15 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
         optimizer = (NoiseSourceDPOptimizer(adam, noise=noise, noise_multiplier=z, max_grad_norm=cfg.dpsgd_max_grad_norm,
                                             expected_batch_size=min(cfg.dpsgd_batch_size, n))
                      if private else adam)
+        losses: list[float] = []
         try:
             for _ in range(cfg.dpsgd_local_steps):
                 # Poisson batch: each image independently with probability q
-                poisson_step(optimizer, poisson_sample(n, q, sampling).to(device), private=private, loss_fn=lambda keep:
-                             batch_losses(pipe, table, ids[keep], dist.sample(training, keep), training).mean())
+                loss = poisson_step(optimizer, poisson_sample(n, q, sampling).to(device), private=private,
+                                    loss_fn=lambda keep: batch_losses(pipe, table, ids[keep], dist.sample(training, keep),
+                                                                      training).mean())
+                if loss is not None:
+                    losses.append(loss)
         finally:
             optimizer.zero_grad(set_to_none=True)
             if hooks is not None:
@@ -177,4 +187,4 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
         vector = table.rows.weight.detach().float().cpu().reshape(-1).clone()
     if not torch.isfinite(vector).all():
         raise ValueError(f"site {site_index}: DP-SGD produced NaN or infinite entries in round {round_index}")
-    return vector
+    return vector, losses

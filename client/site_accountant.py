@@ -205,3 +205,8 @@ def poisson_step(optimizer: torch.optim.Optimizer, keep: torch.Tensor, loss_fn: 
         loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def mean_loss(losses: list[float]) -> float:
+    """The mean of a round's batch losses (NaN if every batch was empty): a diagnostic."""
+    return sum(losses) / len(losses) if losses else float("nan")

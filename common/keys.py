@@ -3,7 +3,7 @@
 # RecordDict entries
 ARRAYS = "arrays"  # ArrayRecord: what a site sends, or the global adapter the server sends
 CONFIG = "config"  # ConfigRecord: per-round instructions from the server
-METRICS = "metrics"  # MetricRecord: public, data-independent facts a site may report
+METRICS = "metrics"  # MetricRecord: DP-SGD's public spend (SITE_SPEND); diagnostics only if the operator opts in
 
 # ArrayRecord entries
 EMBEDDING_SUM = "embedding-sum"  # DPAgg-TI: a site's sum of bounded per-image embeddings
@@ -29,9 +29,13 @@ SITE_NOISE_MULTIPLIER = "site-noise-multiplier"
 SITE_SAMPLE_RATE = "site-sample-rate"
 SITE_STEPS = "site-steps"
 SITE_INDEX = "site-index"
+# the public parameters of what a DP-SGD site spent this round (and the epsilon they give):
+# with the privatised contribution, the only figures a site sends unless diagnostics are on
+SITE_SPEND = (SITE_EPSILON, SITE_NOISE_MULTIPLIER, SITE_SAMPLE_RATE, SITE_STEPS, SITE_INDEX)
 
-# MetricRecord entries a LoRA site may add as diagnostics for the (trusted) server; they are
-# derived from private data and are NOT covered by the DP guarantee (see privacy.json)
+# MetricRecord entries a site adds as diagnostics only when the operator opts in (run config
+# site-diagnostics = true, central aggregation); they are derived from private data and are
+# NOT covered by the DP guarantee: the server must be trusted with them (see privacy.json)
 DIAG_LOSS = "adaptation-loss"
 DIAG_ATTACKER_ACCURACY = "attacker-accuracy"
 DIAG_DELTA_NORM = "delta-norm"  # before clipping

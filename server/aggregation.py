@@ -143,3 +143,20 @@ def sampling_description(where: str, randomness: str) -> str:
     if randomness == "os":
         return f"{where}, drawn from the OS CSPRNG (os.urandom) and kept secret"
     return f"{where}, {seeded_insecure('who or what was sampled')}"
+
+
+def diagnostics_statement(figures: str | None) -> dict:
+    """privacy.json's account of what the sites send besides their privatised contribution.
+
+    ``figures``: what every site sends in the clear every round because it opted in
+    (``site-diagnostics = true``, :func:`client.app.sends_diagnostics`); None when the sites
+    send nothing else. Those figures are computed from private images without noise, so the
+    DP guarantee does not cover them: the server must be trusted with them, whatever the
+    aggregation mode says about the contribution."""
+    if figures is None:
+        return {"site_diagnostics": False, "not_covered": None}
+    return {"site_diagnostics": True,
+            "not_covered": (f"site-diagnostics = true: every site sends the server, in the clear, {figures}, every "
+                            "round. These figures are computed from the site's private images without noise and are "
+                            "NOT covered by the DP guarantee: the server must be trusted with them (do not publish the "
+                            "server's logs or round_metrics.json).")}

@@ -26,7 +26,7 @@ from common.dp.noise import privacy_noise
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import resolve
-from server.aggregation import noise_description, sampling_description, seeded_insecure, trust_model
+from server.aggregation import diagnostics_statement, noise_description, sampling_description, seeded_insecure, trust_model
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -113,6 +113,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "noise_source": noise_description(cfg.aggregation, cfg.privacy_randomness),
         "sampling_source": sampling_description("Poisson sampling of images on each site", cfg.privacy_randomness),
         "trust_model": trust_model(cfg.aggregation, "sum of bounded embeddings"),
+        **diagnostics_statement(None),  # DPAgg-TI sites send their sum alone (client.app.dpagg_reply)
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),
         "plan": plan.to_dict(),

@@ -29,17 +29,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.app import ti_settings
+from client.app import sends_diagnostics, ti_settings
 from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyLedger, epsilon
-from server.aggregation import seeded_insecure
+from server.aggregation import diagnostics_statement, seeded_insecure
 from server.export import embedding_metrics
 from server.plan import plan_record
 from common.reasons import public_rejections
-from server.replies import ReplyError, read_site_report, read_vector
-from server.sites import NODE_ARRAY, Instructions
+from server.replies import ReplyError, read_diagnostics, read_site_report, read_vector
+from server.sites import NODE_ARRAY, Instructions, SiteDiagnostics
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")
@@ -135,12 +135,14 @@ class DPSGDTIStrategy(LedgerStrategy):
         total: torch.Tensor | None = None  # running sum: replies are streamed, never kept
         used = array(NODE_ARRAY)
         scopes: dict[str, int] = {}
+        diagnostics = SiteDiagnostics((keys.DIAG_LOSS,))  # only sites that opted in send any
         for reply in replies:
             node, vector = self._take(server_round, scopes, reply)
-            del reply  # before the stream's next pull (server.streaming): the running sum keeps no reply
             if vector is not None:
                 total = vector if total is None else total + vector
                 used.append(node)
+                diagnostics.add(read_diagnostics(reply, (keys.DIAG_LOSS,)))
+            del reply  # before the stream's next pull (server.streaming): the running sum keeps no reply
         if scopes:
             self.save_ledger()
         self.contributors.append(used)
@@ -150,6 +152,9 @@ class DPSGDTIStrategy(LedgerStrategy):
         # uniform: each site counts once, whatever its number of images
         self.global_embedding = (total / len(used)).to(torch.float32)
         metrics = MetricRecord({"sites": len(used), "rejected": len(scopes) - len(used)})
+        loss = diagnostics.mean(keys.DIAG_LOSS)
+        if loss is not None:  # logged with the round (not private: site-diagnostics = true)
+            metrics[keys.DIAG_LOSS] = loss
         return embedding_record(self.global_embedding), metrics
 
     def site_epsilons(self, accountant: str = "prv") -> dict[str, float | None]:
@@ -195,6 +200,7 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     vector = strategy.global_embedding.clone()
 
     eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
+    diagnostics = diagnostics_statement("its mean DP-SGD training loss" if sends_diagnostics(cfg) else None)
     site_prv, site_rdp = strategy.site_epsilons("prv"), strategy.site_epsilons("rdp")
     rates = {e.scope: e.sample_rate for e in ledger.events}
     noises = {e.scope: e.noise_multiplier for e in ledger.events}
@@ -234,6 +240,7 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "privacy_randomness": cfg.privacy_randomness,
         "noise_source": noise_source_description(cfg),
         "trust_model": TRUST_LOCAL if cfg.private else TRUST_NONE,
+        **diagnostics,
         **reliability_report(strategy),
         "rejected_replies": strategy.rejected,
         "plan": {

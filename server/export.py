@@ -180,6 +180,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         *(dpsgd_steps(p) if p.get("method") == "dp-sgd-ti" else dpagg_steps(p)),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
+        *([f"- Not covered by the guarantee: {p['not_covered']}"] if p.get("not_covered") else []),
         "",
         "## Use it",
         "```python",

@@ -13,7 +13,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from client.app import lora_spec
+from client.app import lora_spec, sends_diagnostics
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
@@ -21,7 +21,7 @@ from common.dp.sampling import SamplingSource, privacy_sampling
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
 from common.wire import tree_record
-from server.aggregation import noise_description, sampling_description, trust_model
+from server.aggregation import diagnostics_statement, noise_description, sampling_description, trust_model
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import plan_fedavg, plan_record
 from server.strategy_base import reliability_report, run_control
@@ -35,9 +35,10 @@ DEFENSES = {
     "dp-sgd": "Opacus DP-SGD on each site (per-image gradients clipped and noised; record-level DP)",
 }
 
-NOT_COVERED = ("round_metrics.json (per-round site diagnostics: losses, proxy-attacker accuracy, clipping, how many "
-               "sites answered) is derived from private data and seen by the trusted server only: do not publish it "
-               "with the adapter.")
+NOT_COVERED = ("round_metrics.json (per round: how many sites were sampled and answered, the norms of the noise and of "
+               "the update) is the server's own log, not a release: do not publish it with the adapter.")
+DIAGNOSTIC_FIGURES = ("its mean training loss, the proxy attacker's accuracy (MP-/SMP-LoRA), its delta's L2 norm before "
+                      "clipping and whether it was clipped")
 
 
 def server_noise(cfg: RunConfig) -> tuple[NoiseSource, SamplingSource]:
@@ -72,6 +73,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     load_lora_state(pipe, spec, strategy.global_state)
     summary = ledger.summary()
     private = cfg.private
+    diagnostics = diagnostics_statement(DIAGNOSTIC_FIGURES if sends_diagnostics(cfg) else None)
     privacy = {
         "method": "dp-fedavg-lora",
         "defense": cfg.defense,
@@ -107,7 +109,8 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "sampling_source": sampling_description("Poisson sampling of sites on the server", cfg.privacy_randomness),
         "trust_model": trust_model(cfg.aggregation, "clipped delta") if private else
                        "non-private reference run: no clipping, no noise.",
-        "not_covered": NOT_COVERED,
+        "site_diagnostics": diagnostics["site_diagnostics"],
+        "not_covered": " ".join(filter(None, (NOT_COVERED, diagnostics["not_covered"]))),
         **reliability_report(strategy),
         "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
                  "server_learning_rate": cfg.server_learning_rate},

@@ -94,10 +94,11 @@ class RoundLog:
                       "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
 
     def summary(self) -> dict:
-        def mean(name: str) -> float | None:
-            value = self.diagnostics.mean(name)
-            return None if value is None else round(value, 6)
+        """The round for round_metrics.json; the sites' diagnostics only if any site sent some."""
+        return {**self.server_view(), **self.diagnostics_summary()}
 
+    def server_view(self) -> dict:
+        """What the server itself saw of the round: who was sampled, used, rejected; norms."""
         return {
             "round": self.round,
             "sites_sampled": len(self.sampled),
@@ -108,6 +109,19 @@ class RoundLog:
             "update_norm": round(self.update_norm, 6),
             "achieved_noise_multiplier": self.achieved_noise_multiplier,
             "short_round_not_applied": self.short,
+        }
+
+    def diagnostics_summary(self) -> dict:
+        """The means of the diagnostics the used sites sent (site-diagnostics = true; NOT
+        private), or nothing at all when none sent any."""
+        if not any(self.diagnostics.counts.values()):
+            return {}
+
+        def mean(name: str) -> float | None:
+            value = self.diagnostics.mean(name)
+            return None if value is None else round(value, 6)
+
+        return {
             "adaptation_loss": mean(keys.DIAG_LOSS),
             "attacker_accuracy": mean(keys.DIAG_ATTACKER_ACCURACY),
             "fraction_clipped": mean(keys.DIAG_CLIPPED),

@@ -1,15 +1,22 @@
 """Membership-inference metrics: ROC, AUC with a bootstrap CI, balanced accuracy, TPR at a
-fixed FPR with Clopper-Pearson intervals, and the epsilon lower bound an attack implies.
+fixed FPR with Clopper-Pearson intervals, and an epsilon HEURISTIC from an attack's rates.
 
 Convention: a HIGHER score means "more likely a member"; labels are 1 (member), 0 (non-member).
 
 Reporting follows Carlini et al., "Membership Inference Attacks From First Principles"
 (IEEE S&P 2022): the whole ROC curve (log-log), and the TPR at low FPR rather than accuracy.
-The epsilon lower bound uses the hypothesis-testing view of DP (Kairouz, Oh, Viswanath 2015):
+
+The epsilon heuristic uses the hypothesis-testing view of DP (Kairouz, Oh, Viswanath 2015):
 an (eps, delta)-DP mechanism admits no test with TPR > e^eps * FPR + delta, nor with
-1 - FPR > e^eps * (1 - TPR) + delta. Turned into a statistically valid bound as in Nasr et al.,
-"Tight Auditing of Differentially Private Machine Learning" (USENIX Security 2023): the TPR at
-its lower and the FPR at its upper Clopper-Pearson limit.
+1 - FPR > e^eps * (1 - TPR) + delta, with the TPR at its lower and the FPR at its upper
+Clopper-Pearson limit as in Nasr et al., "Tight Auditing of Differentially Private Machine
+Learning" (USENIX Security 2023). It is NOT a valid lower bound on epsilon here: those
+confidence limits assume independent trials, i.e. one training run per member / non-member
+decision, while all the scores come from ONE trained model (the members trained together, so
+the decisions are correlated). It is a heuristic for comparing attacks and runs. The
+statistically valid one-run bound is the canary audit (:mod:`common.evaluation.audit`,
+:mod:`common.evaluation.one_run`; Steinke, Nasr, Jagielski 2023), whose guesses are
+independent by construction.
 """
 
 from __future__ import annotations
@@ -122,14 +129,15 @@ def epsilon_from_rates(tpr: float, fpr: float, delta: float) -> float:
     return max(bounds)
 
 
-def epsilon_lower_bound(scores, labels, delta: float, *, level: float = 0.95) -> tuple[float, dict]:
-    """An epsilon lower bound from every threshold of the ROC, with TPR at its lower and FPR
-    at its upper Clopper-Pearson limit (each one-sided at ``level``), and the point estimate
-    (the same formula on the observed rates, not a statistically valid bound).
+def epsilon_heuristic(scores, labels, delta: float, *, level: float = 0.95) -> tuple[float, dict]:
+    """An epsilon HEURISTIC (not a bound: see the module docstring) from every threshold of
+    the ROC, with TPR at its lower and FPR at its upper Clopper-Pearson limit (each one-sided
+    at ``level``), and the point estimate (the same formula on the observed rates).
 
     The threshold is chosen in hindsight, so each of the k ROC points is tested at level
-    1 - (1 - ``level``) / k (Bonferroni): the bound holds with probability ``level`` for all
-    thresholds at once. Returns (bound, details)."""
+    1 - (1 - ``level``) / k (Bonferroni). Were the trials independent (one training run per
+    decision), the first value would be a lower bound at ``level`` for all thresholds at
+    once; the scores of one run are not independent, so it is not. Returns (value, details)."""
     s, y = _check(scores, labels)
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta}")
@@ -146,16 +154,17 @@ def epsilon_lower_bound(scores, labels, delta: float, *, level: float = 0.95) ->
         if eps > best:
             best, at = eps, (float(f), float(t))
         point = max(point, epsilon_from_rates(t, f, delta))
-    return best, {"delta": delta, "confidence": level, "at_fpr_tpr": list(at), "point_estimate": point}
+    return best, {"delta": delta, "confidence": level, "at_fpr_tpr": list(at), "point_estimate": point,
+                  "valid_bound": False}
 
 
 def summarize(name: str, scores, labels, *, delta: float, details: dict | None = None, seed: int = 0,
               resamples: int = 1000) -> dict:
     """The attacks.json record of one applicable attack: AUC with its bootstrap CI, balanced
-    accuracy, TPR at 1% and 0.1% FPR with CIs, epsilon lower bound and the ROC."""
+    accuracy, TPR at 1% and 0.1% FPR with CIs, the epsilon heuristic (not a bound) and the ROC."""
     s, y = _check(scores, labels)
     fpr, tpr, _ = roc_curve(s, y)
-    eps, eps_details = epsilon_lower_bound(s, y, delta)
+    eps, eps_details = epsilon_heuristic(s, y, delta)
     rates = {}
     for target in FPR_TARGETS:
         value, ci = tpr_at_fpr(s, y, target)
@@ -164,7 +173,7 @@ def summarize(name: str, scores, labels, *, delta: float, details: dict | None =
         "name": name, "applicable": True, "reason": None,
         "auc": auc(s, y), "auc_ci": list(auc_bootstrap_ci(s, y, seed=seed, resamples=resamples)),
         "balanced_accuracy": balanced_accuracy(s, y), "tpr_at_fpr": rates,
-        "epsilon_lower_bound": eps, "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+        "epsilon_heuristic": eps, "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
         "details": {**(details or {}), "epsilon": eps_details, "members": int(y.sum()),
                     "non_members": int(y.size - y.sum())},
     }
@@ -173,4 +182,4 @@ def summarize(name: str, scores, labels, *, delta: float, details: dict | None =
 def not_applicable(name: str, reason: str) -> dict:
     """The attacks.json record of an attack that cannot run on this adapter, with the reason."""
     return {"name": name, "applicable": False, "reason": reason, "auc": None, "auc_ci": None,
-            "balanced_accuracy": None, "tpr_at_fpr": None, "epsilon_lower_bound": None, "roc": None, "details": {}}
+            "balanced_accuracy": None, "tpr_at_fpr": None, "epsilon_heuristic": None, "roc": None, "details": {}}

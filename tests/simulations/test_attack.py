@@ -34,8 +34,8 @@ def test_attack_command_writes_the_contract(brief_run, capsys):
     assert not site["applicable"] and "at least 2" in site["reason"] and site["auc"] is None
     for record in result["attacks"]:
         assert set(record) >= {"name", "applicable", "reason", "auc", "auc_ci", "balanced_accuracy", "tpr_at_fpr",
-                               "epsilon_lower_bound", "roc", "details"}
-        assert record["applicable"] and 0 <= record["auc"] <= 1 and not math.isnan(record["epsilon_lower_bound"])
+                               "epsilon_heuristic", "roc", "details"}
+        assert record["applicable"] and 0 <= record["auc"] <= 1 and not math.isnan(record["epsilon_heuristic"])
         assert set(record["tpr_at_fpr"]) == {"0.01", "0.001"}
         assert record["roc"]["fpr"][0] == 0 and record["roc"]["tpr"][-1] == 1
     assert "loss-calibrated: AUC" in capsys.readouterr().out

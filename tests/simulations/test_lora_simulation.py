@@ -12,7 +12,8 @@ from common.config import RunConfig
 from simulations.run import pyproject_run_config, simulate
 
 FAST = {"adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "dpsgd-batch-size": 3,
-        "lora-rank": 2, "lora-alpha": 2.0, "sample-steps": 2, "sample-prompts": "an emoji of a cat"}
+        "lora-rank": 2, "lora-alpha": 2.0, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "num-sites": 2}
+DIAGNOSTICS = {"adaptation_loss", "attacker_accuracy", "fraction_clipped", "delta_norm_before_clipping"}
 
 
 def unet_output(pipe) -> torch.Tensor:
@@ -25,7 +26,10 @@ def unet_output(pipe) -> torch.Tensor:
 
 @pytest.mark.parametrize("defense", ["none", "mp-lora", "smp-lora", "dp-sgd"])
 def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
-    overrides = {**FAST, "defense": defense, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out")}
+    # the proxy attacker's accuracy reaches the server only if the sites opt in to diagnostics
+    opt_in = defense in ("mp-lora", "smp-lora")
+    overrides = {**FAST, "defense": defense, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out"),
+                 "site-diagnostics": opt_in}
     out = simulate(2, overrides)
     cfg = RunConfig.from_run_config({**pyproject_run_config(), **overrides})
     for name in ("pytorch_lora_weights.safetensors", "privacy.json", "metrics.json", "round_metrics.json",
@@ -44,8 +48,11 @@ def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
         assert "record" not in privacy["epsilon"]
     rounds = json.loads((out / "round_metrics.json").read_text())
     assert [r["sites_used"] for r in rounds] == [2, 2] and all(r["noise_norm_of_mean"] > 0 for r in rounds)
-    if defense in ("mp-lora", "smp-lora"):
-        assert all(0 <= r["attacker_accuracy"] <= 1 for r in rounds)
+    assert privacy["site_diagnostics"] is opt_in
+    if opt_in:
+        assert all(0 <= r["attacker_accuracy"] <= 1 for r in rounds) and "NOT covered" in privacy["not_covered"]
+    else:
+        assert not any(DIAGNOSTICS & set(r) for r in rounds)
     # the exported adapter loads into a stock pipeline and changes the UNet
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, local_files_only=True)
     base = unet_output(pipe)

@@ -34,7 +34,7 @@ def test_perfect_and_reversed_scores():
     tpr, ci = metrics.tpr_at_fpr(s, y, 0.01)
     assert tpr == 1.0 and ci[1] == 1.0 and ci[0] == pytest.approx(0.025 ** (1 / 50))
     # a test that is perfect either way round bounds epsilon equally
-    assert metrics.epsilon_lower_bound(s, y, 1e-5)[0] == pytest.approx(metrics.epsilon_lower_bound(-s, y, 1e-5)[0])
+    assert metrics.epsilon_heuristic(s, y, 1e-5)[0] == pytest.approx(metrics.epsilon_heuristic(-s, y, 1e-5)[0])
 
 
 def test_clopper_pearson_known_values():
@@ -50,12 +50,12 @@ def test_epsilon_from_rates():
     assert metrics.epsilon_from_rates(0.0, 0.0, 0.0) == 0.0
 
 
-def test_epsilon_bound_is_zero_for_a_blind_attack_and_grows_with_separation():
+def test_epsilon_heuristic_is_zero_for_a_blind_attack_and_grows_with_separation():
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(300), np.zeros(300)]
-    bounds = [metrics.epsilon_lower_bound(np.r_[rng.normal(mu, 1, 300), rng.normal(0, 1, 300)], y, 1e-5)[0]
+    values = [metrics.epsilon_heuristic(np.r_[rng.normal(mu, 1, 300), rng.normal(0, 1, 300)], y, 1e-5)[0]
               for mu in (0.0, 2.0, 8.0)]
-    assert bounds[0] == 0.0 and 0 < bounds[1] < bounds[2]
+    assert values[0] == 0.0 and 0 < values[1] < values[2]
 
 
 def test_summary_record_shape_and_bootstrap_ci():
@@ -76,3 +76,12 @@ def test_summary_record_shape_and_bootstrap_ci():
 def test_bad_input_is_named(scores, labels, match):
     with pytest.raises(ValueError, match=match):
         metrics.auc(scores, labels)
+
+
+def test_the_heuristic_says_it_is_not_a_bound():
+    """One run's scores are not independent trials: the figure is named and flagged a heuristic."""
+    y = np.r_[np.ones(200), np.zeros(200)]
+    record = metrics.summarize("loss", np.r_[np.arange(200) + 200.0, np.arange(200)], y, delta=1e-5, resamples=10)
+    assert "epsilon_lower_bound" not in record and record["epsilon_heuristic"] > 0
+    assert record["details"]["epsilon"]["valid_bound"] is False
+    assert not hasattr(metrics, "epsilon_lower_bound")

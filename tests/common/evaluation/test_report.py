@@ -25,7 +25,7 @@ def attack(name: str, auc: float, applicable: bool = True) -> dict:
     return {"name": name, "applicable": True, "reason": None, "auc": auc, "auc_ci": [auc - 0.1, auc + 0.1],
             "balanced_accuracy": 0.61, "tpr_at_fpr": {"0.01": {"tpr": 0.05, "ci": [0.01, 0.2]},
                                                        "0.001": {"tpr": 0.0, "ci": [0.0, 0.1]}},
-            "epsilon_lower_bound": 0.42, "roc": {"fpr": [0.0, 0.0, 0.25, 1.0], "tpr": [0.0, 0.25, 0.75, 1.0]},
+            "epsilon_heuristic": 0.42, "roc": {"fpr": [0.0, 0.0, 0.25, 1.0], "tpr": [0.0, 0.25, 0.75, 1.0]},
             "details": {}}
 
 
@@ -67,6 +67,8 @@ def test_attack_table_roc_and_audit_line(run_dir, tmp_path):
     (ev / "audit.json").write_text(json.dumps(audit))
     text = render_run_report(run_dir, ev).read_text()
     assert "| loss | 0.710 [0.610, 0.810] | 0.610 | 0.050 [0.010, 0.200] | 0.000 [0.000, 0.100] | 0.42 |" in text
+    assert "| epsilon heuristic (not a bound) |" in text and "epsilon lower bound |" not in text
+    assert "NOT a lower bound" in text
     assert "| pia | not applicable: needs the model's own text embedding |" in text
     assert "| site loss | 0.550" in text
     assert "100 canaries" in text and "epsilon >= 1.25" in text and "stays below the accountant's epsilon" in text
