@@ -15,7 +15,7 @@ from tests.deployment.conftest import DATA, federation
 
 FAST = {"sample-steps": 2, "sample-prompts": "an emoji of a cat"}
 TI = {**FAST, "ti-steps": 2, "dataset-size": 24}
-LORA = {**FAST, "adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2,
+LORA = {**FAST, "adapter": "lora", "num-sites": 2, "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2,
         "lora-alpha": 2.0}
 
 
