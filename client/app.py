@@ -281,7 +281,7 @@ def secure_reply(msg: Message, context: Context, cfg: RunConfig, index: int, nam
     from client.secagg import handle_secagg
 
     def contribution() -> dict[str, torch.Tensor]:
-        enforce_policy(msg, context, cfg, name, folder)
+        enforce_policy(msg, context, cfg, name)
         method = str(msg.content[keys.CONFIG][keys.METHOD])
         if method == "dpagg":
             return {keys.EMBEDDING_SUM: dpagg_contribution(msg, cfg, index, name, folder)}
@@ -305,34 +305,33 @@ def noise_share_source(cfg: RunConfig, name: str) -> NoiseSource:
     return NoiseSource.secure()
 
 
-def own_dpsgd_event(method: str, defense: str, cfg: RunConfig, context: Context, name: str,
-                    folder: str) -> PrivacyEvent | None:
-    """The record-level plan of this site's own DP-SGD (its q depends on its image count)."""
-    if method == "dp-sgd":
-        from client.dpsgd_ti import dpsgd_budget as budget_of
-    elif method == "lora" and defense == "dp-sgd":
-        from client.dpsgd_lora import record_budget as budget_of
-    else:
+def own_dpsgd_event(cfg: RunConfig, context: Context) -> PrivacyEvent | None:
+    """The record-level plan of this site's own DP-SGD over the run (None without DP-SGD).
+
+    From public settings only (:mod:`common.dp.dpsgd`: q = dpsgd-batch-size / declared
+    site-dataset-size), so it is also what the server computes and charges; the site's
+    images are not read."""
+    from common.dp.dpsgd import dpsgd_schedule
+
+    schedule = dpsgd_schedule(cfg)
+    if schedule is None:
         return None
-    from client.site_accountant import site_noise_multiplier, site_sample_rate
+    from client.site_accountant import site_noise_multiplier
 
-    budget = budget_of(cfg)
-    q = site_sample_rate(cfg.dpsgd_batch_size, len(require_images(load_images(cfg, name, folder), folder)))
-    z = site_noise_multiplier(budget, q, context.state)
-    return PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=budget.total_steps, unit="record")
+    z = site_noise_multiplier(schedule.budget, schedule.sample_rate, context.state)
+    return PrivacyEvent(noise_multiplier=z, sample_rate=schedule.sample_rate, steps=schedule.budget.total_steps,
+                        unit="record")
 
 
-def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str, folder: str) -> None:
-    """Refuse, before any training, a round that breaks the site's own privacy policy, and
-    reserve the run's planned spend in the site's lifetime ledger (see client.policy)."""
+def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str) -> None:
+    """Refuse, before any training, a round whose DP-SGD plan differs from this site's own, or
+    that breaks the site's own privacy policy, and reserve the run's planned spend in the
+    site's lifetime ledger (see client.policy)."""
+    plan = plan_from_message(msg.content[keys.CONFIG], int(context.run_id), own_dpsgd_event(cfg, context))
     policy = load_policy(context.node_config)
-    if policy is None:
-        return
-    config = msg.content[keys.CONFIG]
-    event = own_dpsgd_event(str(config[keys.METHOD]), str(config.get(keys.DEFENSE, "")), cfg, context, name, folder)
-    plan = plan_from_message(config, int(context.run_id), event)
-    check_round(policy, plan, name)
-    reserve_run(policy, plan, name)
+    if policy is not None:
+        check_round(policy, plan, name)
+        reserve_run(policy, plan, name)
 
 
 SITE_KEYS = ("model-path", "device")  # node-config keys a site may set for itself
@@ -373,7 +372,7 @@ def answer_train(msg: Message, context: Context, overrides: Mapping[str, Any] | 
     if SECAGG_STAGE in msg.content[keys.CONFIG]:
         return secure_reply(msg, context, cfg, index, name, folder)
     method = str(msg.content[keys.CONFIG][keys.METHOD])
-    enforce_policy(msg, context, cfg, name, folder)
+    enforce_policy(msg, context, cfg, name)
     if method == "dpagg":
         content = dpagg_reply(msg, cfg, index, name, folder)
     elif method == "dp-sgd":

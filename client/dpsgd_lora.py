@@ -1,14 +1,17 @@
 """LoRA trained with Opacus DP-SGD inside one site (LoRA defense ``dp-sgd``).
 
 The record-level baseline next to SMP-LoRA: each local step Poisson-samples the site's
-images at q = dpsgd-batch-size / n, Opacus computes every sampled image's gradient of the
-LoRA parameters (hooks on the adapter's ``nn.Linear`` layers only; the rest of the UNet is
-frozen), clips each to L2 norm C = dpsgd-max-grad-norm, adds N(0, (zC)^2) to the sum,
-divides by the expected batch size and takes an AdamW step (Abadi et al. 2016). The site's
-accountant (:mod:`client.site_accountant`) lives in Flower's ``context.state`` across
-rounds and is calibrated for ``rounds`` x ``local-steps`` steps to reach
+images at the public q = dpsgd-batch-size / D (D = the declared ``site-dataset-size``), Opacus
+computes every sampled image's gradient of the LoRA parameters (hooks on the adapter's
+``nn.Linear`` layers only; the rest of the UNet is frozen), clips each to L2 norm
+C = dpsgd-max-grad-norm, adds N(0, (zC)^2) to the sum, divides by the public expected batch
+size q*D and takes an AdamW step (Abadi et al. 2016). The site's accountant
+(:mod:`client.site_accountant`) lives in Flower's ``context.state`` across rounds and is
+calibrated for (``rounds`` + retries) x ``local-steps`` steps to reach
 ``record-target-epsilon`` (default: ``target-epsilon``); it refuses a round that would go
-past it. The resulting delta is then clipped and noised by the server like any other
+past it. The server computes the same (z, q, steps) from the run config
+(:mod:`common.dp.dpsgd`), charges them and stops the run before the record-level budget is
+spent; a site holding more than D images refuses every round before training. The resulting delta is then clipped and noised by the server like any other
 (site-level DP-FedAvg), so both units get a guarantee.
 
 The record-level guarantee does not need the server's trust (the noise is added on the
@@ -23,29 +26,25 @@ import torch
 from flwr.app import RecordDict
 from opacus import GradSampleModule
 
-from client.site_accountant import (
-    DPSGDBudget,
-    NoiseSourceDPOptimizer,
-    begin_round,
-    dpsgd_draws,
-    mean_loss,
-    poisson_step,
-    site_sample_rate,
-)
+from client.site_accountant import NoiseSourceDPOptimizer, begin_round, dpsgd_draws, mean_loss, poisson_step
 from client.ti import tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
+from common.dp.dpsgd import DPSGDBudget, DPSGDSchedule, dpsgd_schedule
 from common.dp.sampling import poisson_sample
 from common.lora import LoRASpec, lora_parameters
 
 log = logging.getLogger("privadapt.client")
 
 
-def record_budget(cfg: RunConfig) -> DPSGDBudget:
-    """Record-level plan of a site: ``rounds`` x ``local-steps`` DP-SGD steps."""
-    return DPSGDBudget(cfg.record_epsilon_target, cfg.target_delta, cfg.rounds * cfg.local_steps)
+def record_schedule(cfg: RunConfig, budget: DPSGDBudget | None = None) -> DPSGDSchedule:
+    """The record-level DP-SGD schedule of a LoRA site (defense ``dp-sgd``): the server's too."""
+    schedule = dpsgd_schedule(cfg, budget)
+    if schedule is None:
+        raise ValueError("LoRA DP-SGD needs adapter = 'lora' and defense = 'dp-sgd'")
+    return schedule
 
 
 def captions_or_default(images: SiteImages, default: str) -> list[str]:
@@ -75,15 +74,15 @@ def dpsgd_lora_round(
     Returns the public parameters the server records (z, q, steps, site index, the site's
     record-level epsilon over all its rounds) and the mean adaptation loss (a diagnostic).
     Raises ValueError, spending and training nothing, if the round would exceed the site's
-    record-level target. ``budget`` overrides the record-level plan read from ``cfg``
-    (benchmarks use it to fix z).
+    record-level target or the site holds more images than declared. ``budget`` overrides the
+    record-level plan read from ``cfg`` (benchmarks use it to fix z).
     """
     if spec.text_encoder:
         raise ValueError("defense dp-sgd trains the UNet's LoRA only: set lora-text-encoder = false")
-    n = len(images)
-    q = site_sample_rate(cfg.dpsgd_batch_size, n)
-    budget = budget or record_budget(cfg)
-    z, eps = begin_round(state, budget, sample_rate=q, steps=cfg.local_steps, site_index=site_index,
+    schedule = record_schedule(cfg, budget)
+    n, q = len(images), schedule.sample_rate
+    schedule.check_site_size(n, f"site {site_index}")  # before anything is spent
+    z, eps = begin_round(state, schedule.budget, sample_rate=q, steps=schedule.steps_per_round, site_index=site_index,
                          round_index=round_index)
     device = pipe.unet.device
     training, sampling, noise = dpsgd_draws(cfg.seed, "lora-dpsgd", device, site_index, round_index,
@@ -94,10 +93,10 @@ def dpsgd_lora_round(
         hidden_all = pipe.text_encoder(tokenize(pipe, captions_or_default(images, cfg.default_caption)).to(device))[0]
     params = lora_parameters(pipe, spec)
     adamw = torch.optim.AdamW(params, lr=cfg.lora_learning_rate)
-    private = budget.private
+    private = schedule.budget.private
     unet = per_sample_unet(pipe) if private else pipe.unet
     optimizer = (NoiseSourceDPOptimizer(adamw, noise=noise, noise_multiplier=z, max_grad_norm=cfg.dpsgd_max_grad_norm,
-                                        expected_batch_size=min(cfg.dpsgd_batch_size, n)) if private else adamw)
+                                        expected_batch_size=schedule.expected_batch_size) if private else adamw)
     losses: list[float] = []
     try:
         for _ in range(cfg.local_steps):

@@ -5,11 +5,12 @@ embedding over the whole private dataset with DP-SGD (Abadi et al., "Deep Learni
 Differential Privacy", CCS 2016) using Opacus. Federated here, one round on a site is:
 
 1. copy the server's global embedding into a single trainable placeholder row;
-2. for ``dpsgd-local-steps`` steps: Poisson-sample the site's images at rate
-   q = dpsgd-batch-size / n_site, compute each sampled image's denoising loss, let Opacus
-   compute per-sample gradients of the row (hooks on the row's own ``nn.Embedding`` only:
-   [B, 1, D], not [B, vocabulary, D]), clip each to L2 norm C = dpsgd-max-grad-norm, sum,
-   add N(0, (zC)^2 I), divide by the expected batch size and take an Adam step;
+2. for ``dpsgd-local-steps`` steps: Poisson-sample the site's images at the public rate
+   q = dpsgd-batch-size / D (D = the declared ``site-dataset-size``), compute each sampled
+   image's denoising loss, let Opacus compute per-sample gradients of the row (hooks on the
+   row's own ``nn.Embedding`` only: [B, 1, D], not [B, vocabulary, D]), clip each to L2 norm
+   C = dpsgd-max-grad-norm, sum, add N(0, (zC)^2 I), divide by the public expected batch size
+   q*D and take an Adam step;
 3. return the trained row. The server averages the sites' rows (post-processing).
 
 Non-private mode (``target-epsilon = inf``) uses the same Poisson batches and plain Adam on
@@ -28,9 +29,10 @@ Notes:
     from the run seed only with ``"seeded-insecure"`` (tests and replay; NOT private). Opacus'
     own ``secure_mode`` needs torchcsprng, which is not installed.
 
-    The sample rate q = B / n_site follows Opacus' convention of treating the site's image
-    count as public; the site reports q to the server (it needs it for the ledger), which
-    therefore learns n_site.
+    Opacus' convention takes q = B / n_site and divides by the expected batch q*n_site, so the
+    q and z a site reports reveal its image count. Here both come from the declared upper
+    bound D (:mod:`common.dp.dpsgd`): the server computes the same (z, q, steps) itself, and
+    a site holding more than D images refuses every round before training.
 """
 
 from __future__ import annotations
@@ -41,29 +43,25 @@ import torch
 from flwr.app import RecordDict
 from opacus import GradSampleModule
 
-from client.site_accountant import (
-    DPSGDBudget,
-    NoiseSourceDPOptimizer,
-    begin_round,
-    dpsgd_draws,
-    mean_loss,
-    poisson_step,
-    site_sample_rate,
-)
+from client.site_accountant import NoiseSourceDPOptimizer, begin_round, dpsgd_draws, mean_loss, poisson_step
 from client.ti import TISettings, build_prompts, initializer_vector, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
+from common.dp.dpsgd import DPSGDSchedule, dpsgd_schedule
 from common.dp.sampling import poisson_sample
 from common.textual_inversion import PlaceholderEmbedding
 
 log = logging.getLogger("privadapt.client")
 
-def dpsgd_budget(cfg: RunConfig) -> DPSGDBudget:
-    """The TI baseline plans ``dpsgd-rounds`` x ``dpsgd-local-steps`` steps for ``target-epsilon``."""
-    return DPSGDBudget(cfg.target_epsilon, cfg.target_delta, cfg.dpsgd_rounds * cfg.dpsgd_local_steps,
-                       cfg.noise_multiplier)
+def ti_schedule(cfg: RunConfig) -> DPSGDSchedule:
+    """The baseline's public DP-SGD schedule: ``dpsgd-rounds`` x ``dpsgd-local-steps`` steps
+    for ``target-epsilon`` at q = dpsgd-batch-size / declared site size."""
+    schedule = dpsgd_schedule(cfg)
+    if schedule is None:
+        raise ValueError("the DP-SGD textual-inversion baseline needs ti-method = 'dp-sgd'")
+    return schedule
 
 
 # ---- Opacus pieces ----------------------------------------------------------------------
@@ -104,7 +102,7 @@ def dpsgd_site_round(
         pipe: a frozen StableDiffusionPipeline (cached across rounds; left as found).
         images: the site's private images.
         settings: textual-inversion settings (placeholder, initializer, prompt, learning rate).
-        cfg: the run config (``dpsgd-*`` keys, ``target-epsilon``/``-delta``,
+        cfg: the run config (``dpsgd-*`` keys, ``site-dataset-size``, ``target-epsilon``/``-delta``,
             ``noise-multiplier``, ``privacy-randomness``, ``seed``).
         global_embedding: the server's current embedding, float [D].
         state: the site's persistent Flower ``context.state``; holds its accountant.
@@ -119,20 +117,22 @@ def dpsgd_site_round(
 
     Raises:
         ValueError: the round would take the site above ``target-epsilon`` (nothing is
-            trained, nothing is spent), or the inputs are malformed.
+            trained, nothing is spent), the site holds more images than the declared
+            ``site-dataset-size`` (:class:`~common.dp.dpsgd.DeclaredSizeExceeded`, every round,
+            before anything is spent), or the inputs are malformed.
     """
     dim = initializer_vector(pipe, settings).numel()
     start = global_embedding.detach().reshape(-1)
     if start.numel() != dim or not torch.isfinite(start).all():
         raise ValueError(f"site {site_index}: the server's embedding must be {dim} finite numbers, "
                          f"got shape {tuple(global_embedding.shape)} (finite: {bool(torch.isfinite(start).all())})")
-    n = len(images)
-    q = site_sample_rate(cfg.dpsgd_batch_size, n)
-    private = cfg.private
-    z, eps = begin_round(state, dpsgd_budget(cfg), sample_rate=q, steps=cfg.dpsgd_local_steps,
+    schedule = ti_schedule(cfg)
+    schedule.check_site_size(len(images), f"site {site_index}")  # before anything is spent
+    q = schedule.sample_rate
+    z, eps = begin_round(state, schedule.budget, sample_rate=q, steps=schedule.steps_per_round,
                          site_index=site_index, round_index=round_index)
 
-    vector, losses = _train_round(pipe, images, settings, cfg, start, z=z, q=q, private=private,
+    vector, losses = _train_round(pipe, images, settings, cfg, start, z=z, schedule=schedule, private=cfg.private,
                                   site_index=site_index, round_index=round_index)
     metrics: dict[str, float | int] = {
         keys.SITE_EPSILON: float(eps),
@@ -150,10 +150,12 @@ def dpsgd_site_round(
 
 
 def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig, global_embedding: torch.Tensor,
-                 *, z: float, q: float, private: bool, site_index: int,
+                 *, z: float, schedule: DPSGDSchedule, private: bool, site_index: int,
                  round_index: int) -> tuple[torch.Tensor, list[float]]:
-    """The trained embedding and the mean loss of every non-empty Poisson batch."""
-    n = len(images)
+    """``dpsgd-local-steps`` DP-SGD steps on Poisson batches at the schedule's public q over
+    the site's actual images; the clipped sum is divided by the public q*D (Abadi et al. 2016).
+    Returns the trained embedding and the mean loss of every non-empty Poisson batch."""
+    n, q = len(images), schedule.sample_rate
     device = pipe.unet.device
     start = global_embedding.detach().reshape(-1)
     # random draws: latents/diffusion noise (training), batches and DP noise (both secret)
@@ -169,7 +171,7 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
         adam = torch.optim.Adam([table.rows.weight], lr=settings.learning_rate)
         hooks = attach_per_sample_grads(table) if private else None
         optimizer = (NoiseSourceDPOptimizer(adam, noise=noise, noise_multiplier=z, max_grad_norm=cfg.dpsgd_max_grad_norm,
-                                            expected_batch_size=min(cfg.dpsgd_batch_size, n))
+                                            expected_batch_size=schedule.expected_batch_size)
                      if private else adam)
         losses: list[float] = []
         try:

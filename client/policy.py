@@ -11,6 +11,12 @@ names the site, the rule and the figures; the site logs it, and what reaches the
 the site's error reply) is only the fixed text :data:`common.reasons.SITE_POLICY` (see
 :func:`client.app.handle_train`), and the server leaves the site out.
 
+The plan is built from the same plan objects the server's ledger is charged with
+(:func:`server.plan.plan_record`): the accounted sampling rate (1 where no amplification by
+sampling is claimed), every attempt the plan pays for, and, where the sites run DP-SGD, the
+record-level (z, q, steps) the server computes from public settings. The site compares that
+DP-SGD plan with its own and refuses a different one, so what it reserves is what is charged.
+
 The lifetime ledger (``ledger`` in the policy) records, at the first round of every run the
 site joins, the whole planned spend of that run (every round of the plan, as the accountant
 must count them whether or not this site is sampled), and refuses a run whose plan would
@@ -184,10 +190,28 @@ def reserve_run(policy: SitePolicy, plan: RoundPlan, site: str) -> None:
     ledger.save(path)
 
 
+def sent_dpsgd_event(config: Mapping[str, Any]) -> PrivacyEvent | None:
+    """The record-level DP-SGD plan the server sent (z, q, steps over the run), if any."""
+    if keys.PLAN_DPSGD_NOISE_MULTIPLIER not in config:
+        return None
+    return PrivacyEvent(noise_multiplier=float(config[keys.PLAN_DPSGD_NOISE_MULTIPLIER]),
+                        sample_rate=float(config[keys.PLAN_DPSGD_SAMPLE_RATE]),
+                        steps=int(config[keys.PLAN_DPSGD_STEPS]), unit="record")
+
+
+def same_spend(a: PrivacyEvent, b: PrivacyEvent) -> bool:
+    """Whether two events spend the same: unit, steps, and (z, q) to float precision."""
+    return (a.unit == b.unit and a.steps == b.steps and math.isclose(a.noise_multiplier, b.noise_multiplier, rel_tol=1e-12)
+            and math.isclose(a.sample_rate, b.sample_rate, rel_tol=1e-12))
+
+
 def plan_from_message(config: Mapping[str, Any], run_id: int, record_event: PrivacyEvent | None) -> RoundPlan:
     """The plan the server sent in a round's ConfigRecord, as a :class:`RoundPlan`.
 
     ``record_event`` is the site's own DP-SGD plan (record-level), when it trains with DP-SGD.
+    The server computes the same plan from the same public settings and charges it; a sent
+    DP-SGD plan that differs from the site's own is refused (:class:`PolicyError`): the
+    server's ledger would not be what the site spends.
     """
     unit = str(config.get(keys.PLAN_UNIT, ""))
     z = float(config.get(keys.PLAN_NOISE_MULTIPLIER, 0.0))
@@ -196,8 +220,14 @@ def plan_from_message(config: Mapping[str, Any], run_id: int, record_event: Priv
     events: list[PrivacyEvent] = []
     if unit in ("record", "site") and z >= 0:
         events.append(PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=steps, unit=unit))  # type: ignore[arg-type]
-    if record_event is not None:
-        events.append(record_event)
+    sent = sent_dpsgd_event(config)
+    if sent is not None and record_event is not None and not same_spend(sent, record_event):
+        raise PolicyError(
+            f"the server's DP-SGD plan (z={sent.noise_multiplier:.6g}, q={sent.sample_rate:.6g}, {sent.steps} steps) "
+            f"differs from this site's own (z={record_event.noise_multiplier:.6g}, q={record_event.sample_rate:.6g}, "
+            f"{record_event.steps} steps): refusing before any training")
+    if record_event is not None or sent is not None:
+        events.append(record_event or sent)  # type: ignore[arg-type]
     method = str(config.get(keys.DEFENSE) or config.get(keys.METHOD, ""))
     return RoundPlan(
         run_id=run_id, round=int(config.get(keys.ROUND, 1)), adapter=str(config.get(keys.ADAPTER, "ti")),

@@ -5,7 +5,8 @@ Flower's Opacus example builds a fresh PrivacyEngine every round, so its account
 the rounds before and under-reports. Here the site appends each round's public parameters
 (z, q, steps) to a history kept in Flower's ``context.state`` and recomputes its epsilon from
 the whole history; it refuses a round that would exceed its target before touching a single
-image. Used by the DP-SGD textual-inversion baseline and by LoRA with defense ``dp-sgd``.
+image. Its (z, q) come from public settings only (:mod:`common.dp.dpsgd`: q = batch size /
+declared site size), so they are the server's too and reveal nothing of the site's data. Used by the DP-SGD textual-inversion baseline and by LoRA with defense ``dp-sgd``.
 
 DP-SGD: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016; Poisson batches and
 add/remove adjacency, accounted by Opacus' PRV (headline) and RDP accountants.
@@ -24,7 +25,8 @@ from flwr.app import ConfigRecord, RecordDict
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from common.dp import NoiseSource, PrivacyEvent, calibrate_noise_multiplier, epsilon
+from common.dp import NoiseSource, PrivacyEvent, epsilon
+from common.dp.dpsgd import DPSGDBudget, budget_noise_multiplier
 from common.dp.noise import privacy_noise
 from common.dp.sampling import SamplingSource, privacy_sampling
 from common.paths import derive_seed
@@ -52,24 +54,6 @@ class SiteRound:
         )
 
 
-@dataclass(frozen=True)
-class DPSGDBudget:
-    """The public settings a site's DP-SGD is planned with.
-
-    ``noise_multiplier`` >= 0 fixes z; < 0 calibrates z (PRV) so that ``total_steps`` steps
-    at the site's rate reach ``target_epsilon``. Non-private: z = 0, epsilon = inf.
-    """
-
-    target_epsilon: float
-    delta: float
-    total_steps: int
-    noise_multiplier: float = -1.0
-
-    @property
-    def private(self) -> bool:
-        return not math.isinf(self.target_epsilon)
-
-
 def load_history(state: RecordDict) -> list[SiteRound]:
     """The rounds this site has already spent (empty on the first round)."""
     record = state.get(STATE_KEY)
@@ -90,32 +74,25 @@ def site_epsilon(history: list[SiteRound], site_index: int, delta: float, accoun
     return epsilon([h.event(site_index) for h in history], delta, accountant)  # type: ignore[arg-type]
 
 
-def site_sample_rate(batch_size: int, num_images: int) -> float:
-    """Poisson rate q giving an expected batch of ``batch_size`` (1 if the site has fewer)."""
-    if num_images < 1:
-        raise ValueError("a site needs at least one image")
-    return min(1.0, batch_size / num_images)
-
-
 def _calibration_key(budget: DPSGDBudget, sample_rate: float) -> dict[str, float | int]:
     return {"target_epsilon": budget.target_epsilon, "delta": budget.delta, "sample_rate": sample_rate,
             "steps": budget.total_steps}
 
 
 def site_noise_multiplier(budget: DPSGDBudget, sample_rate: float, state: RecordDict) -> float:
-    """z for every round of this site. The calibration is cached in ``state`` (it is
-    deterministic in public settings and costs seconds)."""
-    if not budget.private:
-        return 0.0
-    if budget.noise_multiplier >= 0:
-        return float(budget.noise_multiplier)
+    """z for every round of this site (:func:`common.dp.dpsgd.budget_noise_multiplier`, the
+    server's too). A calibration is cached in ``state``: it is deterministic in public settings
+    and costs seconds."""
+    if not budget.private or budget.noise_multiplier >= 0:
+        return budget_noise_multiplier(budget, sample_rate)
     key = _calibration_key(budget, sample_rate)
     record = state.get(STATE_KEY)
     cached = json.loads(str(record["calibration"])) if record is not None else None
     if cached and cached.get("key") == key:
         return float(cached["noise_multiplier"])
-    return calibrate_noise_multiplier(budget.target_epsilon, budget.delta, sample_rate,
-                                      steps=budget.total_steps, unit="record", accountant="prv")
+    z = budget_noise_multiplier(budget, sample_rate)
+    save_history(state, load_history(state), {"key": key, "noise_multiplier": z})
+    return z
 
 
 def begin_round(state: RecordDict, budget: DPSGDBudget, *, sample_rate: float, steps: int, site_index: int,
@@ -144,12 +121,15 @@ class NoiseSourceDPOptimizer(DPOptimizer):
     """Opacus' DPOptimizer (per-sample clipping, sum, noise, scaling by the expected batch
     size) with the Gaussian noise drawn from a :class:`~common.dp.NoiseSource`.
 
+    ``expected_batch_size`` must be public: q*D from the declared site size D
+    (:attr:`common.dp.dpsgd.DPSGDSchedule.expected_batch_size`), never a count of the site's images.
+
     Only ``add_noise`` differs from Opacus 1.6: it adds N(0, (z*C)^2) per coordinate of the
     clipped sum, as Opacus does, but from privadapt's explicit noise source.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, noise: NoiseSource, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int) -> None:
+                 max_grad_norm: float, expected_batch_size: float) -> None:
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction="mean")
         self.noise = noise

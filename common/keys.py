@@ -16,12 +16,17 @@ DEFENSE = "defense"  # LoRA: the local training the site must run
 ADAPTER = "adapter"
 AGGREGATION = "aggregation"  # "central" (server adds the noise), "secure", "distributed"
 # the run's privacy plan, sent with every round so that sites can check it against their policy
-PLAN_UNIT = "plan-unit"  # "record", "site", or "" when each site plans its own (DP-SGD TI)
+PLAN_UNIT = "plan-unit"  # "record", "site", or "" when the server adds no noise (DP-SGD TI)
 PLAN_NOISE_MULTIPLIER = "plan-noise-multiplier"
 PLAN_SAMPLE_RATE = "plan-sample-rate"
 PLAN_STEPS = "plan-steps"  # compositions of (z, q) in the whole run
 PLAN_ROUNDS = "plan-rounds"
 PLAN_DELTA = "plan-delta"
+# the record-level DP-SGD each site runs (TI baseline, LoRA defense dp-sgd), from public settings
+# only: the server charges it, and a site refuses a round whose plan differs from its own
+PLAN_DPSGD_NOISE_MULTIPLIER = "plan-dpsgd-noise-multiplier"
+PLAN_DPSGD_SAMPLE_RATE = "plan-dpsgd-sample-rate"  # dpsgd-batch-size / declared site-dataset-size
+PLAN_DPSGD_STEPS = "plan-dpsgd-steps"  # DP-SGD steps of one site over the whole run
 
 # MetricRecord entries (DP-SGD baseline only: every value here depends on public settings)
 SITE_EPSILON = "site-record-epsilon"

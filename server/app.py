@@ -76,9 +76,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
                                max_site_norm=cfg.dataset_size * cfg.clip_norm, timeout=cfg.round_timeout,
                                control=run_control(cfg, out, unit="record", plan={
                                    "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}))
-    attempts = cfg.num_releases + cfg.planned_attempts_extra
-    plan_sent = plan_record(cfg, unit="record", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                            steps=attempts, rounds=attempts, aggregation=cfg.aggregation)
+    plan_sent = plan_record(cfg, plan)  # exactly what the ledger is charged
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=cfg.num_releases, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     vector, post = postprocess(strategy.mean_release(), init, cfg)

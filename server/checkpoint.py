@@ -43,11 +43,15 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_VERSION = 1
 
 # Keys that may change between a run and its resumption without changing what the rounds
-# compute: where and how to resume, the number of rounds (a longer run goes on; the plan's
-# noise is compared separately and the budget is enforced before every release), and what is
-# done after the last round (samples) or where (device: results may then differ in the last bits).
+# compute: where and how to resume, the number of rounds the server runs (a longer run goes
+# on: a calibrated z changes with it, and the plan's (z, q), record-level ones included, are
+# compared separately; a fixed z meets the budget check before every release, which stops the
+# run before it passes the target), and what is done after the last round (samples) or where
+# (device: results may then differ in the last bits). ``dpsgd-rounds`` is fingerprinted: it
+# sets the total steps every SITE calibrates its own DP-SGD noise and its own accountant for,
+# outside the server's checkpoint, so changing it on resume would change what the sites spend.
 NOT_FINGERPRINTED = frozenset({
-    "resume", "output-dir", "rounds", "num-releases", "dpsgd-rounds", "device",
+    "resume", "output-dir", "rounds", "num-releases", "device",
     "sample-prompts", "sample-steps", "sample-guidance", "round-timeout",
 })
 
@@ -144,7 +148,7 @@ class CheckpointStore:
         if ckpt.fingerprint != self.fingerprint:
             raise CheckpointError(
                 f"{self.path} was written by a run with another config (fingerprint {ckpt.fingerprint[:12]} != "
-                f"{self.fingerprint[:12]}); only rounds, num-releases, dpsgd-rounds, device, round-timeout and the "
+                f"{self.fingerprint[:12]}); only rounds, num-releases, device, round-timeout and the "
                 "sample-* keys may change on resume. Use another output-dir for a new run.")
         if ckpt.plan != self.plan:
             raise CheckpointError(

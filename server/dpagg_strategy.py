@@ -7,6 +7,11 @@ public expected count q*N. The release's privacy event goes into the ledger, whi
 after every release. A site whose reply is missing or invalid is left out of the sum; the
 noise and the denominator stay those of the plan, so the guarantee for every record is
 unchanged (a missing site only removes signal).
+
+Whether a release happens depends on who answered, so an attempt that releases nothing is
+charged like a release: with central noise when no valid sum (or fewer than ``min-sites``)
+arrived; with secure aggregation when the secure sum cannot form (fewer than 2 sites, fewer
+than the threshold answering) or fewer than ``min-sites`` survived it.
 """
 
 from __future__ import annotations
@@ -74,8 +79,7 @@ class DPAggTIStrategy(LedgerStrategy):
     def next_event(self, server_round: int) -> PrivacyEvent | None:
         if self.plan.noise_multiplier == 0:
             return None  # non-private run
-        return PrivacyEvent(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.sample_rate,
-                            unit="record", label=f"dpagg-ti release {server_round}")
+        return self.plan.charged_event(label=f"dpagg-ti release {server_round}")
 
     def state_dict(self) -> dict:
         return {"releases": [r.clone() for r in self.releases], "contributors": [list(c) for c in self.contributors],
@@ -115,15 +119,31 @@ class DPAggTIStrategy(LedgerStrategy):
         released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
                                   denominator=self.plan.denominator, sample_rate=self.plan.sample_rate, unit="record",
                                   label=f"dpagg-ti release {server_round} ({self.aggregation})")
-        if released is None:
-            log.warning("release %d: no secure sum (%s); nothing released, no privacy spent", server_round,
+        if released is None:  # no secure sum formed: whether it did depends on who took part
+            log.warning("release %d: no secure sum (%s); nothing released, charged as one attempt", server_round,
                         secure.error or "no site")
             self.rejected.append({"release": server_round, "node": None, "reason": NO_SECURE_SUM})
-            return None, None
+            return self._charge_unreleased(server_round, 0, why="no secure sum formed")
         mean, event = released
         for node in secure.result.dropped:
             self.rejected.append({"release": server_round, "node": node, "reason": SECAGG_DROPPED})
+        if self.is_short(len(secure.result.survivors)):  # min-sites counts the survivors
+            return self._charge_unreleased(server_round, len(secure.result.survivors), event=event)
         return self._record_release(server_round, mean, event, array(NODE_ARRAY, secure.result.survivors))
+
+    def _charge_unreleased(self, server_round: int, valid: int, *, event: PrivacyEvent | None = None,
+                           why: str = "") -> tuple[None, None]:
+        """An attempt that releases nothing is charged as one release (``event``, the one the
+        server saw, or the plan's), so the ledger never says less than was observable; it is
+        short (retried under ``short-round = retry``)."""
+        self.short = True
+        event = event or self.next_event(server_round)
+        why = why or f"{valid} valid site sum(s) (min-sites {self.control.min_sites})"
+        log.warning("release %d: %s; nothing released%s", server_round, why, "; charged as one release" if event else "")
+        if event is not None:
+            self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not released)"}))
+            self.save_ledger()
+        return None, None
 
     def _record_release(self, server_round: int, released: dict, event, used: array):
         self.ledger.record(event)
@@ -162,16 +182,7 @@ class DPAggTIStrategy(LedgerStrategy):
             del reply  # before the stream's next pull: only the block may keep a reply (server.blocks)
         total = sums.result()
         if total is None or self.is_short(len(used)):
-            # Whether a release happens depends on who answered: the attempt is charged as one
-            # release although nothing is released, so the ledger never says less than was observable.
-            self.short = True
-            event = self.next_event(server_round)
-            log.warning("release %d: %d valid site sum(s) (min-sites %d); nothing released%s", server_round, len(used),
-                        self.control.min_sites, "; charged as one release" if event else "")
-            if event is not None:
-                self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not released)"}))
-                self.save_ledger()
-            return None, None
+            return self._charge_unreleased(server_round, len(used))
         released, event = self.mechanism.release(
             total, denominator=self.plan.denominator, noise=self.noise, sample_rate=self.plan.sample_rate,
             unit="record", label=f"dpagg-ti release {server_round}",

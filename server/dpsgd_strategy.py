@@ -14,6 +14,13 @@ record-level DP; the mean is post-processing. Each site's rounds compose (scope
 (parallel composition), which is what :class:`~common.dp.PrivacyLedger` reports. The ledger
 holds one event per site reply whose privacy report could be read, including replies whose
 embedding was then rejected (the server saw them), and is saved after every round.
+
+Every site's (z, q, steps) are public and known to the server beforehand
+(:class:`~server.plan.DPSGDPlan`: q = dpsgd-batch-size / the declared ``site-dataset-size``,
+z calibrated for the whole run at that q, as each site calibrates it), so nothing the sites
+report reveals their image counts. The server sends that plan with every round (a site
+refuses a different one), rejects a report that differs from it, and stops the run before a
+round would take the most-spent site past ``target-epsilon``.
 """
 
 from __future__ import annotations
@@ -33,11 +40,11 @@ from client.app import sends_diagnostics, ti_settings
 from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
-from common.dp import PrivacyLedger, epsilon
+from common.dp import PrivacyEvent, PrivacyLedger, epsilon
+from common.reasons import public_rejections
 from server.aggregation import diagnostics_statement, seeded_insecure
 from server.export import embedding_metrics
-from server.plan import plan_record
-from common.reasons import public_rejections
+from server.plan import EACH_SITE, DPSGDPlan, plan_dpsgd, plan_record
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_vector
 from server.sites import NODE_ARRAY, Instructions, SiteDiagnostics
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
@@ -60,7 +67,7 @@ class DPSGDTIStrategy(LedgerStrategy):
     """Federated DP-SGD textual inversion: broadcast, collect, check, uniform mean, account."""
 
     def __init__(self, *, ledger: PrivacyLedger, initial: torch.Tensor, ledger_path: Path | None = None,
-                 control: RunControl | None = None) -> None:
+                 control: RunControl | None = None, plan: DPSGDPlan | None = None) -> None:
         initial = initial.detach().reshape(-1).to(torch.float32).cpu()
         if not torch.isfinite(initial).all():
             raise ValueError("the initial embedding has NaN or infinite entries")
@@ -70,6 +77,14 @@ class DPSGDTIStrategy(LedgerStrategy):
         self.contributors: list[array] = []  # per round: nodes whose embedding entered the mean (8 B each)
         self.reported_epsilons: dict[str, float] = {}  # scope -> the latest epsilon the site reported
         self.rejected: list[dict] = []  # {"round", "node", "reason"}: reasons from common.reasons only
+        self.plan = plan  # the sites' record-level plan (None: non-private, nothing to charge)
+
+    def next_event(self, server_round: int) -> PrivacyEvent | None:
+        """One round of the plan on each site (scope :data:`~server.plan.EACH_SITE`): the budget
+        check composes it with the most-spent site's rounds."""
+        if self.plan is None or self.plan.noise_multiplier == 0:
+            return None
+        return self.plan.charged_event(label=f"dp-sgd round {server_round}", scope=EACH_SITE)
 
     def state_dict(self) -> dict:
         return {"global_embedding": self.global_embedding.clone(), "contributors": [list(c) for c in self.contributors],
@@ -126,6 +141,8 @@ class DPSGDTIStrategy(LedgerStrategy):
         self.ledger.record(event)
         self.reported_epsilons[event.scope] = report.epsilon
         try:
+            if self.plan is not None:
+                report.check_planned(self.plan.charged_event())
             return node, read_vector(reply, keys.EMBEDDING, self.dim)
         except ReplyError as err:
             self._reject(server_round, node, err)
@@ -187,14 +204,12 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     settings = ti_settings(cfg)
     init = initializer_vector(pipe, settings)
     ledger = PrivacyLedger(delta=cfg.target_delta)
-    # each site adds its own noise: the server has no (z, q) of its own to check or to pin on resume
-    strategy = DPSGDTIStrategy(ledger=ledger, initial=init, ledger_path=out / "ledger.json",
-                               control=run_control(cfg, out, unit="record", plan={}))
-    # each site plans its own DP-SGD noise (its q depends on its image count): no server-side unit
-    plan_sent = plan_record(cfg, unit="", noise_multiplier=-1.0, sample_rate=1.0, steps=cfg.dpsgd_rounds,
-                            rounds=cfg.dpsgd_rounds)
+    plan = plan_dpsgd(cfg)  # every site's (z, q, steps), from public settings: the server checks and charges it
+    pinned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+    strategy = DPSGDTIStrategy(ledger=ledger, initial=init, ledger_path=out / "ledger.json", plan=plan,
+                               control=run_control(cfg, out, unit="record", plan=pinned))
     strategy.start(grid=grid, initial_arrays=embedding_record(init), num_rounds=cfg.dpsgd_rounds, timeout=cfg.round_timeout,
-                   train_config=ConfigRecord(plan_sent))
+                   train_config=ConfigRecord(plan_record(cfg, None, dpsgd=plan)))
     if not any(strategy.contributors):
         raise RuntimeError("no DP-SGD round produced a valid site embedding: nothing to publish")
     vector = strategy.global_embedding.clone()
@@ -212,25 +227,27 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "private": cfg.private,
         "mechanism": "DP-SGD textual inversion (the baseline of Peetathawatchai et al. 2024): one shared embedding, "
                      "trained on each site with Opacus DP-SGD (each sampled image's gradient clipped to L2 norm C, "
-                     "N(0, (zC)^2) noise added to the sum, divided by the expected batch size, Poisson batches at "
-                     "rate q = batch size / site images), averaged uniformly over the sites every round",
+                     "N(0, (zC)^2) noise added to the sum, divided by the public expected batch size q*D, Poisson "
+                     "batches at rate q = batch size / D, D = the declared site-dataset-size), averaged uniformly over "
+                     "the sites every round",
         "epsilon": eps,
         "headline_accountant": "prv",
         "delta": cfg.target_delta,
         "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
-        "sample_rate": max(rates.values()),  # the worst site's; per site below
-        "noise_multiplier": min(noises.values()),  # the worst site's; per site below
+        "sample_rate": plan.sample_rate,  # public: every site's (per site below, as reported)
+        "noise_multiplier": plan.noise_multiplier,
         "site_sample_rates": rates,
         "site_noise_multipliers": noises,
+        "declared_site_size": plan.declared_site_size,
         "clip_norm": cfg.dpsgd_max_grad_norm,
         "bound": "clip",
         "centered": False,
         "declared_num_images": cfg.dataset_size,
-        "denominator": float(cfg.dpsgd_batch_size),  # expected batch size (a site's image count if smaller)
+        "denominator": plan.expected_batch_size,  # q*D: the public expected batch size
         "num_sites": len({n for used in strategy.contributors for n in used}),
         "sites_per_release": [len(used) for used in strategy.contributors],
         "num_releases": len(strategy.contributors),
-        "sampling": "poisson" if any(q < 1 for q in rates.values()) else "none (every image used)",
+        "sampling": "poisson" if plan.sample_rate < 1 else "none (every image used)",
         "adjacency": "add/remove one image",
         "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
         "composition": "each site's rounds compose (scope site-<index>); sites hold disjoint images, so the run's "
@@ -250,8 +267,15 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
             "max_grad_norm": cfg.dpsgd_max_grad_norm,
             "learning_rate": cfg.learning_rate,
             "optimizer": "Adam",
-            "noise_multiplier": (0.0 if not cfg.private else cfg.noise_multiplier if cfg.noise_multiplier >= 0
-                                 else "calibrated on each site (PRV) for rounds x local steps at its own q"),
+            "noise_multiplier": plan.noise_multiplier,
+            "noise_multiplier_source": ("none (non-private)" if not cfg.private else "fixed by noise-multiplier"
+                                        if cfg.noise_multiplier >= 0 else
+                                        "calibrated (PRV) for rounds x local steps at the declared q, by the server "
+                                        "and by each site alike"),
+            "sample_rate": plan.sample_rate,
+            "declared_site_size": plan.declared_site_size,
+            "planned_epsilon_prv": _none_if_inf(plan.planned_epsilon_prv),
+            "planned_epsilon_rdp": _none_if_inf(plan.planned_epsilon_rdp),
         },
         "events": [e.to_dict() for e in ledger.events],
         "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},

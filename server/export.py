@@ -91,6 +91,18 @@ def fmt_eps(eps: float | None) -> str:
     return "infinity (no privacy)" if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f"{eps:.3f}"
 
 
+def noise_std_words(p: dict) -> str:
+    """"z*C = z x C" as the card states it: the z the releases achieved. Where distributed
+    dropouts lowered it (``achieved_noise_multipliers`` below the plan's z), the smallest
+    achieved z is stated, with the plan's next to it; never the plan's alone."""
+    planned, clip = p["noise_multiplier"], p["clip_norm"]
+    lowest = min((z for z in p.get("achieved_noise_multipliers") or () if z is not None), default=planned)
+    if lowest < planned:
+        return (f"z*C = {lowest:.4g} x {clip:g} at the least (the smallest achieved z, lowered from the planned "
+                f"{planned:.4g} where sites dropped out of distributed noise)")
+    return f"z*C = {planned:.4g} x {clip:g}"
+
+
 def dpagg_steps(p: dict) -> list[str]:
     post = "; ".join(p["post_processing"]) or "none"
     return [
@@ -99,7 +111,7 @@ def dpagg_steps(p: dict) -> list[str]:
         f"- Each image was kept with probability q = {p['sample_rate']:g} (Poisson sampling), its embedding "
         f"{'centred on the initializer token and ' if p['centered'] else ''}"
         f"{'clipped' if p['bound'] == 'clip' else 'normalized'} to L2 norm C = {p['clip_norm']:g}.",
-        f"- Gaussian noise with standard deviation z*C = {p['noise_multiplier']:.4g} x {p['clip_norm']:g} was added once "
+        f"- Gaussian noise with standard deviation {noise_std_words(p)} was added once "
         f"to the sum over all sites, which was then divided by the public expected count q*N = {p['denominator']:g}.",
         f"- Releases: {p['num_releases']}. Post-processing (free under DP): {post}.",
     ]
@@ -112,7 +124,9 @@ def dpsgd_steps(p: dict) -> list[str]:
         f"- Method: {p['mechanism']}.",
         f"- Sites that contributed: {p['num_sites']}; rounds: {p['num_releases']}, each with "
         f"{plan['local_steps_per_round']} local DP-SGD steps (expected batch {plan['batch_size']}) per site.",
-        f"- Per-example gradients clipped to L2 norm C = {p['clip_norm']:g}; per site sampling rate and noise multiplier: {per_site}.",
+        f"- Per-example gradients clipped to L2 norm C = {p['clip_norm']:g}; Poisson batches at the public rate "
+        f"q = {p['sample_rate']:.4g} (batch size / the declared site size D = {p.get('declared_site_size')}), the "
+        f"clipped sum divided by q*D = {p['denominator']:g}; per site sampling rate and noise multiplier: {per_site}.",
         f"- Composition: {p['composition']}.",
         f"- Post-processing (free under DP): {'; '.join(p['post_processing']) or 'none'}.",
     ]
@@ -229,9 +243,10 @@ def fedavg_steps(p: dict) -> list[str]:
         f"- Local training: {p['defense_description']}.",
         f"- Rounds: {p['num_rounds']}; each of the K = {p['num_sites_declared']} sites took part in a round with "
         f"probability q = {p['sample_rate']:g} (sampling: {p['sampling']}); {plan['local_steps']} local steps per round.",
-        f"- Each site's delta was clipped to L2 norm C = {p['clip_norm']:g} over all adapter tensors; the server added "
-        f"Gaussian noise of standard deviation z*C = {p['noise_multiplier']:.4g} x {p['clip_norm']:g} to the sum and "
-        f"divided by the public expected count q*K = {p['denominator']:g} (uniform weights).",
+        (f"- Each site's delta was clipped to L2 norm C = {p['clip_norm']:g} over all adapter tensors; "
+         f"Gaussian noise of standard deviation {noise_std_words(p)} was added to the sum, which was "
+         f"divided by the public expected count q*K = {p['denominator']:g} (uniform weights)." if p["private"] else
+         "- Non-private: the deltas were neither clipped nor noised; the adapter moved by their plain mean."),
         f"- Adapter: LoRA rank {p['adapter']['rank']}, alpha {p['adapter']['alpha']:g}, on "
         f"{', '.join(p['adapter']['targets'])}{' and the text encoder' if p['adapter']['text_encoder'] else ''}.",
     ]

@@ -23,7 +23,7 @@ from common.paths import derive_seed
 from common.wire import tree_record
 from server.aggregation import diagnostics_statement, noise_description, sampling_description, trust_model
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import plan_fedavg, plan_record
+from server.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
 from server.strategy_base import reliability_report, run_control
 
 DEFENSES = {
@@ -48,10 +48,20 @@ def server_noise(cfg: RunConfig) -> tuple[NoiseSource, SamplingSource]:
             privacy_sampling(cfg.secret_randomness, cfg.seed, "site-sampling"))
 
 
+def checkpoint_plan(plan: FedAvgPlan, dpsgd: DPSGDPlan | None) -> dict[str, float]:
+    """The (z, q) a resumed run must share with its checkpoint: the site-level ones and, with
+    DP-SGD sites, the record-level ones (both change with the number of rounds when calibrated)."""
+    pinned = {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate}
+    if dpsgd is not None:
+        pinned.update(record_noise_multiplier=dpsgd.noise_multiplier, record_sample_rate=dpsgd.sample_rate)
+    return pinned
+
+
 def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     """Run ``rounds`` rounds of DP-FedAvg; leave the final global adapter loaded in ``pipe``
     and return the privacy report, public metrics and per-round diagnostics."""
     plan = plan_fedavg(cfg)
+    dpsgd = plan_dpsgd(cfg) if cfg.private else None  # the sites' record-level DP-SGD (defense dp-sgd)
     spec = lora_spec(cfg)
     attach_lora(pipe, spec, seed=derive_seed(cfg.seed, "lora-init"))
     initial = lora_state(pipe, spec)
@@ -62,12 +72,11 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         plan=plan, mechanism=mechanism, noise=noise, sampling=sampling, ledger=ledger, initial=initial,
         defense=cfg.defense, private=cfg.private, server_learning_rate=cfg.server_learning_rate,
         num_sites=cfg.num_sites, ledger_path=out / "ledger.json", aggregation=cfg.aggregation, timeout=cfg.round_timeout,
-        control=run_control(cfg, out, unit="site", plan={"noise_multiplier": plan.noise_multiplier,
-                                                         "sample_rate": plan.sample_rate}),
+        control=run_control(cfg, out, unit="site", plan=checkpoint_plan(plan, dpsgd),
+                            other_targets={"record": cfg.record_epsilon_target} if dpsgd else None),
+        dpsgd=dpsgd,
     )
-    attempts = cfg.rounds + cfg.planned_attempts_extra
-    plan_sent = plan_record(cfg, unit="site", noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                            steps=attempts, rounds=attempts, aggregation=cfg.aggregation)
+    plan_sent = plan_record(cfg, plan, dpsgd=dpsgd)  # exactly what the ledger is charged
     strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     load_lora_state(pipe, spec, strategy.global_state)
@@ -83,13 +92,16 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "mechanism": "DP-FedAvg (McMahan et al. 2018): Poisson-subsampled sites, each site's LoRA delta clipped to "
                      "L2 norm C over all adapter tensors, Gaussian noise N(0, (zC)^2) added once to the sum, divided "
                      "by the public expected count q*K",
-        "epsilon": summary if private else {"site": {"prv": None, "rdp": None}},
+        # a run stopped before its first release (too many sites, no budget) spent nothing
+        "epsilon": {"site": {"prv": 0.0, "rdp": 0.0}, **summary} if private else {"site": {"prv": None, "rdp": None}},
         "headline_accountant": "prv",
         "delta": cfg.target_delta,
         "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
         "record_target_epsilon": (cfg.record_epsilon_target if cfg.defense == "dp-sgd" and private else None),
         "sample_rate": plan.sample_rate,
         "noise_multiplier": plan.noise_multiplier,
+        "achieved_noise_multipliers": [r.achieved_noise_multiplier for r in strategy.rounds
+                                       if r.achieved_noise_multiplier is not None],
         "clip_norm": cfg.lora_clip_norm if private else None,
         "num_sites_declared": strategy.num_sites,
         "denominator": strategy.denominator if private else "number of sites that answered (plain mean)",
@@ -114,6 +126,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         **reliability_report(strategy),
         "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
                  "server_learning_rate": cfg.server_learning_rate},
+        "record_plan": dpsgd.to_dict() if dpsgd else None,
         "events": [e.to_dict() for e in ledger.events],
         "adapter": {"type": "lora", "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
                     "text_encoder": spec.text_encoder, "parameters": sum(v.numel() for v in initial.values())},

@@ -11,16 +11,26 @@ Models" (ICLR 2018), Alg. 1 with the fixed-denominator estimator: every round
 3. the server checks every reply (keys, shapes, dtype, finite, norm <= C), re-bounds it with
    the shared :class:`~common.dp.GaussianSumMechanism` (a no-op within float32 rounding, so
    the sensitivity is exactly C), sums, adds N(0, (zC)^2 I) once and divides by the public
-   expected count q*K: uniform weights, never example counts;
+   expected count q*K: uniform weights, never example counts. K is the DECLARED number of
+   sites (``num-sites``), never the number that connected: the update's norm, about
+   zC*sqrt(d)/(qK), would otherwise reveal how many sites exist. More connected sites than
+   declared stop the run before the round releases anything (:class:`TooManySites`); fewer
+   are fine (the denominator stays q*K);
 4. the global adapter moves by ``server-learning-rate`` times that noisy mean, and the round
    is written into the ledger as one site-level event (q, z). T rounds compose.
 
 The noise and the denominator are those of the plan whatever happens to the replies: a site
 that is rejected or drops out only removes signal, and a round in which no site answers
 still releases (and pays for) pure noise, so the accounting never depends on who answered.
+With secure aggregation a round whose secure sum cannot form (fewer than 2 sampled, fewer
+than the threshold answering) releases nothing but is charged all the same, as is a round
+with fewer survivors than ``min-sites``: whether it formed depends on who took part.
 
 With defense ``dp-sgd`` every site also reports the public parameters of its own DP-SGD
 (record-level, scope ``site-<index>``); those events enter the same ledger as unit "record".
+The server knows them beforehand (:class:`~server.plan.DPSGDPlan`, from the declared site
+size), checks every report against them and stops the run before the record-level budget
+is passed.
 
 Non-private mode (target-epsilon = inf): every site, no clipping, no noise, the plain mean of
 the deltas that arrived.
@@ -47,11 +57,11 @@ from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import Layout, packed_record, tree_record
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
-from server.plan import FedAvgPlan
 from common.reasons import NO_SECURE_SUM, SECAGG_DROPPED, public_rejections
+from server.plan import EACH_SITE, DPSGDPlan, FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_update
 from server.sites import NODE_ARRAY, Instructions, NodeSet, SiteDiagnostics, node_array
-from server.strategy_base import LedgerStrategy, RunControl
+from server.strategy_base import LedgerStrategy, RunControl, TooManySites
 
 log = logging.getLogger("privadapt.server")
 
@@ -69,7 +79,7 @@ class RoundLog:
     ignored: list[int] = field(default_factory=list)
     noise_norm: float = 0.0
     update_norm: float = 0.0
-    achieved_noise_multiplier: float | None = None  # distributed noise: z * sqrt(survivors / entered)
+    achieved_noise_multiplier: float | None = None  # the release's z (distributed: z * sqrt(survivors / entered))
     # the used sites' diagnostics as running sums per name (server.sites): nothing per site
     diagnostics: SiteDiagnostics = field(default_factory=lambda: SiteDiagnostics(keys.DIAGNOSTICS))
     short: bool = False  # fewer valid sites than min-sites: charged, not applied
@@ -149,9 +159,12 @@ class DPFedAvgLoRA(LedgerStrategy):
         aggregation: str = "central",
         timeout: float = 3600.0,
         control: RunControl | None = None,
+        dpsgd: DPSGDPlan | None = None,
     ) -> None:
         if mechanism.noise_multiplier != plan.noise_multiplier:
             raise ValueError("the mechanism's noise multiplier must be the plan's")
+        if private and num_sites < 1:
+            raise ValueError("a private DP-FedAvg run needs the declared public number of sites K (num-sites >= 1)")
         super().__init__(ledger=ledger, ledger_path=ledger_path, control=control)
         self.plan = plan
         self.mechanism = mechanism
@@ -162,7 +175,8 @@ class DPFedAvgLoRA(LedgerStrategy):
         self.defense = defense
         self.private = private
         self.server_learning_rate = server_learning_rate
-        self.num_sites = num_sites  # K, fixed at the first round if not declared
+        self.num_sites = num_sites  # the declared public K (0: undeclared, non-private runs only)
+        self.dpsgd = dpsgd if private and defense == "dp-sgd" else None  # the sites' record-level plan
         self.rounds: list[RoundLog] = []
         self.reported_record_epsilons: dict[str, float] = {}
         self.aggregation = aggregation
@@ -183,8 +197,14 @@ class DPFedAvgLoRA(LedgerStrategy):
     def next_event(self, server_round: int) -> PrivacyEvent | None:
         if not self.private:
             return None
-        return PrivacyEvent(noise_multiplier=self.plan.noise_multiplier, sample_rate=self.plan.accounting_sample_rate,
-                            unit="site", label=f"dp-fedavg lora round {server_round}")
+        return self.plan.charged_event(label=f"dp-fedavg lora round {server_round}")
+
+    def next_events(self, server_round: int) -> list[PrivacyEvent]:
+        """The site-level release and, with DP-SGD sites, the record-level round each site spends."""
+        events = super().next_events(server_round)
+        if self.dpsgd is not None:
+            events.append(self.dpsgd.charged_event(label=f"dp-sgd round {server_round}", scope=EACH_SITE))
+        return events
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs: adapter, K, round logs, site reports, and the
@@ -203,7 +223,9 @@ class DPFedAvgLoRA(LedgerStrategy):
         if tree_shapes(restored) != self.shapes:
             raise ValueError("the checkpointed adapter does not have this run's tensors and shapes")
         self.global_state = restored
-        self.num_sites = int(state["num_sites"])
+        if self.private and int(state["num_sites"]) != self.num_sites:
+            raise ValueError(f"the checkpoint was made with K = {state['num_sites']} sites, this run declares "
+                             f"num-sites = {self.num_sites}")
         self.rounds = [RoundLog.from_state(r) for r in state["rounds"]]
         self.reported_record_epsilons = dict(state["reported_record_epsilons"])
         self.noise.set_state(state["noise"])
@@ -216,16 +238,18 @@ class DPFedAvgLoRA(LedgerStrategy):
     def current_arrays(self) -> ArrayRecord:
         return tree_record(self.global_state)
 
+    def check_connected(self, server_round: int, connected: int) -> None:
+        """Raise :class:`TooManySites` (the run stops before this round releases anything) when
+        more sites are connected than the declared K: q*K would under-count them, and the
+        guarantee for one site assumes at most K. Fewer is fine: the denominator stays q*K."""
+        if self.private and connected > self.num_sites:
+            raise TooManySites(f"round {server_round}: {connected} sites are connected but num-sites declares "
+                               f"{self.num_sites}: stopping before any release (declare the number of sites that "
+                               "may take part)")
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         nodes = node_array(grid.get_node_ids())  # sorted ids, 8 B each: Flower's list of ints is not kept
-        if self.num_sites == 0:
-            self.num_sites = len(nodes)
-            if self.num_sites == 0:
-                raise RuntimeError("no site is connected: cannot fix the public site count K")
-            log.info("DP-FedAvg: K = %d connected sites (public; denominator q*K = %g)", self.num_sites, self.denominator)
-        elif len(nodes) > self.num_sites:
-            log.warning("round %d: %d nodes connected but num-sites declares %d; the denominator stays q*K = %g",
-                        server_round, len(nodes), self.num_sites, self.denominator)
+        self.check_connected(server_round, len(nodes))
         picked = poisson_sample(len(nodes), self.plan.sample_rate, self.sampling).numpy()
         chosen = array(NODE_ARRAY, np.frombuffer(nodes, dtype=np.uint64)[picked].tobytes())  # sorted, as nodes
         self.rounds.append(RoundLog(round=server_round, sampled=chosen))
@@ -250,13 +274,15 @@ class DPFedAvgLoRA(LedgerStrategy):
         released = release_secure(secure, mode=self.aggregation, mechanism=self.mechanism, noise=self.noise,
                                   denominator=self.denominator, sample_rate=self.plan.accounting_sample_rate,
                                   unit="site", label=f"dp-fedavg lora round {entry.round} ({self.aggregation})")
-        if released is None:
+        if released is None:  # no secure sum formed: whether it did depends on who took part
             entry.rejected.append({"node": None, "reason": NO_SECURE_SUM})
-            return None, MetricRecord({"sites": 0})
+            return self._short_round(entry, why="no secure sum formed")
         mean, event = released
+        entry.achieved_noise_multiplier = event.noise_multiplier
+        if self.is_short(len(entry.used)):  # min-sites counts the survivors
+            return self._short_round(entry, event)
         self.ledger.record(event)
         self.save_ledger()
-        entry.achieved_noise_multiplier = event.noise_multiplier
         if self.aggregation == "secure":  # the server drew the noise: it knows its norm
             total = secure.result.total
             entry.noise_norm = flat_norm({k: mean[k] - total[k] / self.denominator for k in mean})
@@ -276,6 +302,8 @@ class DPFedAvgLoRA(LedgerStrategy):
         report = read_site_report(reply)
         self.ledger.record(report.event(entry.round, node))
         self.reported_record_epsilons[f"site-{report.index}"] = report.epsilon
+        if self.dpsgd is not None:
+            report.check_planned(self.dpsgd.charged_event())
 
     def _take(self, entry: RoundLog, asked: NodeSet, sums: BlockedSum, reply: Message) -> None:
         """Check one reply and queue its delta in ``sums``, or log why it is left out."""
@@ -323,6 +351,7 @@ class DPFedAvgLoRA(LedgerStrategy):
                 unit="site", label=f"dp-fedavg lora round {server_round}",
             )
             self.ledger.record(event)
+            entry.achieved_noise_multiplier = event.noise_multiplier
             entry.noise_norm = flat_norm({k: mean[k] - total[k] / self.denominator for k in mean})
         else:
             if total is None:
@@ -337,15 +366,17 @@ class DPFedAvgLoRA(LedgerStrategy):
                                 "noise-norm": float(entry.noise_norm), "update-norm": float(entry.update_norm)})
         return tree_record(self.global_state), metrics
 
-    def _short_round(self, entry: RoundLog) -> tuple[None, MetricRecord]:
-        """Fewer valid sites than min-sites: the update is not applied, but the attempt is
-        charged as a full release (whether it was short is observable, and depends on who
-        answered), so skipping or retrying never spends less than the ledger says."""
-        entry.short = True
-        log.warning("round %d: %d valid site(s), fewer than min-sites %d: not applied%s", entry.round,
-                    len(entry.used), self.control.min_sites, "; charged as one release" if self.private else "")
-        if self.private:
-            event = self.next_event(entry.round)
+    def _short_round(self, entry: RoundLog, event: PrivacyEvent | None = None,
+                     why: str = "") -> tuple[None, MetricRecord]:
+        """A round with fewer valid sites than min-sites, or whose secure sum did not form: the
+        update is not applied, but the attempt is charged (``event``, the release the server
+        saw, or the plan's next one), because whether a round is short is observable and
+        depends on who answered: skipping or retrying never spends less than the ledger says."""
+        self.short = entry.short = True
+        why = why or f"{len(entry.used)} valid site(s), fewer than min-sites {self.control.min_sites}"
+        log.warning("round %d: %s: not applied%s", entry.round, why, "; charged as one release" if self.private else "")
+        event = event or self.next_event(entry.round)
+        if event is not None:
             self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not applied)"}))
             self.save_ledger()
         return None, MetricRecord({"sites": len(entry.used), "short": 1})

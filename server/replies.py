@@ -263,6 +263,16 @@ class SiteReport:
             label=f"dp-sgd round {server_round} (node {node})",
         )
 
+    def check_planned(self, planned: PrivacyEvent) -> None:
+        """Raise :class:`ReplyError` if the reported (z, q, steps) are not the plan's (the one
+        the sites were told and the budget is checked with). The spend is recorded anyway."""
+        same = (self.steps == planned.steps and math.isclose(self.noise_multiplier, planned.noise_multiplier, rel_tol=1e-12)
+                and math.isclose(self.sample_rate, planned.sample_rate, rel_tol=1e-12))
+        if not same:
+            raise ReplyError(f"reported DP-SGD parameters (z={self.noise_multiplier:.6g}, q={self.sample_rate:.6g}, "
+                             f"{self.steps} steps) are not the plan's (z={planned.noise_multiplier:.6g}, "
+                             f"q={planned.sample_rate:.6g}, {planned.steps} steps)")
+
 
 def _number(metrics: MetricRecord, key: str) -> float:
     if key not in metrics:

@@ -9,10 +9,13 @@ complete (:meth:`LedgerStrategy.end_round`).
 
 Reliability (:class:`RunControl`): ``first_round`` resumes from the run's checkpoint,
 ``end_round`` writes one after every complete round (:mod:`server.checkpoint`); before every
-round attempt the privacy budget is checked with the release the attempt would spend, and the
-run stops before spending if the ledger would pass the target (:class:`BudgetExceeded`); a
-round with fewer valid contributions than ``min-sites`` is charged, not applied, and retried
-(``short-round = retry``) while the run's retry allowance lasts."""
+round attempt the privacy budget of every unit is checked with the events the attempt would
+spend, and the run stops before spending if the ledger would pass a target
+(:class:`BudgetExceeded`), as it does when more sites are connected than the run declared
+(:class:`TooManySites`, raised by ``configure_train``); a stopped run keeps everything already
+released and accounted, and privacy.json says why it stopped. A round with fewer valid
+contributions than ``min-sites`` is charged, not applied, and retried (``short-round = retry``)
+while the run's retry allowance lasts."""
 
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from server.aggregation import SecureRound
 from server.checkpoint import CheckpointStore, config_fingerprint
+from server.plan import EACH_SITE
 from server.streaming import ReceiveStats, stream_replies
 
 log = logging.getLogger("privadapt.server")
@@ -40,8 +44,18 @@ log = logging.getLogger("privadapt.server")
 SHORT_ROUND_POLICIES = ("skip", "retry")
 
 
-class BudgetExceeded(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run must stop before the next round attempt spends anything; what was released and
+    accounted before stays (the round loop returns, the run exports it, privacy.json says why)."""
+
+
+class BudgetExceeded(RunStopped):
     """The next release would take the ledger past the target epsilon: nothing was spent."""
+
+
+class TooManySites(RunStopped):
+    """More sites are connected than the run declared (``num-sites``): the public K the
+    denominator and the guarantee rest on would be wrong, so nothing is released."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,8 @@ class RunControl:
     Args:
         checkpoint: where the run state is saved after every round (None: not saved).
         target_epsilon: the budget of ``unit`` (inf: not enforced, e.g. non-private runs).
+        other_targets: ``(unit, target)`` pairs for the run's other units (the record level
+            of LoRA with DP-SGD sites); a unit with no target is not enforced.
         delta: the delta the budget is checked at; ``accountant`` the accountant checked (PRV,
             the headline one the plan is calibrated with).
         min_sites: a round with fewer valid contributions is short (0: never short).
@@ -66,6 +82,11 @@ class RunControl:
     min_sites: int = 0
     short_round: str = "skip"
     max_retries: int = 0
+    other_targets: tuple[tuple[str, float], ...] = ()
+
+    def target_for(self, unit: str) -> float:
+        """The target epsilon of ``unit`` (inf: not enforced)."""
+        return self.target_epsilon if unit == self.unit else dict(self.other_targets).get(unit, math.inf)
 
     def __post_init__(self) -> None:
         if self.short_round not in SHORT_ROUND_POLICIES:
@@ -74,12 +95,14 @@ class RunControl:
             raise ValueError("min_sites and max_retries must be >= 0")
 
 
-def run_control(cfg: RunConfig, out: Path, *, plan: Mapping[str, float], unit: str) -> RunControl:
-    """The :class:`RunControl` of a run: its checkpoint in ``out``, its budget and short-round policy."""
+def run_control(cfg: RunConfig, out: Path, *, plan: Mapping[str, float], unit: str,
+                other_targets: Mapping[str, float] | None = None) -> RunControl:
+    """The :class:`RunControl` of a run: its checkpoint in ``out``, its budgets and short-round policy."""
     store = CheckpointStore(out, fingerprint=config_fingerprint(cfg.to_run_config()), plan=plan, resume=cfg.resume)
+    others = tuple((other_targets or {}).items()) if cfg.private else ()
     return RunControl(checkpoint=store, target_epsilon=cfg.target_epsilon if cfg.private else math.inf,
                       delta=cfg.target_delta, unit=unit, min_sites=cfg.min_sites, short_round=cfg.short_round,
-                      max_retries=cfg.max_retries)
+                      max_retries=cfg.max_retries, other_targets=others)
 
 
 def reliability_report(strategy: "LedgerStrategy") -> dict:
@@ -121,27 +144,47 @@ class LedgerStrategy(Strategy):
         """The event the next round attempt would spend (None: nothing the server can check)."""
         return None
 
+    def next_events(self, server_round: int) -> list[PrivacyEvent]:
+        """Every event the next round attempt would spend, one per unit (default: :meth:`next_event`).
+        An event of scope :data:`~server.plan.EACH_SITE` is spent by each site in its own scope."""
+        event = self.next_event(server_round)
+        return [] if event is None else [event]
+
     # ---- reliability --------------------------------------------------------------------
     def is_short(self, valid: int) -> bool:
         """Whether ``valid`` contributions make a short round (recorded in :attr:`short`)."""
         self.short = valid < self.control.min_sites
         return self.short
 
+    def spent_histories(self, event: PrivacyEvent) -> list[list[PrivacyEvent]]:
+        """The ledger histories ``event`` would compose with: its own scope's, or for an
+        :data:`~server.plan.EACH_SITE` event every site scope's (distinct ones once; a first
+        round has one empty history)."""
+        same_unit = [e for e in self.ledger.events if e.unit == event.unit]
+        if event.scope != EACH_SITE:
+            return [[e for e in same_unit if e.scope == event.scope]]
+        by_scope: dict[str, list[PrivacyEvent]] = {}
+        for e in same_unit:
+            by_scope.setdefault(e.scope, []).append(e)
+        distinct = {tuple(sorted((e.noise_multiplier, e.sample_rate, e.steps) for e in h)): h for h in by_scope.values()}
+        return list(distinct.values()) or [[]]
+
     def check_budget(self, server_round: int) -> None:
-        """Raise :class:`BudgetExceeded` if the ledger plus the next attempt's event would pass
-        the target epsilon (checked with the same accountant the plan is calibrated with)."""
-        event = self.next_event(server_round)
-        target = self.control.target_epsilon
-        if event is None or math.isinf(target):
-            return
-        spent = [e for e in self.ledger.events if e.unit == event.unit and e.scope == event.scope]
-        after = epsilon(spent + [event], self.control.delta, self.control.accountant)  # type: ignore[arg-type]
-        if after > target:
-            before = epsilon(spent, self.control.delta, self.control.accountant)  # type: ignore[arg-type]
-            raise BudgetExceeded(
-                f"round {server_round}: stopping before it spends: its release (z={event.noise_multiplier:g}, "
-                f"q={event.sample_rate:g}) would take the {event.unit}-level epsilon from {before:.4f} to {after:.4f} "
-                f"({self.control.accountant.upper()}, delta {self.control.delta:g}), above target-epsilon {target:g}")
+        """Raise :class:`BudgetExceeded` if the ledger plus the next attempt's events would pass
+        a unit's target epsilon (checked with the same accountant the plan is calibrated with;
+        per-site events against the most-spent site)."""
+        for event in self.next_events(server_round):
+            target = self.control.target_for(event.unit)
+            if math.isinf(target):
+                continue
+            acc, delta = self.control.accountant, self.control.delta
+            before, after = max(((epsilon(h, delta, acc), epsilon(h + [event], delta, acc))  # type: ignore[arg-type]
+                                 for h in self.spent_histories(event)), key=lambda pair: pair[1])
+            if after > target:
+                raise BudgetExceeded(
+                    f"round {server_round}: stopping before it spends: its release (z={event.noise_multiplier:g}, "
+                    f"q={event.sample_rate:g}) would take the {event.unit}-level epsilon from {before:.4f} to "
+                    f"{after:.4f} ({acc.upper()}, delta {delta:g}), above target-epsilon {target:g}")
 
     def restore(self) -> int:
         """Load the run's checkpoint, if any, into the strategy and the ledger; return the
@@ -208,15 +251,16 @@ class LedgerStrategy(Strategy):
             # through Flower's logger: `flwr run --stream` shows it, and the deployment tools time rounds by it
             flwr_log(logging.INFO, "[ROUND %d/%d]", server_round, num_rounds)
             while True:
+                self.short = False
                 try:
                     self.check_budget(server_round)
-                except BudgetExceeded as err:
+                    messages = self.configure_train(server_round, arrays, train_config, grid)
+                except RunStopped as err:
                     self.stopped = str(err)
                     log.error("%s", err)
                     return result
-                self.short = False
-                # not kept in a local: a list of the round's messages would live until the round ends
-                replies = self.receive(grid, self.configure_train(server_round, arrays, train_config, grid), timeout)
+                replies = self.receive(grid, messages, timeout)
+                del messages  # Instructions build messages while pushed; the loop keeps none (server.sites)
                 new_arrays, metrics = self.aggregate_train(server_round, replies)
                 if not (self.short and self.control.short_round == "retry" and self.retries_used < self.control.max_retries):
                     break

@@ -54,12 +54,13 @@ def extra_arms(pipe, spec: LoRASpec, images: SiteImages, args: argparse.Namespac
     Each callable starts from the same adapter state and trains ``step_count`` steps on
     ``images``. The DP-SGD arm runs :func:`client.dpsgd_lora.dpsgd_lora_round` (Opacus
     per-sample gradients, clipping, noise) with Poisson batches of expected size
-    ``args.batch_size`` (q = batch / images), at a fixed z so no calibration is timed.
+    ``args.batch_size`` (q = batch / declared site size, declared as the arm's image count),
+    at a fixed z so no calibration is timed.
     """
     from flwr.app import RecordDict
 
     from client.dpsgd_lora import dpsgd_lora_round
-    from client.site_accountant import DPSGDBudget
+    from common.dp.dpsgd import DPSGDBudget
     from common.config import RunConfig
 
     start = lora_state(pipe, spec)
@@ -67,8 +68,9 @@ def extra_arms(pipe, spec: LoRASpec, images: SiteImages, args: argparse.Namespac
     def dp_sgd(steps: int) -> None:
         load_lora_state(pipe, spec, start)
         cfg = RunConfig.from_run_config({
-            "adapter": "lora", "defense": "dp-sgd", "rounds": 1, "local-steps": steps,
-            "dpsgd-batch-size": args.batch_size, "lora-rank": spec.rank, "lora-alpha": spec.alpha,
+            "adapter": "lora", "defense": "dp-sgd", "num-sites": 1, "site-dataset-size": len(images),
+            "rounds": 1, "local-steps": steps, "dpsgd-batch-size": args.batch_size, "lora-rank": spec.rank,
+            "lora-alpha": spec.alpha,
         })
         budget = DPSGDBudget(target_epsilon=1e9, delta=1e-5, total_steps=steps, noise_multiplier=1.0)  # fixed z
         dpsgd_lora_round(pipe, spec, images, cfg, state=RecordDict(), site_index=0, round_index=1, budget=budget)

@@ -89,7 +89,7 @@ def overrides_for(method: str, sites: int, data: Path, out: Path) -> dict:
         return {**common, "ti-steps": 2, "batch-size": 1, "sampling-rate": 1.0, "dataset-size": sites,
                 "num-releases": ROUNDS}
     if method == "lora":
-        return {**common, "adapter": "lora", "rounds": ROUNDS, "local-steps": 2, "lora-batch-size": 1}
+        return {**common, "adapter": "lora", "num-sites": sites, "rounds": ROUNDS, "local-steps": 2, "lora-batch-size": 1}
     raise ValueError(f"method must be 'dpagg-ti' or 'lora', got {method!r}")
 
 

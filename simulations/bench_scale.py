@@ -211,8 +211,9 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-def build_strategy(method: str, receive: str):
-    """A real strategy of the tiny model's sizes, and the reply builder for its sites."""
+def build_strategy(method: str, receive: str, sites: int):
+    """A real strategy of the tiny model's sizes for ``sites`` sites (the declared K of the
+    LoRA strategy), and the reply builder for its sites."""
     from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
     from common.dp.sampling import sampling_generator
     from server.dpagg_strategy import DPAggTIStrategy
@@ -235,7 +236,7 @@ def build_strategy(method: str, receive: str):
         kwargs = dict(plan=FedAvgPlan(noise_multiplier=z, sample_rate=1.0, rounds=1, planned_epsilon_prv=0.0,
                                       planned_epsilon_rdp=0.0),
                       sampling=sampling_generator(0), initial={k: torch.zeros(s) for k, s in shapes.items()},
-                      defense="none", private=True)
+                      defense="none", private=True, num_sites=sites)
         initial = ArrayRecord()
     else:
         raise ValueError(f"method must be 'dpagg-ti' or 'lora', got {method!r}")
@@ -256,7 +257,7 @@ def one_round(method: str, sites: int, receive: str, traced: bool) -> dict:
     """One round of ``method`` with ``sites`` replying sites, in this process. ``traced``:
     measure the peak of Python and numpy allocations (tracemalloc; slows the round down),
     else the wall time and the peak RSS increase."""
-    strategy, answer, initial = build_strategy(method, receive)
+    strategy, answer, initial = build_strategy(method, receive, sites)
     grid = ReplayGrid(sites, answer)
     answer(Message(RecordDict(), dst_node_id=1, message_type="train"))  # warm-up of the reply builder
     gc.collect()

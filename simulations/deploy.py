@@ -606,8 +606,9 @@ def cmd_local(args: argparse.Namespace) -> None:
 
     stop_on_signals()
     root = Path(args.dir).resolve()
+    # --sites declares the public number of sites K (num-sites) unless --run-config does
     config = {"model-path": str(tiny_sd_dir()), "data-path": str(Path(args.data).resolve()),
-              "output-dir": str(root / "output"), **parse_overrides(args.run_config)}
+              "output-dir": str(root / "output"), "num-sites": args.sites, **parse_overrides(args.run_config)}
     with LocalDeployment(root, clientapp="flower" if args.flower_isolation else "warm",
                          threads_per_site=args.threads_per_site) as deployment:
         deployment.start_federation(Path(args.data), args.sites)

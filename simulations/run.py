@@ -40,14 +40,26 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
+def declared_config(num_sites: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """pyproject's run config updated with ``overrides``; ``num-sites`` (the public K of
+    site-level DP) is declared as ``num_sites`` unless the overrides declare it."""
+    return {**pyproject_run_config(), "num-sites": num_sites, **overrides}
+
+
 def simulate(num_sites: int, overrides: dict[str, Any], *, cpus_per_site: float = 1.0) -> Path:
-    """Run the ServerApp and ``num_sites`` ClientApps in Flower's simulation engine."""
+    """Run the ServerApp and ``num_sites`` ClientApps in Flower's simulation engine.
+
+    Choosing ``num_sites`` (``--num-sites``) is the operator's declaration of the public number
+    of sites K: unless ``overrides`` set ``num-sites`` themselves, the run declares
+    ``num-sites = num_sites``, which a private LoRA run needs (its denominator q*K is never
+    read from who connected). Overrides may declare a larger K (sites that may join); a
+    smaller one stops a private LoRA run before its first release."""
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app
     from server.app import build_server_app
 
-    config = {**pyproject_run_config(), **overrides}
+    config = declared_config(num_sites, overrides)
     cfg = RunConfig.from_run_config(config)  # fail here, before Ray starts, on a bad config
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     run_simulation(

@@ -102,6 +102,12 @@ def split_sites(source: Path, dest: Path, *, num_sites: int, held_out_per_site: 
     return total
 
 
+def site_sizes(data_dir: Path, num_sites: int) -> list[int]:
+    """The number of training images of each of ``site-0..num_sites-1`` in ``data_dir``."""
+    return [len([p for p in (data_dir / f"site-{k}").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS])
+            for k in range(num_sites)]
+
+
 def eps_name(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
@@ -121,11 +127,12 @@ def sweep(out: Path, *, methods: Sequence[str] = DEFAULT_METHODS, epsilons: Sequ
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
     if not (resume and (data_dir / HELD_OUT_FOLDER).is_dir()):
-        train_images = split_sites(data, data_dir, num_sites=num_sites, held_out_per_site=held_out_per_site)
-    else:
-        train_images = sum(len([p for p in (data_dir / f"site-{k}").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS])
-                           for k in range(num_sites))
-    common = {**BASE, "data-path": str(data_dir), "dataset-size": train_images, **(overrides or {})}
+        split_sites(data, data_dir, num_sites=num_sites, held_out_per_site=held_out_per_site)
+    sizes = site_sizes(data_dir, num_sites)
+    # the experimenter, as operator, declares the public sizes of the split it made: N for
+    # DPAgg-TI's denominator, the largest site for DP-SGD's q (num-sites K: simulate declares it)
+    common = {**BASE, "data-path": str(data_dir), "dataset-size": sum(sizes), "site-dataset-size": max(sizes),
+              **(overrides or {})}
     entries: list[dict] = []
     references: dict[str, Path] = {}
     bar = tqdm(plan(methods, epsilons), desc="sweep", unit="run", disable=not progress)

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the deployments' folders and logs here")
     args = parser.parse_args(argv)
     root = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="privadapt-bench-rounds-"))
-    config = {"adapter": "lora", "rounds": args.rounds, "local-steps": args.local_steps, "lora-batch-size": 2,
+    config = {"adapter": "lora", "num-sites": 2, "rounds": args.rounds, "local-steps": args.local_steps, "lora-batch-size": 2,
               "model-path": str(tiny_sd_dir()), "data-path": str(DATA), "sample-steps": 2,
               "sample-prompts": "an emoji of a cat"}
     report = {"benchmark": "deployment round overhead", "machine": f"{platform.machine()}, {platform.node()}",

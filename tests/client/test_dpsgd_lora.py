@@ -40,8 +40,8 @@ def site_images(n: int = 6, seed: int = 3) -> SiteImages:
 
 
 def config(**overrides) -> RunConfig:
-    base = {"adapter": "lora", "defense": "dp-sgd", "rounds": 2, "local-steps": 2, "dpsgd-batch-size": 3,
-            "lora-rank": 2, "lora-alpha": 2.0, "target-epsilon": 8.0, "num-sites": 2}
+    base = {"adapter": "lora", "defense": "dp-sgd", "num-sites": 2, "site-dataset-size": 6, "rounds": 2,
+            "local-steps": 2, "dpsgd-batch-size": 3, "lora-rank": 2, "lora-alpha": 2.0, "target-epsilon": 8.0}
     return RunConfig.from_run_config({**base, **overrides})
 
 

@@ -19,6 +19,7 @@ from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.dp import NoiseSource, PrivacyEvent, epsilon
+from common.dp.dpsgd import DeclaredSizeExceeded
 from common.models import load_pipeline
 from tests.client.helpers import FixedDraws, opacus_leftovers
 
@@ -39,7 +40,7 @@ def site_images(n: int = 5, seed: int = 3) -> SiteImages:
 def config(**overrides) -> RunConfig:
     base = dict(ti_method="dp-sgd", target_epsilon=50.0, target_delta=DELTA, noise_multiplier=1.0,
                 dpsgd_rounds=2, dpsgd_local_steps=2, dpsgd_batch_size=3, dpsgd_max_grad_norm=0.1,
-                learning_rate=5e-2, seed=0)
+                learning_rate=5e-2, seed=0, site_dataset_size=5)  # q = 3/5 whatever the site holds
     return RunConfig(**{**base, **overrides})
 
 
@@ -214,6 +215,18 @@ def test_text_encoder_is_restored_and_no_opacus_hooks_remain(pipe, monkeypatch):
         dpsgd_site_round(pipe, site_images(), settings, cfg, init, state=RecordDict(), site_index=0, round_index=1)
     assert pipe.text_encoder.get_input_embeddings() is original
     assert opacus_leftovers(pipe) == []
+
+
+def test_a_site_above_the_declared_size_refuses_every_round_before_spending(pipe):
+    cfg = config(site_dataset_size=4)
+    settings = ti_settings(cfg)
+    init, state = initializer_vector(pipe, settings), RecordDict()
+    for round_index in (1, 2):
+        with pytest.raises(DeclaredSizeExceeded, match="site 5: holds more images than the declared") as err:
+            dpsgd_site_round(pipe, site_images(5), settings, cfg, init, state=state, site_index=5,
+                             round_index=round_index)
+        assert "5" not in str(err.value).replace("site 5", "")  # no count in the message
+    assert load_history(state) == []
 
 
 def test_malformed_server_embedding_is_refused_before_spending(pipe):

@@ -74,6 +74,16 @@ def test_the_record_level_dp_sgd_plan_counts_too():
         check_round(SitePolicy(max_epsilon_record=2.0), plan(z=5.0, unit="site", q=1.0, extra=(own,)), "s")
 
 
+def test_a_sent_dp_sgd_plan_that_differs_from_the_sites_own_is_refused():
+    own = PrivacyEvent(1.0, 0.25, 20, unit="record")
+    sent = {keys.PLAN_UNIT: "", keys.PLAN_DPSGD_NOISE_MULTIPLIER: 1.0, keys.PLAN_DPSGD_SAMPLE_RATE: 0.25,
+            keys.PLAN_DPSGD_STEPS: 20, keys.METHOD: "dp-sgd"}
+    assert plan_from_message(sent, 1, own).events == (own,)
+    assert plan_from_message(sent, 1, None).events == (own,)  # the sent plan alone, as the site reads it
+    with pytest.raises(PolicyError, match="differs from this site's own"):
+        plan_from_message({**sent, keys.PLAN_DPSGD_SAMPLE_RATE: 0.5}, 1, own)
+
+
 def test_lifetime_ledger_composes_runs_and_refuses_past_its_limit(tmp_path):
     path = tmp_path / "site-ledger.json"
     one = epsilon([PrivacyEvent(2.0, 0.5, 4)], 1e-5)
@@ -92,8 +102,7 @@ def test_lifetime_ledger_composes_runs_and_refuses_past_its_limit(tmp_path):
 def test_plan_from_message_reads_what_the_server_sends():
     cfg = RunConfig()
     p = plan_dpagg(cfg)
-    sent = {**plan_record(cfg, unit="record", noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                          steps=1, rounds=1), keys.ROUND: 1, keys.METHOD: "dpagg"}
+    sent = {**plan_record(cfg, p), keys.ROUND: 1, keys.METHOD: "dpagg"}
     got = plan_from_message(sent, 3, None)
     assert got.events == (PrivacyEvent(p.noise_multiplier, p.sample_rate, 1, unit="record"),)
     assert got.method == "dpagg" and got.adapter == "ti" and got.aggregation == "central" and got.private
@@ -104,9 +113,7 @@ def test_the_client_app_refuses_before_touching_the_images(task_identity, tiny_s
     and the figures stay in the site's own log."""
     cfg = RunConfig.from_run_config({"model-path": str(tiny_sd_path), "ti-steps": 1})
     p = plan_dpagg(cfg)
-    config = ConfigRecord({**plan_record(cfg, unit="record", noise_multiplier=p.noise_multiplier,
-                                         sample_rate=p.sample_rate, steps=1, rounds=1),
-                           keys.ROUND: 1, keys.METHOD: "dpagg"})
+    config = ConfigRecord({**plan_record(cfg, p), keys.ROUND: 1, keys.METHOD: "dpagg"})
     msg = Message(content=RecordDict({keys.CONFIG: config}), dst_node_id=1, message_type="train")
     node = {"partition-id": 0, "data-path": str(tmp_path / "does-not-exist"),  # never read: refused first
             "policy-max-epsilon-record": 0.5, "site-name": "clinic-a"}

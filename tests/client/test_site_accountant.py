@@ -8,14 +8,8 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from client.site_accountant import (
-    DPSGDBudget,
-    NoiseSourceDPOptimizer,
-    begin_round,
-    load_history,
-    site_epsilon,
-    site_sample_rate,
-)
+from client.site_accountant import NoiseSourceDPOptimizer, begin_round, load_history, site_epsilon
+from common.dp.dpsgd import DPSGDBudget, declared_sample_rate
 from common.dp import NoiseSource, PrivacyEvent, epsilon
 
 DELTA = 1e-5
@@ -85,8 +79,8 @@ def test_non_private_budget_has_no_noise_and_infinite_epsilon():
     assert z == 0.0 and math.isinf(eps)
 
 
-def test_site_sample_rate():
-    assert site_sample_rate(4, 16) == 0.25
-    assert site_sample_rate(8, 4) == 1.0
+def test_declared_sample_rate():
+    assert declared_sample_rate(4, 16) == 0.25
+    assert declared_sample_rate(8, 4) == 1.0
     with pytest.raises(ValueError):
-        site_sample_rate(4, 0)
+        declared_sample_rate(4, 0)

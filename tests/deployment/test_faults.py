@@ -31,7 +31,7 @@ from tests.deployment.conftest import DATA, federation
 
 pytestmark = pytest.mark.slow
 
-LORA = {"adapter": "lora", "rounds": 3, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2, "lora-alpha": 2.0,
+LORA = {"adapter": "lora", "num-sites": 3, "rounds": 3, "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2, "lora-alpha": 2.0,
         "sample-steps": 1, "sample-prompts": "an emoji of a cat", "noise-multiplier": 8.0, "seed": 5,
         "round-timeout": 150.0, "num-sites": 3,
         # bit-for-bit comparisons need replayable noise: a test-only mode that claims no DP

@@ -135,6 +135,8 @@ def test_the_fingerprint_ignores_only_keys_that_do_not_change_the_rounds():
     assert config_fingerprint(base) == config_fingerprint({**base, "rounds": 5, "output-dir": "b"})
     assert config_fingerprint(base) != config_fingerprint({**base, "seed": 1})
     assert config_fingerprint(base) != config_fingerprint({**base, "lora-clip-norm": 0.2})
+    # the sites calibrate their own DP-SGD for dpsgd-rounds: it decides what they spend
+    assert config_fingerprint({**base, "dpsgd-rounds": 3}) != config_fingerprint({**base, "dpsgd-rounds": 4})
 
 
 def crash_after_release(s, crash_round: int, snapshot) -> list:

@@ -17,7 +17,9 @@ from common.reasons import REPLY_MALFORMED, REPLY_SITE_ERROR
 from common.models import load_pipeline
 from server.dpagg_strategy import ReplyError
 from tests.server.grids import PushPullGrid
-from server.dpsgd_strategy import DPSGDTIStrategy, read_site_report, run_dpsgd_baseline
+from server.dpsgd_strategy import DPSGDTIStrategy, embedding_record, read_site_report, run_dpsgd_baseline
+from server.plan import DPSGDPlan
+from server.strategy_base import RunControl
 
 DIM = 4
 DELTA = 1e-5
@@ -149,7 +151,7 @@ def test_run_dpsgd_baseline_end_to_end(tiny_sd_path, tmp_path):
 
     cfg = RunConfig(ti_method="dp-sgd", model_path=str(tiny_sd_path), device="cpu", target_epsilon=50.0,
                     noise_multiplier=1.0, dpsgd_rounds=2, dpsgd_local_steps=1, dpsgd_batch_size=4,
-                    dpsgd_max_grad_norm=0.1, learning_rate=5e-2, output_dir=str(tmp_path))
+                    dpsgd_max_grad_norm=0.1, learning_rate=5e-2, output_dir=str(tmp_path), site_dataset_size=12)
     contexts = {
         node: Context(run_id=1, node_id=node, node_config={"partition-id": i}, state=RecordDict(),
                       run_config=cfg.to_run_config())
@@ -166,7 +168,7 @@ def test_run_dpsgd_baseline_end_to_end(tiny_sd_path, tmp_path):
     assert privacy["num_releases"] == 2 and privacy["sites_per_release"] == [2, 2] and privacy["num_sites"] == 2
     assert privacy["rejected_replies"] == []
     assert privacy["clip_norm"] == 0.1 and privacy["noise_multiplier"] == 1.0
-    assert privacy["sample_rate"] == pytest.approx(4 / 12)  # data/demo: 12 images per site
+    assert privacy["sample_rate"] == pytest.approx(4 / 12)  # declared site-dataset-size 12 (data/demo holds 12 per site)
     # per site: 2 rounds x 1 step of (z=1, q=1/3); the sites' own accountants agree with the ledger
     events = [PrivacyEvent(noise_multiplier=1.0, sample_rate=4 / 12, steps=1)] * 2
     expected = epsilon(events, DELTA, "prv")
@@ -182,3 +184,33 @@ def test_run_dpsgd_baseline_end_to_end(tiny_sd_path, tmp_path):
     # every train message carried the current global embedding
     sent = [m.content[keys.ARRAYS][keys.EMBEDDING].numpy() for m in grid.sent]
     assert len(sent) == 4 and np.array_equal(sent[0], sent[1]) and not np.array_equal(sent[0], sent[2])
+
+
+# ---- the server plans, checks and bounds what the sites spend ------------------------------
+
+def dpsgd_plan(z=1.0, q=0.5, steps=2, rounds=3) -> DPSGDPlan:
+    return DPSGDPlan(noise_multiplier=z, sample_rate=q, steps_per_round=steps, rounds=rounds, declared_site_size=8,
+                     expected_batch_size=q * 8, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+
+
+def test_the_server_stops_before_a_round_would_take_a_site_past_the_target(tmp_path):
+    """Two rounds of (z=1, q=0.5, 2 steps) fit under the target, a third would not: the run
+    stops before round 3 is sent, with what rounds 1 and 2 released and accounted."""
+    two, three = (epsilon([PrivacyEvent(1.0, 0.5, 2 * r)], DELTA) for r in (2, 3))
+    target = (two + three) / 2
+    s = DPSGDTIStrategy(ledger=PrivacyLedger(delta=DELTA), initial=torch.zeros(DIM), plan=dpsgd_plan(),
+                        control=RunControl(target_epsilon=target, delta=DELTA, unit="record"))
+    grid = FakeGrid([1, 2], answer=lambda m: reply(m.metadata.dst_node_id, [1, 1, 1, 1], z=1.0, q=0.5, steps=2))
+    s.start(grid=grid, initial_arrays=embedding_record(torch.zeros(DIM)), num_rounds=3, timeout=5.0)
+    assert "round 3: stopping before it spends" in s.stopped and f"above target-epsilon {target:g}" in s.stopped
+    assert len(s.contributors) == 2 and len(grid.sent) == 4  # round 3 asked nobody
+    assert s.ledger.epsilon("record") == pytest.approx(two) and s.ledger.epsilon("record") <= target
+
+
+def test_a_report_that_is_not_the_plan_is_charged_and_left_out():
+    s = DPSGDTIStrategy(ledger=PrivacyLedger(delta=DELTA), initial=torch.zeros(DIM), plan=dpsgd_plan())
+    arrays, metrics = s.aggregate_train(1, [reply(1, [1, 1, 1, 1], z=1.0, q=0.5, steps=2),
+                                            reply(2, [3, 3, 3, 3], z=1.0, q=0.75, steps=2)])  # q = B / n: not the plan's
+    np.testing.assert_allclose(arrays[keys.EMBEDDING].numpy(), [1, 1, 1, 1])
+    assert [r["node"] for r in s.rejected] == [2] and "not the plan's" in s.rejected[0]["reason"]
+    assert sorted(e.scope for e in s.ledger.events) == ["site-1", "site-2"]  # its spend is recorded all the same

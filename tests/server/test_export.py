@@ -60,3 +60,26 @@ def test_samples_use_the_run_template_and_the_card_shows_it(tiny_sd_path, tmp_pa
                "denominator": 4, "num_releases": 1}
     card = model_card(privacy, {}, samples)
     assert 'pipe("an emoji of a <S*> an emoji of a cat")' in card
+
+
+def fedavg_privacy(achieved, private=True):
+    return {"mechanism": "DP-FedAvg", "defense_description": "plain LoRA", "num_rounds": 2, "num_sites_declared": 4,
+            "sample_rate": 1.0, "sampling": "none", "plan": {"local_steps": 2}, "clip_norm": 0.1 if private else None,
+            "noise_multiplier": 2.0 if private else 0.0, "achieved_noise_multipliers": achieved, "private": private,
+            "denominator": 4.0 if private else "number of sites that answered (plain mean)",
+            "adapter": {"rank": 2, "alpha": 2.0, "targets": ["to_q"], "text_encoder": False}}
+
+
+def test_the_card_states_the_achieved_noise_where_dropouts_lowered_it():
+    """Distributed noise with a dropout achieves z*sqrt(s/m) < z: the card states the smallest
+    achieved z (and the planned one beside it), never the plan's alone."""
+    from server.export import dpagg_steps, fedavg_steps
+
+    lowered = " ".join(fedavg_steps(fedavg_privacy([2.0, 2.0 * (2 / 3) ** 0.5])))
+    assert "z*C = 1.633 x 0.1 at the least (the smallest achieved z, lowered from the planned 2 " in lowered
+    assert "z*C = 2 x 0.1 was added" in " ".join(fedavg_steps(fedavg_privacy([2.0, 2.0])))
+    assert "Non-private" in " ".join(fedavg_steps(fedavg_privacy([], private=False)))  # no clip bound to print
+    ti = {"mechanism": "DPAgg-TI", "num_sites": 3, "declared_num_images": 24, "sample_rate": 0.5, "centered": False,
+          "bound": "clip", "clip_norm": 0.05, "noise_multiplier": 3.0, "achieved_noise_multipliers": [3.0, 2.5],
+          "denominator": 12.0, "num_releases": 2, "post_processing": []}
+    assert "z*C = 2.5 x 0.05 at the least" in " ".join(dpagg_steps(ti))

@@ -19,7 +19,9 @@ from common.paths import REPO_ROOT
 from common.reasons import REPLY_MALFORMED, REPLY_REJECTED
 from common.wire import record_tree
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import FedAvgPlan
+from server.plan import DPSGDPlan, FedAvgPlan
+from server.strategy_base import RunControl, TooManySites
+from tests.server.grids import PushPullGrid
 
 SHAPES = {"unet.a.lora_A.weight": (2, 3), "unet.a.lora_B.weight": (3, 2)}
 
@@ -55,12 +57,12 @@ def reply(delta: dict, node: int, metrics: dict | None = None) -> Message:
     return Message(content=content, metadata=meta)
 
 
-def make(z=0.0, q=1.0, clip=1.0, private=True, sites=0, defense="none", ledger_path=None):
+def make(z=0.0, q=1.0, clip=1.0, private=True, sites=0, defense="none", ledger_path=None, **kw):
     plan = FedAvgPlan(noise_multiplier=z, sample_rate=q, rounds=1, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
     return DPFedAvgLoRA(plan=plan, mechanism=GaussianSumMechanism(clip_norm=clip, noise_multiplier=z),
                         noise=NoiseSource.seeded(0), sampling=sampling_generator(0),
                         ledger=PrivacyLedger(delta=1e-5), initial=zeros(), defense=defense, private=private,
-                        num_sites=sites, ledger_path=ledger_path)
+                        num_sites=sites, ledger_path=ledger_path, **kw)
 
 
 def start_round(s, rnd, nodes):
@@ -104,13 +106,20 @@ def test_later_rounds_write_their_sum_over_the_last_rounds_buffer():
         assert torch.equal(buffer[k], fresh._sum_buffer[k])
 
 
-def test_k_defaults_to_the_connected_nodes_and_stays_fixed():
-    s = make(q=1.0)
-    start_round(s, 1, [1, 2, 3, 4, 5])
-    assert s.num_sites == 5 and s.denominator == 5.0
-    s.aggregate_train(1, [])
-    start_round(s, 2, [1, 2])  # sites leave: K, and the denominator, stay
+def test_a_private_run_needs_a_declared_k():
+    with pytest.raises(ValueError, match="declared public number of sites K"):
+        make(q=1.0, sites=0)
+    make(private=False, sites=0)  # a non-private run takes the plain mean of the answers
+
+
+def test_k_is_the_declared_one_whatever_connects():
+    s = make(q=1.0, sites=5)
+    start_round(s, 1, [1, 2, 3])  # fewer than declared: fine, the denominator stays q*K
     assert s.denominator == 5.0
+    s.aggregate_train(1, [])
+    with pytest.raises(TooManySites, match="6 sites are connected but num-sites declares 5"):
+        start_round(s, 2, [1, 2, 3, 4, 5, 6])
+    assert len(s.rounds) == 1 and len(s.ledger.events) == 1  # nothing sampled, nothing charged
 
 
 def test_server_reclips_exactly_on_the_flat_norm():
@@ -126,7 +135,7 @@ def test_server_reclips_exactly_on_the_flat_norm():
 
 def test_bad_replies_are_rejected_by_name_and_the_round_goes_on(caplog):
     caplog.set_level("WARNING", logger="privadapt.server")
-    s = make(clip=1.0, sites=4)
+    s = make(clip=1.0, sites=5)
     start_round(s, 1, [1, 2, 3, 4, 5])
     good = tree(0.1)
     nan = {**tree(0.1), "unet.a.lora_A.weight": torch.full((2, 3), float("nan"))}
@@ -141,7 +150,7 @@ def test_bad_replies_are_rejected_by_name_and_the_round_goes_on(caplog):
     for node, word in ((2, "NaN"), (3, "shape"), (4, "missing"), (5, "clip bound")):  # the server log: detailed
         assert any(f"node {node} left out" in m and word in m for m in caplog.messages), (node, word)
     assert list(log.used) == [1] and log.ignored == [9]
-    torch.testing.assert_close(s.global_state["unet.a.lora_A.weight"], torch.full((2, 3), 0.1 / 4))
+    torch.testing.assert_close(s.global_state["unet.a.lora_A.weight"], torch.full((2, 3), 0.1 / 5))
 
 
 def test_round_without_replies_still_releases_noise_and_is_accounted():
@@ -198,6 +207,46 @@ def test_dp_sgd_sites_add_record_level_events():
     assert units == [("record", "site-0"), ("site", "all")]
     assert [r["node"] for r in s.rounds[-1].rejected] == [2]
     assert s.reported_record_epsilons == {"site-0": 0.5}
+
+
+class DPSGDSites(PushPullGrid):
+    """Two sites answering with a small delta and their DP-SGD report (z, q, steps)."""
+
+    def __init__(self, report: dict) -> None:
+        super().__init__([1, 2])
+        self.report = report
+
+    def answer(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        return reply(tree(0.01), node, {**self.report, keys.SITE_INDEX: node, keys.SITE_EPSILON: 1.0})
+
+
+def test_the_record_level_budget_of_dp_sgd_sites_stops_the_run():
+    """LoRA with DP-SGD sites: the server knows each site's record-level round (the plan) and
+    stops before the round that would take a site past record-target-epsilon."""
+    dpsgd = DPSGDPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_round=2, rounds=3, declared_site_size=8,
+                      expected_batch_size=4.0, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+    two, three = (PrivacyLedger(1e-5, [PrivacyEvent(1.0, 0.5, 2 * r)]).epsilon("record") for r in (2, 3))
+    s = make(z=1.0, sites=2, defense="dp-sgd", dpsgd=dpsgd,
+             control=RunControl(delta=1e-5, other_targets=(("record", (two + three) / 2),)))
+    report = {keys.SITE_NOISE_MULTIPLIER: 1.0, keys.SITE_SAMPLE_RATE: 0.5, keys.SITE_STEPS: 2}
+    s.start(grid=DPSGDSites(report), initial_arrays=s.current_arrays(), num_rounds=3, timeout=5.0,
+            train_config=ConfigRecord())
+    assert "round 3: stopping before it spends" in s.stopped and "record-level epsilon" in s.stopped
+    assert len(s.rounds) == 2 and s.ledger.epsilon("record") == pytest.approx(two)
+    assert [e.unit for e in s.ledger.events].count("site") == 2
+
+
+def test_a_dp_sgd_report_that_is_not_the_plan_is_charged_and_left_out():
+    dpsgd = DPSGDPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_round=2, rounds=3, declared_site_size=8,
+                      expected_batch_size=4.0, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
+    s = make(z=1.0, sites=2, defense="dp-sgd", dpsgd=dpsgd)
+    start_round(s, 1, [1, 2])
+    report = {keys.SITE_EPSILON: 0.5, keys.SITE_NOISE_MULTIPLIER: 1.0, keys.SITE_STEPS: 2}
+    s.aggregate_train(1, [reply(tree(0.01), 1, {**report, keys.SITE_SAMPLE_RATE: 0.5, keys.SITE_INDEX: 0}),
+                          reply(tree(0.01), 2, {**report, keys.SITE_SAMPLE_RATE: 0.75, keys.SITE_INDEX: 1})])
+    assert list(s.rounds[-1].used) == [1] and "not the plan's" in s.rounds[-1].rejected[0]["reason"]
+    assert sorted(e.scope for e in s.ledger.events if e.unit == "record") == ["site-0", "site-1"]
 
 
 def reference_rows():

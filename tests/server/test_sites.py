@@ -210,7 +210,7 @@ def round_peak(method: str, sites: int) -> int:
     """The traced peak (bytes) of one round with ``sites`` replying sites, after a warm-up round."""
     def one() -> int:
         if method == "lora":
-            strategy, answer = lora_strategy(), lora_answer(SHAPES, 1.0)
+            strategy, answer = lora_strategy(sites), lora_answer(SHAPES, 1.0)
         else:
             strategy, answer = dpagg_strategy(sites), dpagg_answer(4, 1.0)
         grid = ReplayGrid(sites, answer)

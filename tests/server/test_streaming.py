@@ -25,11 +25,13 @@ def train_messages(grid: ReplayGrid) -> list[Message]:
     return [Message(RecordDict(), dst_node_id=n, message_type="train") for n in grid.get_node_ids()]
 
 
-def lora_strategy() -> DPFedAvgLoRA:
+def lora_strategy(sites: int = SITES) -> DPFedAvgLoRA:
+    """A private zero-noise LoRA strategy declaring ``sites`` sites (K)."""
     plan = FedAvgPlan(noise_multiplier=0.0, sample_rate=1.0, rounds=1, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
     return DPFedAvgLoRA(plan=plan, mechanism=GaussianSumMechanism(clip_norm=1.0, noise_multiplier=0.0),
                         noise=NoiseSource.seeded(0), sampling=sampling_generator(0), ledger=PrivacyLedger(delta=1e-5),
-                        initial={k: torch.zeros(s) for k, s in SHAPES.items()}, defense="none", private=True)
+                        initial={k: torch.zeros(s) for k, s in SHAPES.items()}, defense="none", private=True,
+                        num_sites=sites)
 
 
 def test_every_reply_is_yielded_once_and_the_stats_count_them():

@@ -59,7 +59,7 @@ def audit_strategy(z: float, q: float, rounds: int, settings: AuditSettings) -> 
     strategy = DPFedAvgLoRA(plan=plan, mechanism=GaussianSumMechanism(clip_norm=CLIP, noise_multiplier=z),
                             noise=NoiseSource.seeded(settings.seed + 1), sampling=sampling_generator(settings.seed + 2),
                             ledger=ledger, initial={KEY: torch.zeros(dim)}, defense="none", private=True,
-                            num_sites=m // 2 + settings.background)
+                            num_sites=m + settings.background)  # declared: every site that may take part
     # node ids: canaries 1..m (node i + 1 answers only if included), background m+1..
     nodes = list(range(1, m + settings.background + 1))
     for rnd in range(1, rounds + 1):

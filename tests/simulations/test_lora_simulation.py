@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from common.config import RunConfig
-from simulations.run import pyproject_run_config, simulate
+from simulations.run import declared_config, simulate
 
 FAST = {"adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "dpsgd-batch-size": 3,
         "lora-rank": 2, "lora-alpha": 2.0, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "num-sites": 2}
@@ -31,7 +31,7 @@ def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
     overrides = {**FAST, "defense": defense, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out"),
                  "site-diagnostics": opt_in}
     out = simulate(2, overrides)
-    cfg = RunConfig.from_run_config({**pyproject_run_config(), **overrides})
+    cfg = RunConfig.from_run_config(declared_config(2, overrides))
     for name in ("pytorch_lora_weights.safetensors", "privacy.json", "metrics.json", "round_metrics.json",
                  "README.md", "ledger.json", "samples/grid.png"):
         assert (out / name).exists(), name
