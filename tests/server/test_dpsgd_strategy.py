@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
-from common.reasons import REPLY_MALFORMED, REPLY_SITE_ERROR
+from common.reasons import REJECTION_REASONS, REPLY_MALFORMED, REPLY_SITE_ERROR
 from common.models import load_pipeline
 from server.dpagg_strategy import ReplyError
 from tests.server.grids import PushPullGrid
@@ -207,10 +207,12 @@ def test_the_server_stops_before_a_round_would_take_a_site_past_the_target(tmp_p
     assert s.ledger.epsilon("record") == pytest.approx(two) and s.ledger.epsilon("record") <= target
 
 
-def test_a_report_that_is_not_the_plan_is_charged_and_left_out():
+def test_a_report_that_is_not_the_plan_is_charged_and_left_out(caplog):
+    caplog.set_level("WARNING", logger="privadapt.server")
     s = DPSGDTIStrategy(ledger=PrivacyLedger(delta=DELTA), initial=torch.zeros(DIM), plan=dpsgd_plan())
     arrays, metrics = s.aggregate_train(1, [reply(1, [1, 1, 1, 1], z=1.0, q=0.5, steps=2),
                                             reply(2, [3, 3, 3, 3], z=1.0, q=0.75, steps=2)])  # q = B / n: not the plan's
     np.testing.assert_allclose(arrays[keys.EMBEDDING].numpy(), [1, 1, 1, 1])
-    assert [r["node"] for r in s.rejected] == [2] and "not the plan's" in s.rejected[0]["reason"]
+    assert [r["node"] for r in s.rejected] == [2] and s.rejected[0]["reason"] in REJECTION_REASONS  # generic
+    assert any("node 2 left out" in m and "not the plan's" in m for m in caplog.messages)  # detailed, server log only
     assert sorted(e.scope for e in s.ledger.events) == ["site-1", "site-2"]  # its spend is recorded all the same

@@ -237,7 +237,8 @@ def test_the_record_level_budget_of_dp_sgd_sites_stops_the_run():
     assert [e.unit for e in s.ledger.events].count("site") == 2
 
 
-def test_a_dp_sgd_report_that_is_not_the_plan_is_charged_and_left_out():
+def test_a_dp_sgd_report_that_is_not_the_plan_is_charged_and_left_out(caplog):
+    caplog.set_level("WARNING", logger="privadapt.server")
     dpsgd = DPSGDPlan(noise_multiplier=1.0, sample_rate=0.5, steps_per_round=2, rounds=3, declared_site_size=8,
                       expected_batch_size=4.0, planned_epsilon_prv=0.0, planned_epsilon_rdp=0.0)
     s = make(z=1.0, sites=2, defense="dp-sgd", dpsgd=dpsgd)
@@ -245,7 +246,8 @@ def test_a_dp_sgd_report_that_is_not_the_plan_is_charged_and_left_out():
     report = {keys.SITE_EPSILON: 0.5, keys.SITE_NOISE_MULTIPLIER: 1.0, keys.SITE_STEPS: 2}
     s.aggregate_train(1, [reply(tree(0.01), 1, {**report, keys.SITE_SAMPLE_RATE: 0.5, keys.SITE_INDEX: 0}),
                           reply(tree(0.01), 2, {**report, keys.SITE_SAMPLE_RATE: 0.75, keys.SITE_INDEX: 1})])
-    assert list(s.rounds[-1].used) == [1] and "not the plan's" in s.rounds[-1].rejected[0]["reason"]
+    assert list(s.rounds[-1].used) == [1] and s.rounds[-1].rejected[0]["reason"] == REPLY_MALFORMED  # generic
+    assert any("node 2 left out" in m and "not the plan's" in m for m in caplog.messages)  # server log only
     assert sorted(e.scope for e in s.ledger.events if e.unit == "record") == ["site-0", "site-1"]
 
 
