@@ -96,8 +96,9 @@ def release_secure(
     unit: Literal["record", "site"],
     label: str,
 ) -> tuple[dict[str, torch.Tensor], PrivacyEvent] | None:
-    """The round's release and its privacy event, or None when nothing was summed (no
-    secure sum formed: nothing was revealed, nothing is spent)."""
+    """The round's release and its privacy event, or None when nothing was summed (no secure
+    sum formed: nothing was revealed; the strategy still charges the attempt, since whether a
+    sum forms depends on who took part)."""
     if secure.result is None or secure.result.total is None:
         return None
     if mode == "distributed":
@@ -105,58 +106,3 @@ def release_secure(
                                    denominator=denominator, sample_rate=sample_rate, unit=unit, label=label)
     return mechanism.release(secure.result.total, denominator=denominator, noise=noise, sample_rate=sample_rate,
                              unit=unit, label=label)
-
-
-def trust_model(mode: str, contribution: str) -> str:
-    """The trust model of a run, in words, for privacy.json and the model card."""
-    if mode == "secure":
-        return (f"secure aggregation (SecAgg on the Message API) with central noise: the server learns only the sum of "
-                f"the sites' {contribution}s, never one site's, but it adds the noise itself and must be trusted to do so; "
-                "honest-but-curious server assumed (no consistency round).")
-    if mode == "distributed":
-        return (f"distributed noise: each site adds its share N(0, (zC)^2/m) to its {contribution} before masking, and "
-                "SecAgg reveals only the noised sum, so the guarantee does not rest on the server (honest-but-curious "
-                "assumed); sites colluding with the server can remove their own shares; dropouts lower the noise and "
-                "the ledger records the achieved z*sqrt(s/m); per-site rounding after Gaussian noise approximates "
-                "the discrete Gaussian mechanism.")
-    return (f"central noise: the server adds the noise, so it sees each site's {contribution} and must be trusted; "
-            "the published adapter is what carries the guarantee.")
-
-
-def seeded_insecure(what: str) -> str:
-    """The warning every report of a ``privacy-randomness = "seeded-insecure"`` run carries."""
-    return (f"derived from the run seed in run_config.json (privacy-randomness = seeded-insecure): anyone who knows "
-            f"it can regenerate {what}, so this run is NOT differentially private")
-
-
-def noise_description(mode: str, randomness: str) -> str:
-    """Where a run's noise comes from, for privacy.json and the model card: the OS CSPRNG
-    (``randomness = "os"``) or the run seed; never a seed itself."""
-    where = "on each site, its share" if mode == "distributed" else "on the server"
-    if randomness == "os":
-        return f"{where}, drawn from the OS CSPRNG (os.urandom, Box-Muller in float64)"
-    return f"{where}, {seeded_insecure('the noise')}"
-
-
-def sampling_description(where: str, randomness: str) -> str:
-    """Where a run's Poisson sampling (``where``: of what, by whom) comes from; never a seed."""
-    if randomness == "os":
-        return f"{where}, drawn from the OS CSPRNG (os.urandom) and kept secret"
-    return f"{where}, {seeded_insecure('who or what was sampled')}"
-
-
-def diagnostics_statement(figures: str | None) -> dict:
-    """privacy.json's account of what the sites send besides their privatised contribution.
-
-    ``figures``: what every site sends in the clear every round because it opted in
-    (``site-diagnostics = true``, :func:`client.app.sends_diagnostics`); None when the sites
-    send nothing else. Those figures are computed from private images without noise, so the
-    DP guarantee does not cover them: the server must be trusted with them, whatever the
-    aggregation mode says about the contribution."""
-    if figures is None:
-        return {"site_diagnostics": False, "not_covered": None}
-    return {"site_diagnostics": True,
-            "not_covered": (f"site-diagnostics = true: every site sends the server, in the clear, {figures}, every "
-                            "round. These figures are computed from the site's private images without noise and are "
-                            "NOT covered by the DP guarantee: the server must be trusted with them (do not publish the "
-                            "server's logs or round_metrics.json).")}

@@ -26,7 +26,7 @@ from common.dp.noise import privacy_noise
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import resolve
-from server.aggregation import diagnostics_statement, noise_description, sampling_description, seeded_insecure, trust_model
+from server.statement import log_line, noise_description, privacy_statement, run_facts, sampling_description, seeded_insecure
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -107,11 +107,15 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": post,
         "aggregation": cfg.aggregation,
         "achieved_noise_multipliers": strategy.achieved_noise_multipliers,
-        "privacy_randomness": cfg.privacy_randomness,
-        "noise_source": noise_description(cfg.aggregation, cfg.privacy_randomness),
-        "sampling_source": sampling_description("Poisson sampling of images on each site", cfg.privacy_randomness),
-        "trust_model": trust_model(cfg.aggregation, "sum of bounded embeddings"),
-        **diagnostics_statement(None),  # DPAgg-TI sites send their sum alone (client.app.dpagg_reply)
+        "noise_source": noise_description("on each site, its share" if cfg.aggregation == "distributed"
+                                          else "on the server", cfg.secret_randomness),
+        "sampling_source": sampling_description("Poisson sampling of images on each site", cfg.secret_randomness),
+        # DPAgg-TI sites send their sum alone, never diagnostics (client.app.dpagg_reply)
+        **privacy_statement(run_facts(
+            cfg, units=("record",), epsilon={"record": eps}, adjacency={"record": "add/remove one image"},
+            contribution="sum of bounded embeddings", noise_by="sites" if cfg.aggregation == "distributed" else "server",
+            achieved=strategy.achieved_noise_multipliers, planned_noise_multiplier=plan.noise_multiplier),
+            "This embedding"),
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),
         "plan": plan.to_dict(),
@@ -169,21 +173,20 @@ def run_server(grid: Grid, cfg: RunConfig) -> Path:
         result = export_lora_run(grid, cfg, out, pipe)
     else:
         result = export_ti_run(grid, cfg, out, pipe)
-    metrics = {**result["metrics"], "wall_seconds": round(time.time() - started, 2)}
-    write_json(out / "metrics.json", metrics)
+    # the wall time stays in the server's log: it grows with the sites' (secret) sample counts
+    log.info("privadapt: the run took %.1f s", time.time() - started)
+    write_json(out / "metrics.json", result["metrics"])
     card = lora_model_card if cfg.adapter == "lora" else model_card
-    (out / "README.md").write_text(card(result["privacy"], metrics, result["samples"]))
-    log_summary(cfg, out, result["privacy"]["epsilon"])
+    (out / "README.md").write_text(card(result["privacy"], result["metrics"], result["samples"]))
+    log_summary(out, result["privacy"])
     return out
 
 
-def log_summary(cfg: RunConfig, out: Path, eps) -> None:
-    """The run's last log line; a seeded-insecure run says loudly that its epsilon is no guarantee."""
-    if cfg.secret_randomness or not cfg.private:
-        log.info("privadapt: wrote %s (epsilon %s at delta %g)", out, eps, cfg.target_delta)
-        return
-    log.warning("privadapt: wrote %s (epsilon %s at delta %g is the mechanism's value, NOT a guarantee for this "
-                "release: its noise and sampling are %s)", out, eps, cfg.target_delta, seeded_insecure("them"))
+def log_summary(out: Path, privacy: Mapping[str, Any]) -> None:
+    """The run's last log line (:func:`server.statement.log_line`); a run that claims no DP says
+    so at WARNING level."""
+    level = logging.INFO if privacy.get("dp_guarantee") or not privacy.get("private") else logging.WARNING
+    log.log(level, "privadapt: wrote %s: %s", out, log_line(privacy))
 
 
 def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

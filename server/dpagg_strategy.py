@@ -81,6 +81,10 @@ class DPAggTIStrategy(LedgerStrategy):
             return None  # non-private run
         return self.plan.charged_event(label=f"dpagg-ti release {server_round}")
 
+    def charged_though_lost(self, lost: list[PrivacyEvent]) -> list[PrivacyEvent]:
+        """With distributed noise the server saw the lost (noised) release: it stays charged."""
+        return lost if self.aggregation == "distributed" else []
+
     def state_dict(self) -> dict:
         return {"releases": [r.clone() for r in self.releases], "contributors": [list(c) for c in self.contributors],
                 "rejected": [dict(r) for r in self.rejected],

@@ -42,7 +42,7 @@ from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from common.reasons import public_rejections
-from server.aggregation import diagnostics_statement, seeded_insecure
+from server.statement import privacy_statement, run_facts, seeded_insecure
 from server.export import embedding_metrics
 from server.plan import EACH_SITE, DPSGDPlan, plan_dpsgd, plan_record
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_vector
@@ -52,11 +52,6 @@ from server.strategy_base import LedgerStrategy, RunControl, reliability_report,
 log = logging.getLogger("privadapt.server")
 
 METHOD = "dp-sgd"
-TRUST_LOCAL = ("local noise: each site adds the noise itself (Opacus DP-SGD on its own images), so every update the "
-               "server receives is already record-level DP; the server need not be trusted for record-level DP. "
-               "The published embedding is a post-processing of those updates.")
-
-TRUST_NONE = "non-private reference run: no noise anywhere; the server sees every site's trained embedding."
 
 
 def embedding_record(vector: torch.Tensor) -> ArrayRecord:
@@ -85,6 +80,10 @@ class DPSGDTIStrategy(LedgerStrategy):
         if self.plan is None or self.plan.noise_multiplier == 0:
             return None
         return self.plan.charged_event(label=f"dp-sgd round {server_round}", scope=EACH_SITE)
+
+    def charged_though_lost(self, lost: list[PrivacyEvent]) -> list[PrivacyEvent]:
+        """The sites added the noise and the server saw their updates: every lost spend stays charged."""
+        return lost
 
     def state_dict(self) -> dict:
         return {"global_embedding": self.global_embedding.clone(), "contributors": [list(c) for c in self.contributors],
@@ -215,7 +214,6 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     vector = strategy.global_embedding.clone()
 
     eps = ledger.summary().get("record", {"prv": 0.0, "rdp": 0.0})
-    diagnostics = diagnostics_statement("its mean DP-SGD training loss" if sends_diagnostics(cfg) else None)
     site_prv, site_rdp = strategy.site_epsilons("prv"), strategy.site_epsilons("rdp")
     rates = {e.scope: e.sample_rate for e in ledger.events}
     noises = {e.scope: e.noise_multiplier for e in ledger.events}
@@ -254,10 +252,11 @@ def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
                        "epsilon is the largest site's (parallel composition)",
         "site_epsilon": {"prv": site_prv, "rdp": site_rdp},
         "post_processing": ["uniform average of the sites' DP-SGD embeddings (post-processing)"],
-        "privacy_randomness": cfg.privacy_randomness,
         "noise_source": noise_source_description(cfg),
-        "trust_model": TRUST_LOCAL if cfg.private else TRUST_NONE,
-        **diagnostics,
+        **privacy_statement(run_facts(
+            cfg, units=("record",), epsilon={"record": eps}, adjacency={"record": "add/remove one image"},
+            contribution="DP-SGD embedding", noise_by="sites",
+            diagnostics="its mean DP-SGD training loss" if sends_diagnostics(cfg) else None), "This embedding"),
         **reliability_report(strategy),
         "rejected_replies": strategy.rejected,
         "plan": {

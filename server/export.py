@@ -4,7 +4,6 @@ sample images next to the base model's, and a model card that says it all in wor
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -87,10 +86,6 @@ def grid(top: Sequence[Image.Image], bottom: Sequence[Image.Image]) -> Image.Ima
     return sheet
 
 
-def fmt_eps(eps: float | None) -> str:
-    return "infinity (no privacy)" if eps is None or (isinstance(eps, float) and math.isinf(eps)) else f"{eps:.3f}"
-
-
 def noise_std_words(p: dict) -> str:
     """"z*C = z x C" as the card states it: the z the releases achieved. Where distributed
     dropouts lowered it (``achieved_noise_multipliers`` below the plan's z), the smallest
@@ -151,32 +146,10 @@ def samples_and_metrics(adapter: str, samples: list[dict], metrics: dict) -> lis
     ]
 
 
-def seeded_claim(p: dict, eps: dict, unit: str, adapter: str) -> str:
-    """The statement of a ``privacy-randomness = "seeded-insecure"`` run: it claims no DP, because
-    its noise is a function of the run seed in run_config.json; its epsilon is only the
-    mechanism's value for secret noise."""
-    return (
-        "**Not differentially private.** This run's noise and sampling were derived from the run seed "
-        "(privacy-randomness = seeded-insecure), which run_config.json holds: anyone who knows the seed can "
-        f"regenerate the noise and remove it. The epsilon {fmt_eps(eps.get('prv'))} at delta {p['delta']:g} ({unit}, PRV "
-        f"accountant) is the mechanism's value for secret noise, not a guarantee for this {adapter}."
-    )
-
-
 def ti_claim(p: dict) -> str:
-    """The privacy statement of a textual-inversion run, in words."""
-    if not p["private"]:
-        return "**No privacy guarantee.** This is the non-private reference run: no sampling, no noise, plain mean."
-    eps = p["epsilon"]
-    if p["privacy_randomness"] != "os":
-        return seeded_claim(p, eps, "one image", "embedding")
-    return (
-        f"This embedding is ({fmt_eps(eps['prv'])}, {p['delta']:g})-differentially private at the level of "
-        f"**one image** (record-level DP, add/remove-one-image adjacency), by the PRV accountant "
-        f"(Opacus; the RDP accountant gives the looser epsilon {fmt_eps(eps['rdp'])}). Adding or removing any "
-        f"single private image, at any site, changes the probability of any outcome by at most a factor "
-        f"e^{fmt_eps(eps['prv'])}, except with probability {p['delta']:g}."
-    )
+    """The privacy statement of a textual-inversion run, in words: privacy.json's ``statement``
+    (built in one place, :mod:`server.statement`)."""
+    return p["statement"]
 
 
 def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
@@ -210,30 +183,8 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
 
 
 def lora_claim(p: dict) -> str:
-    if not p["private"]:
-        return "**No privacy guarantee.** This is the non-private reference run: every site, no clipping, no noise."
-    site = p["epsilon"].get("site", {})
-    if p["privacy_randomness"] != "os":
-        return seeded_claim(p, site, "one site", "adapter")
-    text = (
-        f"This LoRA adapter is ({fmt_eps(site.get('prv'))}, {p['delta']:g})-differentially private at the level of "
-        f"**one site** (site-level DP; adjacency: {p.get('adjacency', 'add/remove one site')}), by the PRV accountant (Opacus; the RDP "
-        f"accountant gives {fmt_eps(site.get('rdp'))}): adding or removing all of the images of any one site changes "
-        f"the probability of any outcome by at most a factor e^{fmt_eps(site.get('prv'))}, except with probability "
-        f"{p['delta']:g}."
-    )
-    record = p["epsilon"].get("record")
-    if record:
-        text += (
-            f" Each site also trained with DP-SGD, so the adapter is ({fmt_eps(record.get('prv'))}, {p['delta']:g})-DP "
-            f"at the level of **one image** (RDP: {fmt_eps(record.get('rdp'))}), without trusting the server."
-        )
-    elif p["defense"] in ("mp-lora", "smp-lora"):
-        text += (
-            f" The sites trained with {p['defense'].upper()}, an empirical defence against membership inference "
-            "(a proxy attacker in the loop): it gives no formal guarantee for single images beyond the site-level one."
-        )
-    return text
+    """The privacy statement of a LoRA run, in words: privacy.json's ``statement``."""
+    return p["statement"]
 
 
 def fedavg_steps(p: dict) -> list[str]:
@@ -264,7 +215,7 @@ def lora_model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         *fedavg_steps(p),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
-        f"- Not covered by the guarantee: {p['not_covered']}",
+        *([f"- Not covered by the guarantee: {p['not_covered']}"] if p.get("not_covered") else []),
         "",
         "## Use it",
         "```python",

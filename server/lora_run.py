@@ -21,7 +21,7 @@ from common.dp.sampling import SamplingSource, privacy_sampling
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
 from common.wire import tree_record
-from server.aggregation import diagnostics_statement, noise_description, sampling_description, trust_model
+from server.statement import noise_description, privacy_statement, run_facts, sampling_description
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
 from server.strategy_base import reliability_report, run_control
@@ -46,6 +46,22 @@ def server_noise(cfg: RunConfig) -> tuple[NoiseSource, SamplingSource]:
     ``privacy-randomness = "seeded-insecure"`` (then both replay from the run seed: not private)."""
     return (privacy_noise(cfg.secret_randomness, cfg.seed, "server-noise"),
             privacy_sampling(cfg.secret_randomness, cfg.seed, "site-sampling"))
+
+
+def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z: float):
+    """The facts the adapter's privacy statement follows from (:mod:`server.statement`)."""
+    record = cfg.defense == "dp-sgd" and cfg.private
+    return run_facts(
+        cfg, units=("site", "record") if record else ("site",), epsilon=epsilon,
+        adjacency={"site": ("zero-out one site (no amplification by site sampling claimed)"
+                            if cfg.aggregation == "distributed" else "add/remove one site"),
+                   "record": "add/remove one image"},
+        contribution="clipped delta", noise_by="sites" if cfg.aggregation == "distributed" else "server",
+        diagnostics=DIAGNOSTIC_FIGURES if sends_diagnostics(cfg) else None,
+        achieved=[r.achieved_noise_multiplier for r in strategy.rounds if r.achieved_noise_multiplier is not None],
+        planned_noise_multiplier=planned_z,
+        empirical_defense=cfg.defense.upper() if cfg.defense in ("mp-lora", "smp-lora") else None,
+        not_covered=(NOT_COVERED,))
 
 
 def checkpoint_plan(plan: FedAvgPlan, dpsgd: DPSGDPlan | None) -> dict[str, float]:
@@ -80,9 +96,9 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     load_lora_state(pipe, spec, strategy.global_state)
-    summary = ledger.summary()
     private = cfg.private
-    diagnostics = diagnostics_statement(DIAGNOSTIC_FIGURES if sends_diagnostics(cfg) else None)
+    # a run stopped before its first release (too many sites, no budget) spent nothing
+    epsilon = {"site": {"prv": 0.0, "rdp": 0.0}, **ledger.summary()} if private else {"site": {"prv": None, "rdp": None}}
     privacy = {
         "method": "dp-fedavg-lora",
         "defense": cfg.defense,
@@ -92,8 +108,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "mechanism": "DP-FedAvg (McMahan et al. 2018): Poisson-subsampled sites, each site's LoRA delta clipped to "
                      "L2 norm C over all adapter tensors, Gaussian noise N(0, (zC)^2) added once to the sum, divided "
                      "by the public expected count q*K",
-        # a run stopped before its first release (too many sites, no budget) spent nothing
-        "epsilon": {"site": {"prv": 0.0, "rdp": 0.0}, **summary} if private else {"site": {"prv": None, "rdp": None}},
+        "epsilon": epsilon,
         "headline_accountant": "prv",
         "delta": cfg.target_delta,
         "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
@@ -115,14 +130,11 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": [f"global adapter += {cfg.server_learning_rate:g} x the noisy mean delta, every round"],
         "aggregation": cfg.aggregation,
         "accounted_sample_rate": plan.accounting_sample_rate,
-        "privacy_randomness": cfg.privacy_randomness,
-        "noise_source": (noise_description(cfg.aggregation, cfg.privacy_randomness) if private
+        "noise_source": (noise_description("on each site, its share" if cfg.aggregation == "distributed"
+                                           else "on the server", cfg.secret_randomness) if private
                          else "none (non-private run)"),
-        "sampling_source": sampling_description("Poisson sampling of sites on the server", cfg.privacy_randomness),
-        "trust_model": trust_model(cfg.aggregation, "clipped delta") if private else
-                       "non-private reference run: no clipping, no noise.",
-        "site_diagnostics": diagnostics["site_diagnostics"],
-        "not_covered": " ".join(filter(None, (NOT_COVERED, diagnostics["not_covered"]))),
+        "sampling_source": sampling_description("Poisson sampling of sites on the server", cfg.secret_randomness),
+        **privacy_statement(lora_facts(cfg, epsilon, strategy, plan.noise_multiplier), "This LoRA adapter"),
         **reliability_report(strategy),
         "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
                  "server_learning_rate": cfg.server_learning_rate},

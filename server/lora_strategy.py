@@ -39,6 +39,7 @@ the deltas that arrived.
 from __future__ import annotations
 
 import logging
+import math
 from array import array
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -77,7 +78,9 @@ class RoundLog:
     used: array = field(default_factory=lambda: array(NODE_ARRAY))  # 8 B per site (a list of ints: ~37 B)
     rejected: list[dict] = field(default_factory=list)  # {"node", "reason"}: reasons from common.reasons only
     ignored: list[int] = field(default_factory=list)
-    noise_norm: float = 0.0
+    # z*C*sqrt(d)/denominator, from public quantities: the realised noise's norm is never kept,
+    # since with the release it tells a candidate sum apart exactly
+    expected_noise_norm: float = 0.0
     update_norm: float = 0.0
     achieved_noise_multiplier: float | None = None  # the release's z (distributed: z * sqrt(survivors / entered))
     # the used sites' diagnostics as running sums per name (server.sites): nothing per site
@@ -100,6 +103,7 @@ class RoundLog:
     @classmethod
     def from_state(cls, state: dict) -> "RoundLog":
         """:meth:`to_state`'s round back (also an older checkpoint's, with a dict per site)."""
+        state = {k: v for k, v in state.items() if k != "noise_norm"}  # an older checkpoint's realised noise norm
         return cls(**{**state, "used": state.get("used", ()), "rejected": public_rejections(state.get("rejected", [])),
                       "diagnostics": SiteDiagnostics.from_state(state.get("diagnostics", {}))})
 
@@ -115,7 +119,7 @@ class RoundLog:
             "sites_used": len(self.used),
             "rejected": self.rejected,
             "ignored_unrequested_replies": self.ignored,
-            "noise_norm_of_mean": round(self.noise_norm, 6),
+            "expected_noise_norm_of_mean": round(self.expected_noise_norm, 6),
             "update_norm": round(self.update_norm, 6),
             "achieved_noise_multiplier": self.achieved_noise_multiplier,
             "short_round_not_applied": self.short,
@@ -206,6 +210,11 @@ class DPFedAvgLoRA(LedgerStrategy):
             events.append(self.dpsgd.charged_event(label=f"dp-sgd round {server_round}", scope=EACH_SITE))
         return events
 
+    def charged_though_lost(self, lost: list[PrivacyEvent]) -> list[PrivacyEvent]:
+        """The sites' DP-SGD spends (record level) and, with distributed noise, the site-level
+        release were seen by a server the guarantee does not trust: they stay charged."""
+        return [e for e in lost if e.unit == "record" or self.aggregation == "distributed"]
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs: adapter, K, round logs, site reports, and the
         seeded generators' states (None with the OS CSPRNG: its draws are fresh after a resume)."""
@@ -283,9 +292,7 @@ class DPFedAvgLoRA(LedgerStrategy):
             return self._short_round(entry, event)
         self.ledger.record(event)
         self.save_ledger()
-        if self.aggregation == "secure":  # the server drew the noise: it knows its norm
-            total = secure.result.total
-            entry.noise_norm = flat_norm({k: mean[k] - total[k] / self.denominator for k in mean})
+        entry.expected_noise_norm = self.expected_noise_norm(event.noise_multiplier)
         entry.update_norm = self.server_learning_rate * flat_norm(mean)
         self.global_state = tree_add(self.global_state, mean, self.server_learning_rate)
         return tree_record(self.global_state), MetricRecord({"sites": len(entry.used),
@@ -352,7 +359,7 @@ class DPFedAvgLoRA(LedgerStrategy):
             )
             self.ledger.record(event)
             entry.achieved_noise_multiplier = event.noise_multiplier
-            entry.noise_norm = flat_norm({k: mean[k] - total[k] / self.denominator for k in mean})
+            entry.expected_noise_norm = self.expected_noise_norm(event.noise_multiplier)
         else:
             if total is None:
                 log.warning("round %d: no valid site delta; the global adapter is unchanged", server_round)
@@ -363,8 +370,13 @@ class DPFedAvgLoRA(LedgerStrategy):
         entry.update_norm = self.server_learning_rate * flat_norm(mean)
         self.global_state = tree_add(self.global_state, mean, self.server_learning_rate)
         metrics = MetricRecord({"sites": len(entry.used), "rejected": len(entry.rejected),
-                                "noise-norm": float(entry.noise_norm), "update-norm": float(entry.update_norm)})
+                                "expected-noise-norm": float(entry.expected_noise_norm),
+                                "update-norm": float(entry.update_norm)})
         return tree_record(self.global_state), metrics
+
+    def expected_noise_norm(self, noise_multiplier: float) -> float:
+        """E||N(0, (zC)^2 I_d)|| / denominator ~ z*C*sqrt(d)/(q*K): public, unlike the realised norm."""
+        return noise_multiplier * self.mechanism.clip_norm * math.sqrt(self.shapes.total) / self.denominator
 
     def _short_round(self, entry: RoundLog, event: PrivacyEvent | None = None,
                      why: str = "") -> tuple[None, MetricRecord]:

@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from common.config import RunConfig
+
 SCHEMA_VERSION = 2
 
 NOISE_BY = ("server", "sites")
@@ -59,7 +61,8 @@ class PrivacyFacts:
             shares, or DP-SGD on every site).
         randomness_secret: privacy noise and sampling came from the OS CSPRNG
             (``privacy-randomness = "os"``); False for ``"seeded-insecure"``.
-        diagnostics: the sites sent non-private diagnostics to the server (opt-in).
+        diagnostics: what every site sent the server besides its privatised contribution,
+            in words, because it opted in (``site-diagnostics = true``); None: nothing.
         contribution: what one site sends, in words ("sum of bounded embeddings").
         smallest_noise_multiplier: the smallest z a release actually carried (distributed
             dropouts lower it); None where it always equals the plan's.
@@ -75,11 +78,11 @@ class PrivacyFacts:
     aggregation: str
     noise_by: str
     randomness_secret: bool
-    diagnostics: bool
+    diagnostics: str | None
     contribution: str
     smallest_noise_multiplier: float | None = None
     empirical_defense: str | None = None
-    caveats: tuple[str, ...] = field(default=())
+    not_covered: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.noise_by not in NOISE_BY:
@@ -100,6 +103,41 @@ class PrivacyFacts:
     def eps(self, unit: str, accountant: str = "prv") -> float | None:
         value = (self.epsilon.get(unit) or {}).get(accountant)
         return None if value is None or (isinstance(value, float) and math.isinf(value)) else float(value)
+
+
+def seeded_insecure(what: str) -> str:
+    """The warning every description of a ``privacy-randomness = "seeded-insecure"`` run carries."""
+    return (f"derived from the run seed in run_config.json (privacy-randomness = seeded-insecure): anyone who knows "
+            f"it can regenerate {what}, so this run is NOT differentially private")
+
+
+def noise_description(where: str, secret: bool) -> str:
+    """Where a run's noise comes from (``where``: by whom), in words; never a seed."""
+    if secret:
+        return f"{where}, drawn from the OS CSPRNG (os.urandom, Box-Muller in float64)"
+    return f"{where}, {seeded_insecure('the noise')}"
+
+
+def sampling_description(where: str, secret: bool) -> str:
+    """Where a run's Poisson sampling (``where``: of what, by whom) comes from; never a seed."""
+    if secret:
+        return f"{where}, drawn from the OS CSPRNG (os.urandom) and kept secret"
+    return f"{where}, {seeded_insecure('who or what was sampled')}"
+
+
+def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, Mapping[str, float | None]],
+              adjacency: Mapping[str, str], contribution: str, noise_by: str, diagnostics: str | None = None,
+              achieved: list[float] | tuple[float, ...] = (), planned_noise_multiplier: float = 0.0,
+              empirical_defense: str | None = None, not_covered: tuple[str, ...] = ()) -> PrivacyFacts:
+    """The :class:`PrivacyFacts` of a run from its config and what it measured: the smallest
+    achieved z is stated only where it fell below the plan's (distributed dropouts)."""
+    lowest = min((z for z in achieved if z is not None), default=planned_noise_multiplier)
+    return PrivacyFacts(
+        private=cfg.private, units=units, epsilon=epsilon, delta=cfg.target_delta, adjacency=adjacency,
+        aggregation=cfg.aggregation, noise_by=noise_by, randomness_secret=cfg.secret_randomness,
+        diagnostics=diagnostics, contribution=contribution,
+        smallest_noise_multiplier=lowest if lowest < planned_noise_multiplier else None,
+        empirical_defense=empirical_defense, not_covered=not_covered)
 
 
 def trust_model(facts: PrivacyFacts) -> str:
@@ -134,8 +172,7 @@ def trusted_for(facts: PrivacyFacts) -> list[str]:
     if facts.aggregation == "secure":
         items.append(f"the noise-free sum of the sites' {facts.contribution}s, and adding the noise")
     if facts.diagnostics:
-        items.append("the sites' diagnostics (losses, attacker accuracy, delta norms): derived from private data, "
-                     "not privatised")
+        items.append(f"the sites' diagnostics ({facts.diagnostics}): derived from private data, not privatised")
     return items
 
 
@@ -175,10 +212,9 @@ def claim(facts: PrivacyFacts, what: str) -> str:
         parts.append(f"Sites dropped out of some rounds, so the smallest noise multiplier a release carried was "
                      f"z = {facts.smallest_noise_multiplier:.4g} (the ledger counts the achieved values).")
     if facts.diagnostics:
-        parts.append("The sites also sent non-private diagnostics (losses, attacker accuracy, delta norms) to the "
-                     "server: they are **not** covered by this guarantee, the server must be trusted with them, "
+        parts.append(f"The sites also sent the server non-private diagnostics ({facts.diagnostics}): they are "
+                     "**not** covered by this guarantee, the server must be trusted with them, and the server's logs "
                      "and round_metrics.json must not be published.")
-    parts.extend(facts.caveats)
     return " ".join(parts)
 
 
@@ -206,8 +242,20 @@ def privacy_statement(facts: PrivacyFacts, what: str) -> dict:
         "noise_added_by": facts.noise_by if facts.private else "nobody",
         "trust_model": trust_model(facts),
         "server_trusted_for": trusted_for(facts),
-        "site_diagnostics": facts.diagnostics,
+        "site_diagnostics": facts.diagnostics is not None,
+        "not_covered": not_covered(facts),
     }
+
+
+def not_covered(facts: PrivacyFacts) -> str | None:
+    """What the guarantee does not cover, in words (None: nothing beyond the trust model)."""
+    texts = list(facts.not_covered)
+    if facts.diagnostics:
+        texts.append(f"site-diagnostics = true: every site sends the server, in the clear, {facts.diagnostics}, every "
+                     "round. These figures are computed from the site's private images without noise and are NOT "
+                     "covered by the DP guarantee: the server must be trusted with them (do not publish the server's "
+                     "logs or round_metrics.json).")
+    return " ".join(texts) or None
 
 
 def log_line(privacy: Mapping) -> str:

@@ -195,13 +195,37 @@ class LedgerStrategy(Strategy):
             return 0
         if ckpt.ledger.delta != self.ledger.delta:
             raise ValueError(f"the checkpoint's ledger is at delta {ckpt.ledger.delta}, this run at {self.ledger.delta}")
+        lost = self.lost_releases(ckpt.ledger)
         self.ledger.events[:] = ckpt.ledger.events  # in place: the app holds the same ledger
+        for event in self.charged_though_lost(lost):
+            self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (lost in a crash, seen by "
+                                                                                   "an untrusted server: charged)"}))
         state = dict(ckpt.strategy)
         self.retries_used = int(state.pop("retries_used", 0))
         self.load_state_dict(state)
         self.resumed_from = ckpt.completed_round
         self.save_ledger()  # ledger.json may hold a release the crash kept out of the checkpoint
         return ckpt.completed_round
+
+    def lost_releases(self, checkpointed: PrivacyLedger) -> list[PrivacyEvent]:
+        """The events ``ledger.json`` holds beyond the checkpoint's: releases (or attempts) of
+        the round a crash interrupted before its checkpoint."""
+        if self.ledger_path is None or not self.ledger_path.exists():
+            return []
+        saved = PrivacyLedger.load(self.ledger_path).events
+        kept = checkpointed.events
+        return list(saved[len(kept):]) if saved[:len(kept)] == kept else []
+
+    def charged_though_lost(self, lost: list[PrivacyEvent]) -> list[PrivacyEvent]:
+        """Which lost events stay charged when the interrupted round is redone.
+
+        A release whose noise the server adds was held only by the crashed server process and
+        never published (adapters and reports are exported at the end): the server is trusted
+        with it, so it is not counted, and the redone round draws fresh noise. A release whose
+        noise the sites add (distributed noise shares, DP-SGD) was seen by a server the
+        guarantee does not trust, so it stays charged. The default is the trusted case;
+        strategies whose noise comes from the sites say so."""
+        return []
 
     def save_ledger(self) -> None:
         """Write the ledger atomically (kept with the run; restored from it)."""

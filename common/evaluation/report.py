@@ -23,7 +23,8 @@ from pathlib import Path
 
 from common.evaluation.epsilon_curve import epsilon_by_round
 from common.evaluation.plots import epsilon_rounds_plot, roc_plot
-from server.export import fmt_eps, lora_claim, ti_claim
+from server.export import lora_claim, ti_claim
+from server.statement import fmt_eps
 
 REPORT_FILE = "report.md"
 INPUTS = ("attacks.json", "audit.json", "audit_no_noise.json", "utility.json", "skipped.json")

@@ -246,7 +246,7 @@ def test_sites_that_fail_or_stay_silent_do_not_fail_the_run(tmp_path):
     for entry in s.rounds:
         assert sorted(entry.used) == [1, 4] and entry.rejected[0]["node"] == 3
     assert s.denominator == pytest.approx(1.0 * 4)
-    assert not math.isnan(s.rounds[-1].noise_norm)
+    assert not math.isnan(s.rounds[-1].expected_noise_norm)
 
 
 def test_unrequested_replies_are_ignored(tmp_path):
@@ -309,3 +309,22 @@ def test_dpagg_ignores_unrequested_and_second_replies(tmp_path):
                                       reply_with([1.0] * 4, node_id=9)])
     np.testing.assert_allclose(arrays[keys.EMBEDDING].numpy(), np.full(4, 1.0 / 5.0))
     assert [r["node"] for r in s.rejected] == [1, 9] and [list(c) for c in s.contributors] == [[1]]
+
+
+@pytest.mark.parametrize("aggregation, charged", [("central", False), ("secure", False), ("distributed", True)])
+def test_a_lost_release_stays_charged_only_where_an_untrusted_server_saw_it(tmp_path, aggregation, charged):
+    """Noise added by the server: the lost release never left the crashed process (not counted).
+    Noise added by the sites (distributed shares): the server, which the guarantee does not
+    trust, saw the noised sum before the crash, so the redone round is a second release."""
+    crashing = dpagg(tmp_path, randomness="os")
+    crash_after_release(crashing, 2, snapshot=lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        crashing.start(grid=SumGrid(), initial_arrays=ArrayRecord(), num_rounds=3, timeout=1.0)
+    assert len(PrivacyLedger.load(tmp_path / "ledger.json").events) == 2  # release 2 recorded, not checkpointed
+    resumed = dpagg(tmp_path, randomness="os")
+    resumed.aggregation = aggregation  # only the restore rule is exercised here
+    assert resumed.restore() == 1
+    labels = [e.label for e in resumed.ledger.events]
+    assert labels[0] == "dpagg-ti release 1"
+    assert labels[1:] == (["dpagg-ti release 2 (lost in a crash, seen by an untrusted server: charged)"] if charged else [])
+    assert PrivacyLedger.load(tmp_path / "ledger.json").events == resumed.ledger.events

@@ -15,34 +15,12 @@ def test_exported_embedding_loads_in_a_fresh_stock_pipeline(tiny_sd_path, tmp_pa
     torch.testing.assert_close(pipe.text_encoder.get_input_embeddings().weight[token_id], vector, rtol=0, atol=0)
 
 
-def lora_privacy(defense="none", private=True, record=None, randomness="os"):
-    eps = {"site": {"prv": 0.98, "rdp": 1.07}}
-    if record:
-        eps["record"] = record
-    return {"private": private, "epsilon": eps, "delta": 1e-5, "defense": defense, "privacy_randomness": randomness}
-
-
-def test_lora_claim_states_each_unit_that_applies():
-    from server.export import lora_claim
-
-    plain = lora_claim(lora_privacy())
-    assert "(0.980, 1e-05)-differentially private at the level of **one site**" in plain and "one image" not in plain
-    smp = lora_claim(lora_privacy("smp-lora"))
-    assert "empirical defence" in smp and "no formal guarantee for single images" in smp
-    dpsgd = lora_claim(lora_privacy("dp-sgd", record={"prv": 2.5, "rdp": 3.0}))
-    assert "(2.500, 1e-05)-DP at the level of **one image**" in dpsgd
-    assert "No privacy guarantee" in lora_claim(lora_privacy(private=False))
-
-
-def test_a_seeded_insecure_run_claims_no_dp():
+def test_the_cards_state_privacy_json_statement():
+    """The model cards print the statement built once (server.statement), never their own."""
     from server.export import lora_claim, ti_claim
 
-    ti = {"private": True, "epsilon": {"prv": 0.98, "rdp": 1.07}, "delta": 1e-5, "privacy_randomness": "seeded-insecure"}
-    for claim in (lora_claim(lora_privacy("dp-sgd", record={"prv": 2.5, "rdp": 3.0}, randomness="seeded-insecure")),
-                  ti_claim(ti)):
-        assert claim.startswith("**Not differentially private.**") and "differentially private at" not in claim
-        assert "regenerate the noise" in claim and "not a guarantee" in claim and "0.980" in claim
-    assert "-differentially private at the level of **one image**" in ti_claim({**ti, "privacy_randomness": "os"})
+    p = {"statement": "This embedding is (0.999, 1e-05)-differentially private ..."}
+    assert ti_claim(p) == lora_claim(p) == p["statement"]
 
 
 def test_samples_use_the_run_template_and_the_card_shows_it(tiny_sd_path, tmp_path):
@@ -54,12 +32,14 @@ def test_samples_use_the_run_template_and_the_card_shows_it(tiny_sd_path, tmp_pa
     assert [(s["kind"], s["prompt"]) for s in samples] == [("base", "an emoji of a cat"),
                                                            ("adapted", "an emoji of a <S*> an emoji of a cat")]
     assert (tmp_path / "samples" / "grid.png").is_file()
-    privacy = {"adapter": {"token": "<S*>"}, "noise_source": "seeded", "trust_model": "central", "private": False,
+    privacy = {"adapter": {"token": "<S*>"}, "noise_source": "none", "trust_model": "central", "private": False,
+               "statement": "**No privacy guarantee.**",
                "mechanism": "DPAgg-TI", "post_processing": [], "num_sites": 1, "declared_num_images": 4,
                "sample_rate": 1.0, "centered": True, "bound": "clip", "clip_norm": 0.1, "noise_multiplier": 0.0,
                "denominator": 4, "num_releases": 1}
     card = model_card(privacy, {}, samples)
     assert 'pipe("an emoji of a <S*> an emoji of a cat")' in card
+    assert card.split("\n")[2] == "**No privacy guarantee.**"  # the statement is the card's first paragraph
 
 
 def fedavg_privacy(achieved, private=True):

@@ -158,7 +158,7 @@ def test_round_without_replies_still_releases_noise_and_is_accounted():
     start_round(s, 1, [1, 2, 3])
     arrays, _ = s.aggregate_train(1, [])
     assert arrays is not None and flat_norm(s.global_state) > 0  # pure noise
-    assert len(s.ledger.events) == 1 and s.rounds[-1].noise_norm > 0
+    assert len(s.ledger.events) == 1 and s.rounds[-1].expected_noise_norm > 0
 
 
 def test_noise_has_the_planned_spread():
@@ -276,7 +276,7 @@ def test_round_logs_of_older_checkpoints_still_load():
     from server.lora_strategy import RoundLog
 
     older = {"round": 1, "sampled": [1, 2, 3], "used": [1, 2], "rejected": [{"node": 3, "reason": "nan"}],
-             "ignored": [], "noise_norm": 0.5, "update_norm": 0.1, "achieved_noise_multiplier": None,
+             "ignored": [], "expected_noise_norm": 0.5, "update_norm": 0.1, "achieved_noise_multiplier": None,
              "diagnostics": {1: {keys.DIAG_LOSS: 0.2}, 2: {keys.DIAG_LOSS: 0.4, keys.DIAG_CLIPPED: 1.0}}, "short": False}
     log = RoundLog.from_state(older)
     assert log.rejected == [{"node": 3, "reason": REPLY_REJECTED}]  # an old free text is not carried on

@@ -10,7 +10,7 @@ from server.statement import SCHEMA_VERSION, PrivacyFacts, claim, log_line, priv
 def facts(**overrides) -> PrivacyFacts:
     base = dict(private=True, units=("record",), epsilon={"record": {"prv": 0.999, "rdp": 1.118}}, delta=1e-5,
                 adjacency={"record": "add/remove one image"}, aggregation="central", noise_by="server",
-                randomness_secret=True, diagnostics=False, contribution="sum of bounded embeddings")
+                randomness_secret=True, diagnostics=None, contribution="sum of bounded embeddings")
     return PrivacyFacts(**{**base, **overrides})
 
 
@@ -41,8 +41,9 @@ def test_distributed_noise_refuses_seeded_randomness():
 
 
 def test_diagnostics_are_named_as_not_covered():
-    out = privacy_statement(facts(diagnostics=True), "This embedding")
+    out = privacy_statement(facts(diagnostics="its mean loss"), "This embedding")
     assert "**not** covered" in out["statement"] and out["site_diagnostics"] is True
+    assert "its mean loss" in out["statement"] and "its mean loss" in out["not_covered"]
     assert any("diagnostics" in item for item in out["server_trusted_for"])
 
 
@@ -56,7 +57,7 @@ def test_every_fact_changes_the_sentence():
     """No two different trust settings share a statement: nothing changes silently."""
     seen: dict[str, tuple] = {}
     for aggregation, secret, diagnostics, dropped in itertools.product(
-            ("central", "secure", "distributed"), (True, False), (True, False), (None, 1.7)):
+            ("central", "secure", "distributed"), (True, False), ("its mean loss", None), (None, 1.7)):
         if aggregation == "distributed" and not secret:
             continue
         if dropped is not None and aggregation != "distributed":

@@ -47,7 +47,7 @@ def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
     else:
         assert "record" not in privacy["epsilon"]
     rounds = json.loads((out / "round_metrics.json").read_text())
-    assert [r["sites_used"] for r in rounds] == [2, 2] and all(r["noise_norm_of_mean"] > 0 for r in rounds)
+    assert [r["sites_used"] for r in rounds] == [2, 2] and all(r["expected_noise_norm_of_mean"] > 0 for r in rounds)
     assert privacy["site_diagnostics"] is opt_in
     if opt_in:
         assert all(0 <= r["attacker_accuracy"] <= 1 for r in rounds) and "NOT covered" in privacy["not_covered"]

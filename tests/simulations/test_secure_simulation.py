@@ -47,6 +47,6 @@ def test_lora_with_secure_aggregation(tmp_path, tiny_sd_path):
     assert 0 < privacy["epsilon"]["site"]["prv"] <= 1.0
     rounds = json.loads((out / "round_metrics.json").read_text())
     assert [r["sites_used"] for r in rounds] == [2, 2]
-    assert all(r["noise_norm_of_mean"] > 0 and "adaptation_loss" not in r for r in rounds)  # no diagnostics sent
+    assert all(r["expected_noise_norm_of_mean"] > 0 and "adaptation_loss" not in r for r in rounds)  # no diagnostics sent
     assert privacy["site_diagnostics"] is False
     assert (out / "pytorch_lora_weights.safetensors").exists()
