@@ -146,10 +146,13 @@ def samples_and_metrics(adapter: str, samples: list[dict], metrics: dict) -> lis
     ]
 
 
+OLD_SCHEMA = "This privacy.json predates schema 2 and states no guarantee in words: read its fields."
+
+
 def ti_claim(p: dict) -> str:
     """The privacy statement of a textual-inversion run, in words: privacy.json's ``statement``
     (built in one place, :mod:`server.statement`)."""
-    return p["statement"]
+    return p.get("statement", OLD_SCHEMA)
 
 
 def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
@@ -184,7 +187,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
 
 def lora_claim(p: dict) -> str:
     """The privacy statement of a LoRA run, in words: privacy.json's ``statement``."""
-    return p["statement"]
+    return p.get("statement", OLD_SCHEMA)
 
 
 def fedavg_steps(p: dict) -> list[str]:

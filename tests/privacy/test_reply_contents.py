@@ -28,8 +28,10 @@ from tests.client.helpers import set_task_identity
 from tests.server.grids import PushPullGrid
 
 SITES = (101, 102)
-LORA = {"adapter": "lora", "rounds": 1, "local-steps": 1, "lora-batch-size": 2, "dpsgd-batch-size": 3,
-        "lora-rank": 2, "lora-alpha": 2.0, "num-sites": len(SITES)}
+# DP-SGD at q = dpsgd-batch-size / site-dataset-size = 1: the one local step never draws an empty
+# Poisson batch, so an opted-in loss is always there to see
+LORA = {"adapter": "lora", "rounds": 1, "local-steps": 1, "lora-batch-size": 2, "dpsgd-batch-size": 12,
+        "site-dataset-size": 12, "lora-rank": 2, "lora-alpha": 2.0, "num-sites": len(SITES)}
 ADAPTER = None  # a LoRA delta travels packed under the layout key of the server's own adapter message
 RUNS = {  # name: (run config, the ArrayRecord key of a site's contribution, the diagnostics it adds when opted in)
     "dpagg-ti": ({"ti-steps": 1, "dataset-size": 24}, keys.EMBEDDING_SUM, ()),

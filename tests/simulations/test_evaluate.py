@@ -71,10 +71,10 @@ def test_members_are_the_sites_that_took_part_and_never_the_held_out_folder(tmp_
     data = REPO_ROOT / "data" / "demo"
     privacy = {"num_sites_declared": 2}  # a LoRA run declares K; data/demo holds 4 site folders
     (tmp_path / "privacy.json").write_text(json.dumps(privacy))
-    lora = Run(path=tmp_path, config=RunConfig(adapter="lora", data_path=str(data)), privacy=privacy, adapter="lora")
+    lora = Run(path=tmp_path, config=RunConfig(adapter="lora", num_sites=4, data_path=str(data)), privacy=privacy, adapter="lora")
     assert attack_members(lora, data / "site-3") == [data / "site-0", data / "site-1"]
     with pytest.raises(ValueError, match="cannot serve as non-members"):
         attack_members(lora, data / "site-1")
-    smp = Run(path=tmp_path, config=RunConfig(adapter="lora", defense="smp-lora", data_path=str(data)), privacy={},
+    smp = Run(path=tmp_path, config=RunConfig(adapter="lora", num_sites=4, defense="smp-lora", data_path=str(data)), privacy={},
               adapter="lora")
     assert attack_members(smp, data / "site-3") is None  # its own member / non-member splits

@@ -35,7 +35,7 @@ def by_name(result: dict | list) -> dict:
 @pytest.fixture(scope="module")
 def small_target(emoji_pipe, small_overfit_pipe):
     """The emoji base and the same base with the small overfit LoRA, as the attacks' target."""
-    cfg = RunConfig(adapter="lora", model_path=str(EMOJI_SD), resolution=32)
+    cfg = RunConfig(adapter="lora", num_sites=4, model_path=str(EMOJI_SD), resolution=32)
     return Target(emoji_pipe, small_overfit_pipe, "lora", cfg, EMOJI_SD)
 
 
@@ -129,7 +129,7 @@ def test_site_inference_tells_the_sites_that_took_part(overfit_result):
 
 def test_bad_requests_are_named(tmp_path, demo_sites):
     """Checked before any model loads."""
-    cfg = RunConfig(adapter="lora", model_path=str(EMOJI_SD), resolution=32)
+    cfg = RunConfig(adapter="lora", num_sites=4, model_path=str(EMOJI_SD), resolution=32)
     (tmp_path / "run_config.json").write_text(json.dumps(cfg.to_run_config()))
     with pytest.raises(ValueError, match="unknown attack"):
         run_attacks(tmp_path, [demo_sites[0]], [demo_sites[1]], attacks=["nope"])

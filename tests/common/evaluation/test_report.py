@@ -9,14 +9,20 @@ from PIL import Image
 
 from common.dp import PrivacyEvent, PrivacyLedger
 from common.evaluation.report import render_run_report
+from server.statement import PrivacyFacts, privacy_statement
 
 
 def lora_privacy() -> dict:
     events = [PrivacyEvent(noise_multiplier=1.5, sample_rate=1.0, unit="site", label=f"dp-fedavg lora round {r}")
               for r in (1, 2)]
     summary = PrivacyLedger(delta=1e-5, events=events).summary()
+    facts = PrivacyFacts(private=True, units=("site",), epsilon=summary, delta=1e-5,
+                         adjacency={"site": "add/remove one site"}, aggregation="central", noise_by="server",
+                         randomness_secret=True, diagnostics=None, contribution="clipped delta",
+                         empirical_defense="SMP-LORA")
     return {"method": "dp-fedavg-lora", "defense": "smp-lora", "private": True, "delta": 1e-5, "target_epsilon": 5.0,
-            "adjacency": "add/remove one site", "epsilon": summary, "events": [e.to_dict() for e in events]}
+            "adjacency": "add/remove one site", "epsilon": summary, "events": [e.to_dict() for e in events],
+            **privacy_statement(facts, "This LoRA adapter")}
 
 
 def attack(name: str, auc: float, applicable: bool = True) -> dict:

@@ -17,7 +17,7 @@ from tests.common.evaluation.conftest import DEMO
 
 
 def write_run(tmp_path, **overrides):
-    cfg = RunConfig(adapter="lora", data_path=str(DEMO), resolution=32, seed=7, **overrides)
+    cfg = RunConfig(adapter="lora", num_sites=4, data_path=str(DEMO), resolution=32, seed=7, **overrides)
     (tmp_path / "run_config.json").write_text(json.dumps(cfg.to_run_config()))
     (tmp_path / "privacy.json").write_text(json.dumps({"num_sites": 2}))
     return cfg

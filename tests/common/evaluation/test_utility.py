@@ -18,7 +18,7 @@ TWEMOJI = REPO_ROOT / "tests" / "data" / "twemoji-heldout"
 
 
 def lora_run() -> Run:
-    return Run(path=Path("unused"), config=RunConfig(adapter="lora", model_path=str(EMOJI_SD), resolution=32),
+    return Run(path=Path("unused"), config=RunConfig(adapter="lora", num_sites=4, model_path=str(EMOJI_SD), resolution=32),
                privacy={}, adapter="lora")
 
 
