@@ -267,5 +267,6 @@ def log_line(privacy: Mapping) -> str:
     flat = eps.get(unit, eps) if isinstance(eps.get(unit), Mapping) else eps
     figure = f"epsilon {fmt_eps(flat.get('prv'))} (PRV; RDP {fmt_eps(flat.get('rdp'))}) at delta {privacy.get('delta')}"
     if not privacy.get("dp_guarantee"):
-        return f"NOT PRIVATE (privacy-randomness = seeded-insecure: the noise can be regenerated from the run seed); {figure} is the mechanism's value only"
+        return (f"NOT PRIVATE (privacy-randomness = seeded-insecure: the noise can be regenerated from the run seed); "
+                f"{figure} is the mechanism's value, NOT a guarantee for this release")
     return f"{unit}-level DP, {figure}; noise added by the {privacy.get('noise_added_by')}, aggregation {privacy.get('aggregation')}"
