@@ -101,10 +101,13 @@ def load_images(cfg: RunConfig, name: str, folder: str) -> SiteImages:
     return images
 
 
-def require_images(images: SiteImages, folder: str) -> SiteImages:
-    """``images``, or SiteDataError if there is none: local training needs at least one
-    (DPAgg-TI does not: a site without images sends a zero sum, like one that sampled none)."""
-    if not images.names:
+def require_images(images: SiteImages, folder: str, *, dpsgd: bool = False) -> SiteImages:
+    """``images``, or SiteDataError if there is none and the training needs one. DPAgg-TI
+    never does (a site without images sends a zero sum, like one that sampled none), nor does
+    private DP-SGD (a site without images takes noise-only steps, like one whose Poisson
+    batches were all empty): under record-level DP, whether a site answers must not depend on
+    whether it holds an image."""
+    if not images.names and not dpsgd:
         raise SiteDataError(images.site, folder, "no usable image to train on")
     return images
 
@@ -194,7 +197,7 @@ def dpagg_reply(msg: Message, cfg: RunConfig, index: int, name: str, folder: str
 def dpsgd_reply(msg: Message, context: Context, cfg: RunConfig, index: int, name: str, folder: str) -> RecordDict:
     from client.dpsgd_ti import dpsgd_site_round  # Opacus is only needed for the baseline
 
-    images = require_images(load_images(cfg, name, folder), folder)
+    images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private)
     global_embedding = torch.from_numpy(msg.content[keys.ARRAYS][keys.EMBEDDING].numpy()).float()
     update, metrics = dpsgd_site_round(
         get_pipeline(cfg), images, ti_settings(cfg), cfg, global_embedding,
@@ -256,7 +259,7 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     if tree_shapes(received) != expected:
         raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
                          f"(rank {spec.rank}, targets {','.join(spec.targets)})")
-    images = require_images(load_images(cfg, name, folder), folder)
+    images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private and defense == "dp-sgd")
     load_lora_state(pipe, spec, received)
     metrics = train_lora(pipe, spec, images, cfg, context, defense, index, round_index)
     delta = tree_sub(lora_state(pipe, spec), received)

@@ -88,9 +88,12 @@ def dpsgd_lora_round(
     training, sampling, noise = dpsgd_draws(cfg.seed, "lora-dpsgd", device, site_index, round_index,
                                             secret=cfg.secret_randomness)
 
-    dist = encode_latents(pipe.vae, images.pixels)
+    # a site without usable images takes the same noise-only steps (every Poisson batch is empty)
+    # rather than refusing: whether it holds an image must not decide whether it answers
+    dist = encode_latents(pipe.vae, images.pixels) if n else None
     with torch.no_grad():
-        hidden_all = pipe.text_encoder(tokenize(pipe, captions_or_default(images, cfg.default_caption)).to(device))[0]
+        hidden_all = (pipe.text_encoder(tokenize(pipe, captions_or_default(images, cfg.default_caption)).to(device))[0]
+                      if n else None)
     params = lora_parameters(pipe, spec)
     adamw = torch.optim.AdamW(params, lr=cfg.lora_learning_rate)
     private = schedule.budget.private

@@ -162,12 +162,14 @@ def _train_round(pipe, images: SiteImages, settings: TISettings, cfg: RunConfig,
     training, sampling, noise = dpsgd_draws(cfg.seed, "dpsgd", device, site_index, round_index,
                                             secret=cfg.secret_randomness)
 
-    dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size)
+    # a site without usable images takes the same noise-only steps (every Poisson batch is empty)
+    # rather than refusing: whether it holds an image must not decide whether it answers
+    dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size) if n else None
     with placeholder_rows(pipe, settings, num_rows=1) as table:
         with torch.no_grad():
             table.rows.weight.copy_(start.reshape(1, -1).to(table.rows.weight))
         # tokenize only now: the placeholder token exists from here on
-        ids = tokenize(pipe, build_prompts(images.captions, settings)).to(device)
+        ids = tokenize(pipe, build_prompts(images.captions, settings)).to(device) if n else None
         adam = torch.optim.Adam([table.rows.weight], lr=settings.learning_rate)
         hooks = attach_per_sample_grads(table) if private else None
         optimizer = (NoiseSourceDPOptimizer(adam, noise=noise, noise_multiplier=z, max_grad_norm=cfg.dpsgd_max_grad_norm,

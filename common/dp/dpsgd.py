@@ -107,8 +107,9 @@ class DPSGDSchedule:
     def check_site_size(self, num_images: int, site: str) -> None:
         """Refuse a site holding more images than declared: the accountant's q and the DP-SGD
         denominator assume at most D. Checked at every round before any training, so the
-        site refuses consistently and spends nothing; the message carries no count."""
-        if num_images < 1:
+        site refuses consistently and spends nothing; the message carries no count. A private
+        site may hold none (its Poisson batches are all empty: noise-only steps)."""
+        if num_images < 1 and not self.budget.private:
             raise ValueError(f"{site}: a site needs at least one image")
         if self.budget.private and num_images > self.declared_site_size:
             raise DeclaredSizeExceeded(

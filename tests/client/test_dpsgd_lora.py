@@ -108,6 +108,18 @@ def test_dp_round_trains_only_lora_and_the_accountant_persists(pipe):
     assert opacus_leftovers(pipe) == [] and not pipe.unet.training
 
 
+def test_a_site_without_usable_images_takes_noise_only_steps_instead_of_refusing(pipe):
+    """With no image every Poisson batch is empty: the round adds noise only and reports the
+    same public spend as any site, so whether a site answers reveals nothing of its images."""
+    before = lora_state(pipe, SPEC)
+    empty = SiteImages(names=(), pixels=torch.zeros(0, 3, 64, 64), captions=(), site="s")
+    metrics = dpsgd_lora_round(pipe, SPEC, empty, config(), state=RecordDict(), site_index=1, round_index=1)
+    after = lora_state(pipe, SPEC)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the noise moved the adapter
+    assert metrics[keys.SITE_SAMPLE_RATE] == 0.5 and metrics[keys.SITE_NOISE_MULTIPLIER] > 0
+    assert opacus_leftovers(pipe) == []
+
+
 def test_record_target_can_differ_from_the_site_target(pipe):
     state = RecordDict()
     m = dpsgd_lora_round(pipe, SPEC, site_images(), config(**{"record-target-epsilon": 2.0}), state=state,

@@ -229,6 +229,22 @@ def test_a_site_above_the_declared_size_refuses_every_round_before_spending(pipe
     assert load_history(state) == []
 
 
+def test_a_site_without_usable_images_takes_noise_only_steps_instead_of_refusing(pipe):
+    """Whether a site answers must not depend on whether it holds an image: with none, every
+    Poisson batch is empty and each step adds noise only, spending the same (z, q, steps)."""
+    cfg = config()
+    settings = ti_settings(cfg)
+    init, state = initializer_vector(pipe, settings), RecordDict()
+    empty = SiteImages(names=(), pixels=torch.zeros(0, 3, 64, 64), captions=(), site="s")
+    vector, metrics = dpsgd_site_round(pipe, empty, settings, cfg, init, state=state, site_index=0, round_index=1)
+    _, full = dpsgd_site_round(pipe, site_images(5), settings, cfg, init, state=RecordDict(), site_index=0,
+                               round_index=1)
+    for key in (keys.SITE_NOISE_MULTIPLIER, keys.SITE_SAMPLE_RATE, keys.SITE_STEPS, keys.SITE_EPSILON):
+        assert metrics[key] == full[key]  # the same public spend as a site with images
+    assert torch.isfinite(vector).all() and not torch.equal(vector, init.float())  # the noise moved it
+    assert len(load_history(state)) == 1
+
+
 def test_malformed_server_embedding_is_refused_before_spending(pipe):
     cfg = config()
     settings = ti_settings(cfg)
