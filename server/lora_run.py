@@ -61,7 +61,7 @@ def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z:
         achieved=[r.achieved_noise_multiplier for r in strategy.rounds if r.achieved_noise_multiplier is not None],
         planned_noise_multiplier=planned_z,
         empirical_defense=cfg.defense.upper() if cfg.defense in ("mp-lora", "smp-lora") else None,
-        not_covered=(NOT_COVERED,))
+        not_covered=(NOT_COVERED,), record_noise_on_sites=record)
 
 
 def checkpoint_plan(plan: FedAvgPlan, dpsgd: DPSGDPlan | None) -> dict[str, float]:

@@ -68,6 +68,8 @@ class PrivacyFacts:
             dropouts lower it); None where it always equals the plan's.
         empirical_defense: the name of an empirical MI defence the sites trained with
             (SMP-LoRA, MP-LoRA), which adds no formal guarantee.
+        record_noise_on_sites: the record-level unit's noise was added on every site (DP-SGD
+            under a site-level release): that unit's guarantee does not rest on the server.
     """
 
     private: bool
@@ -83,6 +85,7 @@ class PrivacyFacts:
     smallest_noise_multiplier: float | None = None
     empirical_defense: str | None = None
     not_covered: tuple[str, ...] = field(default=())
+    record_noise_on_sites: bool = False
 
     def __post_init__(self) -> None:
         if self.noise_by not in NOISE_BY:
@@ -128,7 +131,8 @@ def sampling_description(where: str, secret: bool) -> str:
 def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, Mapping[str, float | None]],
               adjacency: Mapping[str, str], contribution: str, noise_by: str, diagnostics: str | None = None,
               achieved: list[float] | tuple[float, ...] = (), planned_noise_multiplier: float = 0.0,
-              empirical_defense: str | None = None, not_covered: tuple[str, ...] = ()) -> PrivacyFacts:
+              empirical_defense: str | None = None, not_covered: tuple[str, ...] = (),
+              record_noise_on_sites: bool = False) -> PrivacyFacts:
     """The :class:`PrivacyFacts` of a run from its config and what it measured: the smallest
     achieved z is stated only where it fell below the plan's (distributed dropouts)."""
     lowest = min((z for z in achieved if z is not None), default=planned_noise_multiplier)
@@ -137,7 +141,7 @@ def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, M
         aggregation=cfg.aggregation, noise_by=noise_by, randomness_secret=cfg.secret_randomness,
         diagnostics=diagnostics, contribution=contribution,
         smallest_noise_multiplier=lowest if lowest < planned_noise_multiplier else None,
-        empirical_defense=empirical_defense, not_covered=not_covered)
+        empirical_defense=empirical_defense, not_covered=not_covered, record_noise_on_sites=record_noise_on_sites)
 
 
 def trust_model(facts: PrivacyFacts) -> str:
@@ -185,7 +189,10 @@ def _unit_claim(facts: PrivacyFacts, unit: str, first: bool) -> str:
                 f"adjacency: {adjacency}), by the PRV accountant (Opacus; the RDP accountant gives the looser epsilon "
                 f"{rdp}): {UNIT_LONG[unit]} changes the probability of any outcome by at most a factor e^{prv}, "
                 f"except with probability {facts.delta:g}.")
-    return (f"It is also ({prv}, {facts.delta:g})-DP at the level of **{words}** (adjacency: {adjacency}; RDP: {rdp}).")
+    local = " without trusting the server: every site ran DP-SGD on its own images" if (
+        unit == "record" and facts.record_noise_on_sites) else ""
+    return (f"It is also ({prv}, {facts.delta:g})-DP at the level of **{words}** (adjacency: {adjacency}; RDP: {rdp})"
+            f"{local}.")
 
 
 def claim(facts: PrivacyFacts, what: str) -> str:

@@ -78,6 +78,10 @@ def test_site_and_record_units_and_an_empirical_defense():
               adjacency={"site": "add/remove one site", "record": "add/remove one image"}, contribution="clipped delta")
     text = claim(f, "This LoRA adapter")
     assert "**one site**" in text and "**one image**" in text and "2.500" in text
+    assert "without trusting the server" not in text
+    local = claim(PrivacyFacts(**{**f.__dict__, "record_noise_on_sites": True}), "This LoRA adapter")
+    assert "(2.500, 1e-05)-DP at the level of **one image** (adjacency: add/remove one image; RDP: 3.000) without " \
+           "trusting the server" in local
     smp = claim(facts(units=("site",), epsilon={"site": {"prv": 0.9, "rdp": 1.0}}, empirical_defense="SMP-LORA"),
                 "This LoRA adapter")
     assert "empirical defence" in smp and "no formal guarantee" in smp
