@@ -199,12 +199,6 @@ def sent_dpsgd_event(config: Mapping[str, Any]) -> PrivacyEvent | None:
                         steps=int(config[keys.PLAN_DPSGD_STEPS]), unit="record")
 
 
-def same_spend(a: PrivacyEvent, b: PrivacyEvent) -> bool:
-    """Whether two events spend the same: unit, steps, and (z, q) to float precision."""
-    return (a.unit == b.unit and a.steps == b.steps and math.isclose(a.noise_multiplier, b.noise_multiplier, rel_tol=1e-12)
-            and math.isclose(a.sample_rate, b.sample_rate, rel_tol=1e-12))
-
-
 def plan_from_message(config: Mapping[str, Any], run_id: int, record_event: PrivacyEvent | None) -> RoundPlan:
     """The plan the server sent in a round's ConfigRecord, as a :class:`RoundPlan`.
 
@@ -221,7 +215,7 @@ def plan_from_message(config: Mapping[str, Any], run_id: int, record_event: Priv
     if unit in ("record", "site") and z >= 0:
         events.append(PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=steps, unit=unit))  # type: ignore[arg-type]
     sent = sent_dpsgd_event(config)
-    if sent is not None and record_event is not None and not same_spend(sent, record_event):
+    if sent is not None and record_event is not None and not sent.spends_as(record_event):
         raise PolicyError(
             f"the server's DP-SGD plan (z={sent.noise_multiplier:.6g}, q={sent.sample_rate:.6g}, {sent.steps} steps) "
             f"differs from this site's own (z={record_event.noise_multiplier:.6g}, q={record_event.sample_rate:.6g}, "

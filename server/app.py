@@ -26,7 +26,14 @@ from common.dp.noise import privacy_noise
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import resolve
-from server.statement import log_line, noise_description, privacy_statement, run_facts, sampling_description, seeded_insecure
+from server.statement import (
+    log_line,
+    privacy_statement,
+    release_noise_description,
+    run_facts,
+    sampling_description,
+    seeded_insecure,
+)
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -107,14 +114,12 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": post,
         "aggregation": cfg.aggregation,
         "achieved_noise_multipliers": strategy.achieved_noise_multipliers,
-        "noise_source": noise_description("on each site, its share" if cfg.aggregation == "distributed"
-                                          else "on the server", cfg.secret_randomness),
+        "noise_source": release_noise_description(cfg),
         "sampling_source": sampling_description("Poisson sampling of images on each site", cfg.secret_randomness),
         # DPAgg-TI sites send their sum alone, never diagnostics (client.app.dpagg_reply)
         **privacy_statement(run_facts(
             cfg, units=("record",), epsilon={"record": eps}, adjacency={"record": "add/remove one image"},
-            contribution="sum of bounded embeddings", noise_by="sites" if cfg.aggregation == "distributed" else "server",
-            achieved=strategy.achieved_noise_multipliers, planned_noise_multiplier=plan.noise_multiplier),
+            contribution="sum of bounded embeddings", achieved=strategy.achieved_noise_multipliers, planned_noise_multiplier=plan.noise_multiplier),
             "This embedding"),
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),

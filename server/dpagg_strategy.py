@@ -145,7 +145,7 @@ class DPAggTIStrategy(LedgerStrategy):
         why = why or f"{valid} valid site sum(s) (min-sites {self.control.min_sites})"
         log.warning("release %d: %s; nothing released%s", server_round, why, "; charged as one release" if event else "")
         if event is not None:
-            self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not released)"}))
+            self.ledger.record(event.noted("short: charged, not released"))
             self.save_ledger()
         return None, None
 

@@ -42,7 +42,7 @@ from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from common.reasons import public_rejections
-from server.statement import privacy_statement, run_facts, seeded_insecure
+from server.statement import noise_description, privacy_statement, run_facts, sampling_description
 from server.export import embedding_metrics
 from server.plan import EACH_SITE, DPSGDPlan, plan_dpsgd, plan_record
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_vector
@@ -191,10 +191,8 @@ def noise_source_description(cfg: RunConfig) -> str:
     """Where the sites' DP-SGD noise and Poisson batches come from, in words; never a seed."""
     if not cfg.private:
         return "none (non-private run: no noise, no clipping)"
-    if cfg.secret_randomness:
-        return ("on each site: the OS CSPRNG (os.urandom, Box-Muller in float64; common.dp.NoiseSource) inside Opacus' "
-                "DPOptimizer, and the Poisson batches from os.urandom")
-    return f"on each site: the noise and the Poisson batches are {seeded_insecure('them')}"
+    return (noise_description("on each site, inside Opacus' DPOptimizer", cfg.secret_randomness) + "; "
+            + sampling_description("its Poisson batches", cfg.secret_randomness))
 
 
 def run_dpsgd_baseline(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from common.models import load_pipeline
 from common.textual_inversion import EMBEDS_FILE, save_embedding
+from server.statement import smallest_achieved
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -91,8 +92,8 @@ def noise_std_words(p: dict) -> str:
     dropouts lowered it (``achieved_noise_multipliers`` below the plan's z), the smallest
     achieved z is stated, with the plan's next to it; never the plan's alone."""
     planned, clip = p["noise_multiplier"], p["clip_norm"]
-    lowest = min((z for z in p.get("achieved_noise_multipliers") or () if z is not None), default=planned)
-    if lowest < planned:
+    lowest = smallest_achieved(p.get("achieved_noise_multipliers") or (), planned)
+    if lowest is not None:
         return (f"z*C = {lowest:.4g} x {clip:g} at the least (the smallest achieved z, lowered from the planned "
                 f"{planned:.4g} where sites dropped out of distributed noise)")
     return f"z*C = {planned:.4g} x {clip:g}"

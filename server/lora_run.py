@@ -21,7 +21,7 @@ from common.dp.sampling import SamplingSource, privacy_sampling
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
 from common.wire import tree_record
-from server.statement import noise_description, privacy_statement, run_facts, sampling_description
+from server.statement import privacy_statement, release_noise_description, run_facts, sampling_description
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
 from server.strategy_base import reliability_report, run_control
@@ -35,8 +35,8 @@ DEFENSES = {
     "dp-sgd": "Opacus DP-SGD on each site (per-image gradients clipped and noised; record-level DP)",
 }
 
-NOT_COVERED = ("round_metrics.json (per round: how many sites were sampled and answered, the norms of the noise and of "
-               "the update) is the server's own log, not a release: do not publish it with the adapter.")
+NOT_COVERED = ("round_metrics.json (per round: how many sites were sampled and answered, the expected noise norm and "
+               "the update's norm) is the server's own log, not a release: do not publish it with the adapter.")
 DIAGNOSTIC_FIGURES = ("its mean training loss, the proxy attacker's accuracy (MP-/SMP-LoRA), its delta's L2 norm before "
                       "clipping and whether it was clipped")
 
@@ -56,7 +56,7 @@ def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z:
         adjacency={"site": ("zero-out one site (no amplification by site sampling claimed)"
                             if cfg.aggregation == "distributed" else "add/remove one site"),
                    "record": "add/remove one image"},
-        contribution="clipped delta", noise_by="sites" if cfg.aggregation == "distributed" else "server",
+        contribution="clipped delta",
         diagnostics=DIAGNOSTIC_FIGURES if sends_diagnostics(cfg) else None,
         achieved=[r.achieved_noise_multiplier for r in strategy.rounds if r.achieved_noise_multiplier is not None],
         planned_noise_multiplier=planned_z,
@@ -130,9 +130,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "post_processing": [f"global adapter += {cfg.server_learning_rate:g} x the noisy mean delta, every round"],
         "aggregation": cfg.aggregation,
         "accounted_sample_rate": plan.accounting_sample_rate,
-        "noise_source": (noise_description("on each site, its share" if cfg.aggregation == "distributed"
-                                           else "on the server", cfg.secret_randomness) if private
-                         else "none (non-private run)"),
+        "noise_source": release_noise_description(cfg) if private else "none (non-private run)",
         "sampling_source": sampling_description("Poisson sampling of sites on the server", cfg.secret_randomness),
         **privacy_statement(lora_facts(cfg, epsilon, strategy, plan.noise_multiplier), "This LoRA adapter"),
         **reliability_report(strategy),

@@ -389,7 +389,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         log.warning("round %d: %s: not applied%s", entry.round, why, "; charged as one release" if self.private else "")
         event = event or self.next_event(entry.round)
         if event is not None:
-            self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (short: charged, not applied)"}))
+            self.ledger.record(event.noted("short: charged, not applied"))
             self.save_ledger()
         return None, MetricRecord({"sites": len(entry.used), "short": 1})
 

@@ -266,9 +266,9 @@ class SiteReport:
     def check_planned(self, planned: PrivacyEvent) -> None:
         """Raise :class:`ReplyError` if the reported (z, q, steps) are not the plan's (the one
         the sites were told and the budget is checked with). The spend is recorded anyway."""
-        same = (self.steps == planned.steps and math.isclose(self.noise_multiplier, planned.noise_multiplier, rel_tol=1e-12)
-                and math.isclose(self.sample_rate, planned.sample_rate, rel_tol=1e-12))
-        if not same:
+        reported = PrivacyEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps,
+                                unit=planned.unit)
+        if not reported.spends_as(planned):
             raise ReplyError(f"reported DP-SGD parameters (z={self.noise_multiplier:.6g}, q={self.sample_rate:.6g}, "
                              f"{self.steps} steps) are not the plan's (z={planned.noise_multiplier:.6g}, "
                              f"q={planned.sample_rate:.6g}, {planned.steps} steps)")

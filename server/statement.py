@@ -128,19 +128,37 @@ def sampling_description(where: str, secret: bool) -> str:
     return f"{where}, {seeded_insecure('who or what was sampled')}"
 
 
+def smallest_achieved(achieved, planned: float) -> float | None:
+    """The smallest noise multiplier a release actually carried, where it fell below the
+    plan's (distributed dropouts lower it); None where every release carried the plan's."""
+    lowest = min((z for z in achieved if z is not None), default=planned)
+    return lowest if lowest < planned else None
+
+
+def server_noise_by(cfg: RunConfig) -> str:
+    """Who adds the noise of the server's release: the sites' shares in ``distributed``
+    aggregation, else the server."""
+    return "sites" if cfg.aggregation == "distributed" else "server"
+
+
+def release_noise_description(cfg: RunConfig) -> str:
+    """Where the noise of the server's release (DPAgg-TI, DP-FedAvg) comes from, in words."""
+    where = "on each site, its share" if server_noise_by(cfg) == "sites" else "on the server"
+    return noise_description(where, cfg.secret_randomness)
+
+
 def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, Mapping[str, float | None]],
-              adjacency: Mapping[str, str], contribution: str, noise_by: str, diagnostics: str | None = None,
-              achieved: list[float] | tuple[float, ...] = (), planned_noise_multiplier: float = 0.0,
-              empirical_defense: str | None = None, not_covered: tuple[str, ...] = (),
-              record_noise_on_sites: bool = False) -> PrivacyFacts:
-    """The :class:`PrivacyFacts` of a run from its config and what it measured: the smallest
-    achieved z is stated only where it fell below the plan's (distributed dropouts)."""
-    lowest = min((z for z in achieved if z is not None), default=planned_noise_multiplier)
+              adjacency: Mapping[str, str], contribution: str, noise_by: str | None = None,
+              diagnostics: str | None = None, achieved: list[float] | tuple[float, ...] = (),
+              planned_noise_multiplier: float = 0.0, empirical_defense: str | None = None,
+              not_covered: tuple[str, ...] = (), record_noise_on_sites: bool = False) -> PrivacyFacts:
+    """The :class:`PrivacyFacts` of a run from its config and what it measured; ``noise_by``
+    defaults to who adds the release's noise in the run's aggregation mode."""
     return PrivacyFacts(
         private=cfg.private, units=units, epsilon=epsilon, delta=cfg.target_delta, adjacency=adjacency,
-        aggregation=cfg.aggregation, noise_by=noise_by, randomness_secret=cfg.secret_randomness,
+        aggregation=cfg.aggregation, noise_by=noise_by or server_noise_by(cfg), randomness_secret=cfg.secret_randomness,
         diagnostics=diagnostics, contribution=contribution,
-        smallest_noise_multiplier=lowest if lowest < planned_noise_multiplier else None,
+        smallest_noise_multiplier=smallest_achieved(achieved, planned_noise_multiplier),
         empirical_defense=empirical_defense, not_covered=not_covered, record_noise_on_sites=record_noise_on_sites)
 
 

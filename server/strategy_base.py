@@ -198,8 +198,7 @@ class LedgerStrategy(Strategy):
         lost = self.lost_releases(ckpt.ledger)
         self.ledger.events[:] = ckpt.ledger.events  # in place: the app holds the same ledger
         for event in self.charged_though_lost(lost):
-            self.ledger.record(PrivacyEvent(**{**event.to_dict(), "label": event.label + " (lost in a crash, seen by "
-                                                                                   "an untrusted server: charged)"}))
+            self.ledger.record(event.noted("lost in a crash, seen by an untrusted server: charged"))
         state = dict(ckpt.strategy)
         self.retries_used = int(state.pop("retries_used", 0))
         self.load_state_dict(state)

@@ -20,7 +20,7 @@ McMahan et al., "Learning Differentially Private Recurrent Language Models", ICL
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
@@ -95,6 +95,18 @@ class PrivacyEvent:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def spends_as(self, other: "PrivacyEvent") -> bool:
+        """Whether ``other`` spends the same: unit, steps, and (z, q) to float precision
+        (scope and label aside). How a site checks the plan it is sent against its own, and
+        how the server checks a site's report against the plan."""
+        return (self.unit == other.unit and self.steps == other.steps
+                and math.isclose(self.noise_multiplier, other.noise_multiplier, rel_tol=1e-12)
+                and math.isclose(self.sample_rate, other.sample_rate, rel_tol=1e-12))
+
+    def noted(self, note: str) -> "PrivacyEvent":
+        """The same event with `` (note)`` appended to its label: why it is charged as it is."""
+        return replace(self, label=f"{self.label} ({note})")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PrivacyEvent":
