@@ -119,6 +119,8 @@ def test_a_simulation_keeps_bad_records_and_refusals_off_every_output(tmp_path, 
     found = leaks(out, [PRIVATE_MARK, CORRUPT, TEXT, COPY, *site_paths])
     assert found == [], "published outputs leak site data or errors:\n" + "\n".join(found)
 
+    # the run's wall time grows with the sites' secret sample counts: it stays in the server's log
+    assert not [k for k in json.loads((out / "metrics.json").read_text()) if "second" in k or "time" in k]
     privacy = json.loads((out / "privacy.json").read_text())
     # the attacked site still contributes; the site without data is left out
     assert privacy["num_sites"] == 2 and privacy["sites_per_release"] == [2]
