@@ -35,12 +35,3 @@ class FixedDraws:
 
     def __getattr__(self, name):
         return getattr(torch, name)
-
-
-def set_task_identity(monkeypatch) -> None:
-    """Outside a Flower run, Message() needs the process' task identity, which Flower sets
-    in a real ClientApp or ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -18,7 +18,7 @@ from client.ti import build_prompts, initializer_vector, placeholder_rows, token
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
-from common.dp import NoiseSource, PrivacyEvent, epsilon
+from common.dp import PrivacyEvent, epsilon
 from common.dp.dpsgd import DeclaredSizeExceeded
 from common.models import load_pipeline
 from tests.client.helpers import FixedDraws, opacus_leftovers

@@ -10,7 +10,8 @@ from client.secagg import INPUT_KEY, STATE_KEY, SecAggProtocolError, handle_seca
 from common import keys
 from common.secagg import protocol as P
 from common.secagg.quantization import QuantizationSpec
-from tests.server.conftest import task_identity  # noqa: F401  (Messages outside a Flower run)
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # Messages outside a Flower run
 
 SHAPES = {"a": (2, 3), "b": (4,)}
 SPEC = QuantizationSpec.fit(clip_range=2.0, num_sites=3)

@@ -51,15 +51,6 @@ RELEASES = 200
 SPEC = LoRASpec(rank=2, alpha=2.0)
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Outside a Flower run, Message() needs the process' task identity set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 # ---- K from the update norm ---------------------------------------------------------------
 
 class ZeroDeltaSites(PushPullGrid):

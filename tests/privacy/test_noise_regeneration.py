@@ -46,7 +46,6 @@ from common.textual_inversion import EMBEDS_FILE, load_embedding
 from server.app import run_server
 from server.checkpoint import CHECKPOINT_FILE
 from simulations.run import pyproject_run_config
-from tests.server.conftest import task_identity  # noqa: F401 (autouse: Message() outside a Flower run)
 from tests.server.grids import PushPullGrid
 
 # Every label the code passes to derive_seed (test_the_labels_cover_the_code keeps this complete).

@@ -57,14 +57,6 @@ CASES = [(run, mode) for run in ("dpagg-ti", "lora") for mode in MODES] + [("dp-
                                                                            ("lora-dp-sgd", "central")]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch):
-    """Outside a Flower run, Message() needs the process' task identity set."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
 
 def run_config(name: str, mode: str, tiny_sd_path, out) -> RunConfig:
     # distributed noise shares must be secret: only "os" randomness is allowed there

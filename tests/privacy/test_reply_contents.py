@@ -24,7 +24,6 @@ from client.app import handle_train
 from common import keys
 from common.config import RunConfig
 from common.models import load_pipeline
-from tests.client.helpers import set_task_identity
 from tests.server.grids import PushPullGrid
 
 SITES = (101, 102)
@@ -96,8 +95,7 @@ def allowed_fields(name: str, grid: ClientAppGrid, diagnostics: tuple[str, ...])
     return fields
 
 
-def run_and_collect(monkeypatch, tmp_path, tiny_sd_path, name: str, opt_in: bool) -> tuple[ClientAppGrid, dict]:
-    set_task_identity(monkeypatch)
+def run_and_collect(tmp_path, tiny_sd_path, name: str, opt_in: bool) -> tuple[ClientAppGrid, dict]:
     overrides, _, _ = RUNS[name]
     opted = {"site-diagnostics": True} if opt_in else {}  # else the default, whatever it is
     cfg = RunConfig.from_run_config({**overrides, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path), **opted})
@@ -108,8 +106,8 @@ def run_and_collect(monkeypatch, tmp_path, tiny_sd_path, name: str, opt_in: bool
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_a_default_reply_holds_the_contribution_and_protocol_fields_only(monkeypatch, tmp_path, tiny_sd_path, name):
-    grid, result = run_and_collect(monkeypatch, tmp_path, tiny_sd_path, name, opt_in=False)
+def test_a_default_reply_holds_the_contribution_and_protocol_fields_only(tmp_path, tiny_sd_path, name):
+    grid, result = run_and_collect(tmp_path, tiny_sd_path, name, opt_in=False)
     allowed = allowed_fields(name, grid, ())
     for reply in grid.replies:
         assert reply_fields(reply) == allowed
@@ -119,9 +117,9 @@ def test_a_default_reply_holds_the_contribution_and_protocol_fields_only(monkeyp
 
 
 @pytest.mark.parametrize("name", ["lora-smp-lora", "lora-dp-sgd", "dp-sgd-ti", "dpagg-ti"])
-def test_opted_in_diagnostics_appear_and_privacy_json_says_the_server_is_trusted(monkeypatch, tmp_path,
+def test_opted_in_diagnostics_appear_and_privacy_json_says_the_server_is_trusted(tmp_path,
                                                                                   tiny_sd_path, name):
-    grid, result = run_and_collect(monkeypatch, tmp_path, tiny_sd_path, name, opt_in=True)
+    grid, result = run_and_collect(tmp_path, tiny_sd_path, name, opt_in=True)
     _, _, diagnostics = RUNS[name]
     for reply in grid.replies:
         assert reply_fields(reply) == allowed_fields(name, grid, diagnostics)

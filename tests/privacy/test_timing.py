@@ -24,7 +24,6 @@ from client.app import dpagg_contribution, padding_capacity
 from common import keys
 from common.config import RunConfig
 from common.paths import REPO_ROOT
-from tests.client.helpers import set_task_identity
 
 SITE = REPO_ROOT / "data/demo/site-0"  # 12 images
 CAPACITY = 12  # the declared public bound on a site's images
@@ -68,13 +67,12 @@ def test_the_capacity_is_the_declared_site_size_in_the_modes_that_hide_the_sum(t
     assert padding_capacity(site_config(tiny_sd_path, ALL, "central")) == 0  # trusted server: stay fast
 
 
-def test_reply_time_does_not_depend_on_the_number_of_sampled_images(monkeypatch, one_thread, tiny_sd_path):
+def test_reply_time_does_not_depend_on_the_number_of_sampled_images(one_thread, tiny_sd_path):
     """0 against all 12 sampled: the median CPU time of the site's work must agree within
     [0.8, 1.25], and the best-of-N wall time within [0.5, 2] (on a busy 2-core CI machine other
     processes swing the wall time by 2x; the CPU time is the work that depends on the data).
     A leak linear in the count gives about 0.01 on both (the unpadded code: 0.010 s against
     0.98 s)."""
-    set_task_identity(monkeypatch)
     none, full = site_config(tiny_sd_path, NONE), site_config(tiny_sd_path, ALL)
     timed_contribution(full)  # warm-up: the pipeline is loaded and cached once per process
     wall: dict[str, list[float]] = {"none": [], "all": []}
