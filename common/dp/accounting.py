@@ -11,6 +11,13 @@ Both model the Poisson-subsampled Gaussian mechanism under add/remove-one adjace
 what privadapt's code does (Poisson sampling of images or sites, fixed public denominator).
 ``sample_rate = 1`` is the unsubsampled Gaussian mechanism. Any other sampling scheme or
 adjacency is refused rather than mis-accounted.
+
+The accountants run NumPy's BLAS with one thread. The ServerApp plans and accounts on a
+worker thread (Flower's simulation engine, the SuperLink's ServerApp runner), and OpenBLAS'
+threaded kernels called from such a thread can hang for good in ``exec_blas`` while its
+pool waits (numpy/numpy#17752, OpenMathLib/OpenBLAS#1844): one such hang in ``np.dot``
+inside Opacus' PRV discretisation stopped a whole test run. The vectors are small, so one
+thread costs nothing measurable.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ import math
 from typing import Callable, Iterable, Literal
 
 from opacus.accountants import PRVAccountant, RDPAccountant
+from threadpoolctl import ThreadpoolController
 
 from common.dp.mechanism import PrivacyEvent
 
 AccountantName = Literal["prv", "rdp"]
 PRV_EPS_ERROR = 0.01
+_BLAS = ThreadpoolController()  # the BLAS libraries loaded in this process, found once
 
 
 def _prv(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -70,7 +79,8 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: Accountant
     for e in events:
         steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
     history = [(z, q, k) for (z, q), k in steps.items()]
-    return ACCOUNTANTS[accountant](history, delta)
+    with _BLAS.limit(limits=1, user_api="blas"):  # see the module docstring
+        return ACCOUNTANTS[accountant](history, delta)
 
 
 def calibrate_noise_multiplier(

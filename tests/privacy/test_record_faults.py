@@ -30,6 +30,7 @@ from common.dp import GaussianSumMechanism
 from common.dp.sampling import sampling_generator
 from common.models import load_pipeline
 from common.paths import REPO_ROOT
+from tests.simulation_process import simulate
 
 DEMO = REPO_ROOT / "data/demo"
 PRIVATE_MARK = "patient-"  # every file of the attacked site is named like private data
@@ -102,8 +103,6 @@ def leaks(out: Path, secrets: list[str]) -> list[str]:
 
 
 def test_a_simulation_keeps_bad_records_and_refusals_off_every_output(tmp_path, tiny_sd_path):
-    from simulations.run import simulate
-
     data = tmp_path / "data"
     shutil.copytree(DEMO / "site-0", data / "site-0")
     attacked_site(data / "site-1")

@@ -11,7 +11,7 @@ import pytest
 
 from common.paths import REPO_ROOT
 from simulations.evaluate import evaluate
-from simulations.run import simulate
+from tests.simulation_process import simulate
 
 SMALL = {"model-path": str(REPO_ROOT / "assets" / "emoji-sd"), "resolution": 32, "ti-steps": 5, "sample-steps": 2,
          "sample-prompts": "an emoji of a cat|an emoji of a dog", "target-epsilon": 2.0}

@@ -9,7 +9,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from common.config import RunConfig
-from simulations.run import declared_config, simulate
+from simulations.run import declared_config
+from tests.simulation_process import simulate
 
 FAST = {"adapter": "lora", "rounds": 2, "local-steps": 2, "lora-batch-size": 2, "dpsgd-batch-size": 3,
         "lora-rank": 2, "lora-alpha": 2.0, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "num-sites": 2}

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.run import simulate
+from tests.simulation_process import simulate
 
 FAST = {"adapter": "lora", "local-steps": 2, "lora-batch-size": 2, "lora-rank": 2, "lora-alpha": 2.0,
         "sample-steps": 1, "sample-prompts": "an emoji of a cat", "site-sampling-rate": 0.9, "seed": 3,

@@ -9,7 +9,8 @@ import pytest
 
 from common.config import RunConfig
 from common.paths import REPO_ROOT
-from simulations.run import pyproject_run_config, simulate
+from simulations.run import pyproject_run_config
+from tests.simulation_process import simulate
 
 
 def test_dpagg_with_distributed_noise_survives_a_failing_site(tmp_path, tiny_sd_path):

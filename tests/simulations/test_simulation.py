@@ -16,7 +16,8 @@ from common.dp import GaussianSumMechanism
 from common.models import load_pipeline
 from common.paths import REPO_ROOT, derive_seed
 from common.textual_inversion import load_embedding
-from simulations.run import pyproject_run_config, simulate
+from simulations.run import pyproject_run_config
+from tests.simulation_process import simulate
 
 FAST = {"ti-steps": 2, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "dataset-size": 24}
 

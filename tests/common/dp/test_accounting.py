@@ -192,3 +192,23 @@ def test_calibrate_impossible_target_raises(accountant: str) -> None:
 def test_calibrate_prior_of_another_unit_raises() -> None:
     with pytest.raises(ValueError, match="units"):
         calibrate_noise_multiplier(5.0, 1e-5, 1.0, unit="record", prior=[event(2.0, 1.0, unit="site")], accountant="rdp")
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_the_accountants_run_blas_with_one_thread_and_give_the_threads_back(monkeypatch, accountant):
+    # OpenBLAS' threaded kernels can hang for good when called from a worker thread, where the
+    # ServerApp accounts (common/dp/accounting.py); a single-threaded BLAS never enters that path
+    from threadpoolctl import threadpool_info
+
+    import common.dp.accounting as accounting
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    before = blas_threads()
+    seen = []
+    real = accounting.ACCOUNTANTS[accountant]
+    monkeypatch.setitem(accounting.ACCOUNTANTS, accountant, lambda h, d: (seen.append(blas_threads()), real(h, d))[1])
+    eps = epsilon([PrivacyEvent(noise_multiplier=1.0, sample_rate=0.01, steps=100)], 1e-5, accountant)
+    assert math.isfinite(eps) and seen == [[1]]
+    assert blas_threads() == before
