@@ -119,7 +119,8 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         # DPAgg-TI sites send their sum alone, never diagnostics (client.app.dpagg_reply)
         **privacy_statement(run_facts(
             cfg, units=("record",), epsilon={"record": eps}, adjacency={"record": "add/remove one image"},
-            contribution="sum of bounded embeddings", achieved=strategy.achieved_noise_multipliers, planned_noise_multiplier=plan.noise_multiplier),
+            contribution="sum of bounded embeddings", achieved=strategy.achieved_noise_multipliers,
+            planned_noise_multiplier=plan.noise_multiplier),
             "This embedding"),
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),
