@@ -1,7 +1,7 @@
 """What the server keeps per site during a round, kept small: the server's memory must grow
 with the adapter, not with sites x anything large.
 
-Measured with ``simulations.bench_scale`` (tracemalloc, 100 vs 1,000 sites), a round used to
+Measured with ``bench.scale`` (tracemalloc, 100 vs 1,000 sites), a round used to
 cost about 1.3 KB per site, none of it adapter-sized (BENCHMARKS.md, item 5):
 
 * the round's instruction messages, built as one list of n ``Message`` objects (each with its

@@ -16,8 +16,8 @@ from common.dp import GaussianSumMechanism, PrivacyEvent, PrivacyLedger, epsilon
 from common.dp.noise import privacy_noise
 from common.dp.sampling import privacy_sampling
 from common.wire import record_tree
-from server.dpagg_strategy import DPAggTIStrategy
 from server.checkpoint import CHECKPOINT_FILE, CheckpointError, CheckpointStore, config_fingerprint
+from server.dpagg_strategy import DPAggTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import DPAggPlan, FedAvgPlan
 from server.strategy_base import RunControl

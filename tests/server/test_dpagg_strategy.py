@@ -8,8 +8,8 @@ from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.reasons import REPLY_MALFORMED, REPLY_REJECTED, REPLY_UNASKED
 from server.dpagg_strategy import DPAggTIStrategy
-from server.replies import ReplyError, read_vector
 from server.plan import DPAggPlan
+from server.replies import ReplyError, read_vector
 
 DIM = 4
 

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, epsilon
-from common import keys
 from server.plan import EACH_SITE, plan_dpagg, plan_dpsgd, plan_fedavg, plan_record
 
 

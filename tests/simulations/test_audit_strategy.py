@@ -14,7 +14,7 @@ from flwr.common import Metadata
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger, epsilon
 from common.dp.sampling import sampling_generator
-from common.evaluation.audit import AuditSettings, guess_and_bound
+from evaluation.audit import AuditSettings, guess_and_bound
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import FedAvgPlan
 
