@@ -66,10 +66,11 @@ def phase(fn) -> dict:
 
 def run(device: str = "cpu", resolution: int = 512, lora_rank: int = 4) -> dict:
     from client.lora_train import LoRATrainSettings, train_lora_locally
-    from client.ti import TISettings, train_per_image_embeddings
+    from client.ti import train_per_image_embeddings
     from common.data import SiteImages
     from common.diffusion import encode_latents
     from common.lora import LoRASpec, attach_lora
+    from common.textual_inversion import TISettings
 
     out: dict = {"device": device, "resolution": resolution, "latents": resolution // 8, "dtype": "float32",
                  "batch": 1, "threads": torch.get_num_threads(), "parameters": SD15_PARAMETERS}

@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from client.ti import TISettings, train_per_image_embeddings
+from client.ti import train_per_image_embeddings
 from common.models import load_pipeline
+from common.textual_inversion import TISettings
 from common.tiny_sd import tiny_sd_dir
 
 

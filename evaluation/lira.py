@@ -68,12 +68,12 @@ def lira_record(target: Target, pop: Population, run_dir: Path, *, shadows: int,
     if shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadow adapters, got {shadows}")
     from client.lora_train import LoRATrainSettings, train_lora_locally
-    from common.lora import LoRASpec, attach_lora, load_lora_state, lora_state
+    from common.lora import attach_lora, load_lora_state, lora_state
     from common.models import load_pipeline
+    from common.settings import lora_spec
 
     cfg = target.cfg
-    spec = LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list,
-                    text_encoder=cfg.lora_text_encoder)
+    spec = lora_spec(cfg)
     pipe = load_pipeline(target.model_dir, device=str(target.base.unet.device), dtype="float32")
     attach_lora(pipe, spec, seed=cfg.seed)
     initial = lora_state(pipe, spec)

@@ -190,8 +190,8 @@ def evaluate_utility(run: Run, held_out: SiteImages, out_dir: Path, *, reference
     """Every utility figure of ``run`` on ``held_out``; writes ``grid.png`` (the run's sample
     prompts with seeds ``seed, seed+1, ...``: base row above, adapted row below) into
     ``out_dir`` and returns the figures (``utility.json``'s content)."""
-    from client.app import model_dir
     from common.models import load_pipeline
+    from common.settings import model_dir
     from server.export import grid
 
     if len(held_out) < 2:

@@ -36,17 +36,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.app import sends_diagnostics, ti_settings
-from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
 from common.reasons import public_rejections
-from server.statement import noise_description, privacy_statement, run_facts, sampling_description
+from common.settings import sends_diagnostics, ti_settings
+from common.textual_inversion import initializer_vector
 from server.export import embedding_metrics
 from server.plan import EACH_SITE, DPSGDPlan, plan_dpsgd, plan_record
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_vector
 from server.sites import NODE_ARRAY, Instructions, SiteDiagnostics
+from server.statement import noise_description, privacy_statement, run_facts, sampling_description
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")

@@ -13,17 +13,17 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from client.app import lora_spec, sends_diagnostics
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
 from common.dp.sampling import SamplingSource, privacy_sampling
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
+from common.settings import lora_spec, sends_diagnostics
 from common.wire import tree_record
-from server.statement import privacy_statement, release_noise_description, run_facts, sampling_description
 from server.lora_strategy import DPFedAvgLoRA
 from server.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
+from server.statement import privacy_statement, release_noise_description, run_facts, sampling_description
 from server.strategy_base import reliability_report, run_control
 
 DEFENSES = {
