@@ -234,8 +234,7 @@ class GaussianSumMechanism:
 
         ``out``: when ``total`` is None, a running sum of the same layout that an earlier round
         returned and no longer needs: the new sum is written over it (nothing of it is read)
-        instead of into a fresh buffer, whose pages the OS would fault in and zero again (for
-        SD 1.5 rank 64, 102 MB: about half the time the adds take, BENCHMARKS.md item 3)."""
+        instead of into a fresh buffer, whose pages the OS would fault in and zero again."""
         if norms is None:
             norms = [float(self.tree_norm(record)) for record in records]
         elif len(norms) != len(records):
