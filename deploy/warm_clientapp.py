@@ -18,6 +18,9 @@ Every task prints one JSON line (``"event": "task"``): its seconds, the serving 
 app's modules were already loaded and how many modules the task imported (0 once warm).
 
 Only Flower and the standard library are imported here: the app's own code comes from the FAB.
+It is launched by path, not with ``python -m deploy.warm_clientapp``: ``-m`` needs the repository
+root on ``sys.path``, and although Flower's loader puts the FAB's folder first, a module the FAB does
+not carry (``evaluation``, ``deploy``, ...) would then be imported from the checkout instead of failing.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from common.paths import REPO_ROOT
-from deploy.local import LocalDeployment, leftovers
+from deploy.local import LocalDeployment
+from deploy.processes import leftovers
 
 DATA = REPO_ROOT / "data" / "demo"
 

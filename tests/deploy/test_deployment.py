@@ -10,8 +10,9 @@ import json
 
 import pytest
 
-from deploy.local import CONNECTION, Credentials, connection_toml, make_credentials, make_node_key
-from tests.deployment.conftest import DATA, federation
+from deploy.certs import Credentials, make_credentials, make_node_key
+from deploy.flower import CONNECTION, connection_toml
+from tests.deploy.conftest import DATA, federation
 
 FAST = {"sample-steps": 2, "sample-prompts": "an emoji of a cat"}
 TI = {**FAST, "ti-steps": 2, "dataset-size": 24}

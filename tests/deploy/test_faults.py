@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 from common.reasons import REJECTION_REASONS
-from deploy.local import CONNECTION, leftovers
+from deploy.flower import CONNECTION
+from deploy.processes import leftovers
 from server.checkpoint import CHECKPOINT_FILE
-from tests.deployment.conftest import DATA, federation
+from tests.deploy.conftest import DATA, federation
 
 pytestmark = pytest.mark.slow
 
