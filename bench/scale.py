@@ -79,7 +79,7 @@ def build_strategy(method: str, receive: str, sites: int):
     from common.dp.sampling import sampling_generator
     from server.dpagg_strategy import DPAggTIStrategy
     from server.lora_strategy import DPFedAvgLoRA
-    from server.plan import DPAggPlan, FedAvgPlan
+    from common.dp.plan import DPAggPlan, FedAvgPlan
 
     clip, z = 1.0, 1.0
     mechanism = GaussianSumMechanism(clip_norm=clip, noise_multiplier=z)

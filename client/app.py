@@ -292,8 +292,7 @@ def own_dpsgd_event(cfg: RunConfig, context: Context) -> PrivacyEvent | None:
     from client.site_accountant import site_noise_multiplier
 
     z = site_noise_multiplier(schedule.budget, schedule.sample_rate, context.state)
-    return PrivacyEvent(noise_multiplier=z, sample_rate=schedule.sample_rate, steps=schedule.budget.total_steps,
-                        unit="record")
+    return PrivacyEvent.dpsgd(z, schedule.sample_rate, schedule.budget.total_steps)
 
 
 def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str) -> None:

@@ -19,7 +19,11 @@ from common.paths import REPO_ROOT
 
 ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
-DEFENSES = ("none", "mp-lora", "smp-lora", "dp-sgd")
+ADVERSARIAL_DEFENSES = ("mp-lora", "smp-lora")  # empirical membership-inference defences: no formal guarantee
+DEFENSES = ("none", *ADVERSARIAL_DEFENSES, "dp-sgd")
+# The method a round's plan names (a TI method or a LoRA defense), each once: what a site's
+# policy allows by default (client.policy.SitePolicy.allowed_methods).
+METHODS = tuple(dict.fromkeys(TI_METHODS + DEFENSES))
 AGGREGATIONS = ("central", "secure", "distributed")
 BOUND_MODES = ("clip", "normalize")
 RESCALE_MODES = ("none", "initializer-norm")

@@ -17,11 +17,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.config import RunConfig
+from common.config import ADVERSARIAL_DEFENSES, RunConfig
 from common.data import SiteImages, load_site_images
 from common.paths import derive_seed, resolve
-
-ADVERSARIAL_DEFENSES = ("mp-lora", "smp-lora")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
+from common.dp.plan import plan_dpagg, plan_record
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import resolve
@@ -36,7 +37,6 @@ from server.export import (
     sample_pairs,
     write_json,
 )
-from server.plan import plan_dpagg, plan_record
 from server.statement import (
     log_line,
     privacy_statement,

@@ -48,7 +48,8 @@ def attack_members(run: Run, held_out: Path) -> list[Path] | None:
     Raises:
         ValueError: If ``held_out`` is one of those sites' folders (its images are members).
     """
-    from evaluation.splits import ADVERSARIAL_DEFENSES, site_folders
+    from common.config import ADVERSARIAL_DEFENSES
+    from evaluation.splits import site_folders
 
     cfg = run.config
     if cfg.adapter == "lora" and cfg.defense in ADVERSARIAL_DEFENSES:

@@ -17,11 +17,11 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import DPAggPlan, FedAvgPlan
 from common.dp.sampling import sampling_generator
 from server.blocks import BLOCK, BlockedSum
 from server.dpagg_strategy import DPAggTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPAggPlan, FedAvgPlan
 from server.replies import read_vector
 from server.streaming import PULL_BATCH, stream_replies
 from tests.server.grids import ReplayGrid, dpagg_answer

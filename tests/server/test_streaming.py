@@ -9,11 +9,11 @@ from flwr.app import Message, RecordDict
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import DPAggPlan, FedAvgPlan
 from common.dp.sampling import sampling_generator
 from server.dpagg_strategy import DPAggTIStrategy
 from server.dpsgd_strategy import DPSGDTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPAggPlan, FedAvgPlan
 from server.streaming import PULL_BATCH, ReceiveStats, pull_drained, stream_replies
 from tests.server.grids import ReplayGrid, dpagg_answer, lora_answer
 

@@ -3,7 +3,8 @@ any site is contacted. A run whose target cannot be met is refused here, before 
 
 Every plan also says what one round attempt is charged (:meth:`charged_event`), and
 :func:`plan_record`, what the sites are told with every round, is built from the same plan
-object: a site's policy recomputes exactly the epsilon the server's ledger is charged.
+object: a site's policy (client.policy) recomputes exactly the epsilon the server's ledger is
+charged. The server plans and charges with it; the sites read what it sends.
 """
 
 from __future__ import annotations
@@ -14,20 +15,27 @@ from typing import ClassVar
 
 from common import keys
 from common.config import RunConfig
-from common.dp import PrivacyEvent, calibrate_noise_multiplier, epsilon
+from common.dp.accounting import calibrate_noise_multiplier, epsilon
+from common.dp.budget import BudgetCheck
 from common.dp.dpsgd import dpsgd_schedule
+from common.dp.mechanism import PrivacyEvent
 
 # The scope of an event every site spends in its own scope (``site-<index>``): DP-SGD on the
-# sites. The budget check composes it with the most-spent site's events (server.strategy_base).
+# sites. The server's budget check composes it with the most-spent site's events
+# (server.strategy_base).
 EACH_SITE = "each-site"
 
 
-def _finite_dict(plan) -> dict:
-    return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(plan).items()}
+class _Plan:
+    """What every plan shares: its fields as JSON takes them (an infinite epsilon as None)."""
+
+    def to_dict(self) -> dict:
+        fields = asdict(self)  # type: ignore[call-overload]  # every plan is a dataclass
+        return {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in fields.items()}
 
 
 @dataclass(frozen=True)
-class DPAggPlan:
+class DPAggPlan(_Plan):
     """Record-level DPAgg-TI: ``releases`` releases of the Poisson-subsampled Gaussian sum
     (rate q over images), divided by q*N; ``attempts`` counts the retries the plan pays for."""
 
@@ -47,15 +55,11 @@ class DPAggPlan:
 
     def charged_event(self, label: str = "") -> PrivacyEvent:
         """What one release attempt is charged: (z, q), record level."""
-        return PrivacyEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, unit="record",
-                            label=label)
-
-    def to_dict(self) -> dict:
-        return _finite_dict(self)
+        return PrivacyEvent.release(self.noise_multiplier, self.sample_rate, "record", label)
 
 
 @dataclass(frozen=True)
-class FedAvgPlan:
+class FedAvgPlan(_Plan):
     """Site-level DP-FedAvg (McMahan et al. 2018): T rounds of the Poisson-subsampled
     Gaussian mechanism over sites. The denominator q*K needs the declared public site count
     K (:meth:`denominator`). ``sample_rate`` is the rate sites are drawn at;
@@ -86,15 +90,11 @@ class FedAvgPlan:
 
     def charged_event(self, label: str = "") -> PrivacyEvent:
         """What one round attempt is charged: (z, the accounted q), site level."""
-        return PrivacyEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.accounting_sample_rate,
-                            unit="site", label=label)
-
-    def to_dict(self) -> dict:
-        return _finite_dict(self)
+        return PrivacyEvent.release(self.noise_multiplier, self.accounting_sample_rate, "site", label)
 
 
 @dataclass(frozen=True)
-class DPSGDPlan:
+class DPSGDPlan(_Plan):
     """Record-level DP-SGD on every site (Abadi et al. 2016), planned by the server from the
     public settings the sites use (:mod:`common.dp.dpsgd`): Poisson batches at
     q = dpsgd-batch-size / declared site size, ``steps_per_round`` steps per round, z for
@@ -118,20 +118,17 @@ class DPSGDPlan:
 
     def charged_event(self, label: str = "", scope: str = EACH_SITE) -> PrivacyEvent:
         """What one round costs one site: ``steps_per_round`` steps at (z, q)."""
-        return PrivacyEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-                            steps=self.steps_per_round, unit="record", scope=scope, label=label)
-
-    def to_dict(self) -> dict:
-        return _finite_dict(self)
+        return PrivacyEvent.dpsgd(self.noise_multiplier, self.sample_rate, self.steps_per_round, scope=scope,
+                                  label=label)
 
 
 def _planned_epsilons(z: float, q: float, steps: int, unit: str, delta: float, target: float,
                       what: str) -> tuple[float, float]:
     """(PRV, RDP) epsilon of ``steps`` compositions at (z, q); ValueError when the PRV one
     passes a finite ``target`` (the run is refused before it spends)."""
-    planned = [PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=steps, unit=unit)]  # type: ignore[arg-type]
-    eps_prv, eps_rdp = epsilon(planned, delta, "prv"), epsilon(planned, delta, "rdp")
-    if math.isfinite(target) and eps_prv > target:
+    check = BudgetCheck((), [PrivacyEvent.planned(z, q, steps, unit)], target, delta, "prv")  # type: ignore[arg-type]
+    eps_prv, eps_rdp = check.epsilon, epsilon(check.planned, delta, "rdp")
+    if check.over:
         raise ValueError(
             f"noise-multiplier {z} gives {unit}-level epsilon {eps_prv:.3f} (PRV) over {steps} {what} at "
             f"sampling rate {q}, above target-epsilon {target}: refusing to start"

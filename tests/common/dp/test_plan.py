@@ -1,4 +1,4 @@
-"""Tests of server/plan.py: the privacy plan is fixed, and checked, before any site is contacted."""
+"""Tests of common/dp/plan.py: the privacy plan is fixed, and checked, before any site is contacted."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, epsilon
-from server.plan import EACH_SITE, plan_dpagg, plan_dpsgd, plan_fedavg, plan_record
+from common.dp.plan import EACH_SITE, plan_dpagg, plan_dpsgd, plan_fedavg, plan_record
 
 
 def cfg(**overrides) -> RunConfig:
