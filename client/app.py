@@ -28,19 +28,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.dpagg import site_contribution
-from common.dp.sampling import privacy_sampling
 from client.policy import PolicyError, check_round, load_policy, plan_from_message, reserve_run
-from client.ti import TISettings
 from common import keys
 from common.config import RunConfig
 from common.data import SiteDataError, SiteImages, load_site_images
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
+from common.dp.sampling import privacy_sampling
 from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
 from common.reasons import SITE_DATA, SITE_INTERNAL, SITE_POLICY, SITE_PROTOCOL, SiteRefusal
 from common.secagg.protocol import STAGE as SECAGG_STAGE
-from common.tiny_sd import tiny_sd_dir
+from common.settings import lora_spec, model_dir, sends_diagnostics, ti_settings
 from common.wire import packed_record, record_tree
 
 log = logging.getLogger("privadapt.client")
@@ -49,27 +48,6 @@ log = logging.getLogger("privadapt.client")
 # adapter shape): a LoRA pipeline carries its attached adapter, a TI one carries none.
 _PIPELINES: dict[tuple[str, str, LoRASpec | None], Any] = {}
 ATTACKER_KEY = "privadapt-attacker"  # ConfigRecord in context.state: the SMP/MP proxy attacker
-
-
-def ti_settings(cfg: RunConfig) -> TISettings:
-    return TISettings(
-        steps=cfg.ti_steps,
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size,
-        initializer_token=cfg.initializer_token,
-        placeholder_token=cfg.placeholder_token,
-        prompt_template=cfg.prompt_template,
-        default_caption=cfg.default_caption,
-    )
-
-
-def model_dir(cfg: RunConfig) -> str:
-    return str(resolve(cfg.model_path)) if cfg.model_path else str(tiny_sd_dir())
-
-
-def lora_spec(cfg: RunConfig) -> LoRASpec:
-    return LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list,
-                    text_encoder=cfg.lora_text_encoder)
 
 
 def get_pipeline(cfg: RunConfig, spec: LoRASpec | None = None):
@@ -158,14 +136,6 @@ def dpagg_contribution(msg: Message, cfg: RunConfig, index: int, name: str, fold
     log.info("%s release %d: %d of %d images sampled, %d clipped", name, release,
              contribution.num_sampled, len(images.names), contribution.num_clipped)
     return contribution.total
-
-
-def sends_diagnostics(cfg: RunConfig) -> bool:
-    """Whether this site adds diagnostics to its replies: only when its run config opts in
-    (``site-diagnostics = true``) and its reply reaches the server in the clear (``central``;
-    in ``secure`` / ``distributed`` aggregation a site sends masked values and keys only).
-    The site decides; the server reads whatever arrives."""
-    return cfg.site_diagnostics and cfg.aggregation == "central"
 
 
 def site_report(metrics: Mapping[str, float], cfg: RunConfig) -> dict[str, float]:
@@ -322,8 +292,7 @@ def own_dpsgd_event(cfg: RunConfig, context: Context) -> PrivacyEvent | None:
     from client.site_accountant import site_noise_multiplier
 
     z = site_noise_multiplier(schedule.budget, schedule.sample_rate, context.state)
-    return PrivacyEvent(noise_multiplier=z, sample_rate=schedule.sample_rate, steps=schedule.budget.total_steps,
-                        unit="record")
+    return PrivacyEvent.dpsgd(z, schedule.sample_rate, schedule.budget.total_steps)
 
 
 def enforce_policy(msg: Message, context: Context, cfg: RunConfig, name: str) -> None:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from client.ti import TISettings, initializer_vector, train_per_image_embeddings
+from client.ti import train_per_image_embeddings
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism
 from common.dp.sampling import SamplingSource, poisson_sample
+from common.textual_inversion import TISettings, initializer_vector
 
 
 @dataclass(frozen=True)

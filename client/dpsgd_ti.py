@@ -44,14 +44,14 @@ from flwr.app import RecordDict
 from opacus import GradSampleModule
 
 from client.site_accountant import NoiseSourceDPOptimizer, begin_round, dpsgd_draws, mean_loss, poisson_step
-from client.ti import TISettings, build_prompts, initializer_vector, placeholder_rows, tokenize
+from client.ti import build_prompts, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
 from common.dp.dpsgd import DPSGDSchedule, dpsgd_schedule
 from common.dp.sampling import poisson_sample
-from common.textual_inversion import PlaceholderEmbedding
+from common.textual_inversion import PlaceholderEmbedding, TISettings, initializer_vector
 
 log = logging.getLogger("privadapt.client")
 

@@ -43,13 +43,13 @@ from client.smp import (
     split_members,
 )
 from client.ti import tokenize
+from common.config import ADVERSARIAL_DEFENSES
 from common.data import SiteImages
 from common.diffusion import LatentDist, denoising_loss, encode_latents
 from common.keys import DIAG_ATTACKER_ACCURACY, DIAG_LOSS
 from common.lora import LoRASpec, lora_parameters
 
-LORA_DEFENSES = ("none", "mp-lora", "smp-lora")
-ADVERSARIAL = ("mp-lora", "smp-lora")
+LORA_DEFENSES = ("none", *ADVERSARIAL_DEFENSES)  # the defenses trained here (dp-sgd: client.dpsgd_lora)
 ATTACKER_LOSS = "attacker-loss"  # mean over steps of h's training loss (-G on its batches)
 MEMBER_CE = "ce"  # mean over steps of CE_h(member | adapter batch)
 STEPS = "steps"
@@ -88,7 +88,7 @@ class LoRATrainSettings:
 
     @property
     def adversarial(self) -> bool:
-        return self.defense in ADVERSARIAL
+        return self.defense in ADVERSARIAL_DEFENSES
 
 
 @dataclass

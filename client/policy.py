@@ -12,7 +12,7 @@ the site's error reply) is only the fixed text :data:`common.reasons.SITE_POLICY
 :func:`client.app.handle_train`), and the server leaves the site out.
 
 The plan is built from the same plan objects the server's ledger is charged with
-(:func:`server.plan.plan_record`): the accounted sampling rate (1 where no amplification by
+(:func:`common.dp.plan.plan_record`): the accounted sampling rate (1 where no amplification by
 sampling is claimed), every attempt the plan pays for, and, where the sites run DP-SGD, the
 record-level (z, q, steps) the server computes from public settings. The site compares that
 DP-SGD plan with its own and refuses a different one, so what it reserves is what is charged.
@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from common import keys
-from common.dp import PrivacyEvent, PrivacyLedger, epsilon
-
-AGGREGATION_MODES = ("central", "secure", "distributed")
+from common.config import ADAPTERS, METHODS
+from common.dp import BudgetCheck, PrivacyEvent, PrivacyLedger
 
 
 class PolicyError(ValueError):
@@ -55,8 +54,8 @@ class SitePolicy:
     max_delta: float = 1e-5
     min_noise_multiplier: float = 0.0
     max_rounds: int = 0  # 0: no limit (rounds of LoRA, releases of DPAgg-TI)
-    allowed_adapters: tuple[str, ...] = ("ti", "lora")
-    allowed_methods: tuple[str, ...] = ("dpagg", "dp-sgd", "none", "mp-lora", "smp-lora")
+    allowed_adapters: tuple[str, ...] = ADAPTERS
+    allowed_methods: tuple[str, ...] = METHODS
     allow_non_private: bool = False
     require_secure_aggregation: bool = False
     ledger: str = ""  # path of the site's lifetime ledger ("" = none kept)
@@ -156,12 +155,10 @@ def check_round(policy: SitePolicy, plan: RoundPlan, site: str) -> None:
             refuse(f"{e.unit}-level noise multiplier {e.noise_multiplier:.4g} is below min-noise-multiplier "
                    f"{policy.min_noise_multiplier:g}")
     for unit, limit in (("record", policy.max_epsilon_record), ("site", policy.max_epsilon_site)):
-        events = [e for e in plan.events if e.unit == unit]
-        if events and math.isfinite(limit):
-            eps = epsilon(events, plan.delta, "prv")
-            if eps > limit:
-                refuse(f"the run's {unit}-level epsilon is {eps:.4f} (PRV, delta {plan.delta:g}, recomputed by the "
-                       f"site), above max-epsilon-{unit} {limit:g}")
+        check = BudgetCheck((), [e for e in plan.events if e.unit == unit], limit, plan.delta, "prv")
+        if check.over:
+            refuse(f"the run's {unit}-level epsilon is {check.epsilon:.4f} (PRV, delta {plan.delta:g}, recomputed by "
+                   f"the site), above max-epsilon-{unit} {limit:g}")
 
 
 def reserve_run(policy: SitePolicy, plan: RoundPlan, site: str) -> None:
@@ -175,18 +172,15 @@ def reserve_run(policy: SitePolicy, plan: RoundPlan, site: str) -> None:
     if any(e.label == label for e in ledger.events):
         return
     for unit, limit in (("record", policy.max_lifetime_epsilon_record), ("site", policy.max_lifetime_epsilon_site)):
-        new = [e for e in plan.events if e.unit == unit]
-        if new and math.isfinite(limit):
-            before = [e for e in ledger.events if e.unit == unit]
-            eps = epsilon(before + new, ledger.delta, "prv")
-            if eps > limit:
-                raise PolicyError(
-                    f"{site}: refused by the site's privacy policy: with this run its lifetime {unit}-level epsilon "
-                    f"would be {eps:.4f} (PRV, delta {ledger.delta:g}, {len({e.label for e in before})} earlier "
-                    f"run(s)), above max-lifetime-epsilon-{unit} {limit:g}")
+        check = BudgetCheck([e for e in ledger.events if e.unit == unit], [e for e in plan.events if e.unit == unit],
+                            limit, ledger.delta, "prv")
+        if check.over:
+            raise PolicyError(
+                f"{site}: refused by the site's privacy policy: with this run its lifetime {unit}-level epsilon "
+                f"would be {check.epsilon:.4f} (PRV, delta {ledger.delta:g}, {len({e.label for e in check.spent})} "
+                f"earlier run(s)), above max-lifetime-epsilon-{unit} {limit:g}")
     for e in plan.events:
-        ledger.record(PrivacyEvent(noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate, steps=e.steps,
-                                   unit=e.unit, scope="all", label=label))
+        ledger.record(PrivacyEvent.planned(e.noise_multiplier, e.sample_rate, e.steps, e.unit, label=label))
     ledger.save(path)
 
 
@@ -194,9 +188,8 @@ def sent_dpsgd_event(config: Mapping[str, Any]) -> PrivacyEvent | None:
     """The record-level DP-SGD plan the server sent (z, q, steps over the run), if any."""
     if keys.PLAN_DPSGD_NOISE_MULTIPLIER not in config:
         return None
-    return PrivacyEvent(noise_multiplier=float(config[keys.PLAN_DPSGD_NOISE_MULTIPLIER]),
-                        sample_rate=float(config[keys.PLAN_DPSGD_SAMPLE_RATE]),
-                        steps=int(config[keys.PLAN_DPSGD_STEPS]), unit="record")
+    return PrivacyEvent.dpsgd(float(config[keys.PLAN_DPSGD_NOISE_MULTIPLIER]),
+                              float(config[keys.PLAN_DPSGD_SAMPLE_RATE]), int(config[keys.PLAN_DPSGD_STEPS]))
 
 
 def plan_from_message(config: Mapping[str, Any], run_id: int, record_event: PrivacyEvent | None) -> RoundPlan:
@@ -213,7 +206,7 @@ def plan_from_message(config: Mapping[str, Any], run_id: int, record_event: Priv
     steps = int(config.get(keys.PLAN_STEPS, 1))
     events: list[PrivacyEvent] = []
     if unit in ("record", "site") and z >= 0:
-        events.append(PrivacyEvent(noise_multiplier=z, sample_rate=q, steps=steps, unit=unit))  # type: ignore[arg-type]
+        events.append(PrivacyEvent.planned(z, q, steps, unit))  # type: ignore[arg-type]
     sent = sent_dpsgd_event(config)
     if sent is not None and record_event is not None and not sent.spends_as(record_event):
         raise PolicyError(

@@ -25,8 +25,9 @@ from flwr.app import ConfigRecord, RecordDict
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from common.dp import NoiseSource, PrivacyEvent, epsilon
+from common.dp import BudgetCheck, NoiseSource, PrivacyEvent, epsilon
 from common.dp.dpsgd import DPSGDBudget, budget_noise_multiplier
+from common.dp.mechanism import site_scope
 from common.dp.noise import privacy_noise
 from common.dp.sampling import SamplingSource, privacy_sampling
 from common.paths import derive_seed
@@ -44,14 +45,8 @@ class SiteRound:
     steps: int
 
     def event(self, site_index: int) -> PrivacyEvent:
-        return PrivacyEvent(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            unit="record",
-            scope=f"site-{site_index}",
-            label=f"dp-sgd site {site_index} round {self.round}",
-        )
+        return PrivacyEvent.dpsgd(self.noise_multiplier, self.sample_rate, self.steps, scope=site_scope(site_index),
+                                  label=f"dp-sgd site {site_index} round {self.round}")
 
 
 def load_history(state: RecordDict) -> list[SiteRound]:
@@ -102,10 +97,13 @@ def begin_round(state: RecordDict, budget: DPSGDBudget, *, sample_rate: float, s
     if this round would take the site above its target. Once recorded, the round counts as
     spent even if training then fails (conservative)."""
     z = site_noise_multiplier(budget, sample_rate, state)
-    history = load_history(state) + [SiteRound(round=int(round_index), noise_multiplier=z, sample_rate=sample_rate,
-                                               steps=steps)]
-    eps = site_epsilon(history, site_index, budget.delta) if budget.private else math.inf
-    if budget.private and eps > budget.target_epsilon:
+    spent = load_history(state)
+    this = SiteRound(round=int(round_index), noise_multiplier=z, sample_rate=sample_rate, steps=steps)
+    history = spent + [this]
+    check = BudgetCheck([h.event(site_index) for h in spent], [this.event(site_index)], budget.target_epsilon,
+                        budget.delta)
+    eps = check.epsilon if budget.private else math.inf
+    if check.over:
         raise ValueError(
             f"site {site_index}: DP-SGD round {round_index} would bring this site's record-level epsilon to "
             f"{eps:.4f} (PRV, delta {budget.delta:g}; {len(history)} round(s) at z={z:.4g}, q={sample_rate:.4g}, "

@@ -29,20 +29,7 @@ from typing import Iterator, Sequence
 import torch
 
 from common.diffusion import LatentDist, StepDraws, draw_step, encode_latents, per_sample_mean, prediction_error
-from common.textual_inversion import PlaceholderEmbedding, add_placeholder, token_id
-
-
-@dataclass(frozen=True)
-class TISettings:
-    """Data-independent textual-inversion hyperparameters (the same for every image)."""
-
-    steps: int = 100
-    learning_rate: float = 5e-3
-    batch_size: int = 16
-    initializer_token: str = "emoji"
-    placeholder_token: str = "<S*>"
-    prompt_template: str = "{caption} in the style of {token}"
-    default_caption: str = "an image"
+from common.textual_inversion import PlaceholderEmbedding, TISettings, add_placeholder, initializer_vector
 
 
 def build_prompts(captions: Sequence[str | None], settings: TISettings) -> list[str]:
@@ -51,14 +38,6 @@ def build_prompts(captions: Sequence[str | None], settings: TISettings) -> list[
         settings.prompt_template.format(caption=c or settings.default_caption, token=settings.placeholder_token)
         for c in captions
     ]
-
-
-def initializer_vector(pipe, settings: TISettings) -> torch.Tensor:
-    """The frozen embedding of the initializer token, float32 [D] on the CPU."""
-    tid = token_id(pipe.tokenizer, settings.initializer_token)
-    table = pipe.text_encoder.get_input_embeddings()
-    base = table.base if isinstance(table, PlaceholderEmbedding) else table
-    return base.weight[tid].detach().float().cpu()
 
 
 @contextmanager

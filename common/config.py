@@ -9,12 +9,21 @@ name instead of silently falling back to a default.
 from __future__ import annotations
 
 import math
+import shlex
+import tomllib
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
+
+from common.paths import REPO_ROOT
 
 ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
-DEFENSES = ("none", "mp-lora", "smp-lora", "dp-sgd")
+ADVERSARIAL_DEFENSES = ("mp-lora", "smp-lora")  # empirical membership-inference defences: no formal guarantee
+DEFENSES = ("none", *ADVERSARIAL_DEFENSES, "dp-sgd")
+# The method a round's plan names (a TI method or a LoRA defense), each once: what a site's
+# policy allows by default (client.policy.SitePolicy.allowed_methods).
+METHODS = tuple(dict.fromkeys(TI_METHODS + DEFENSES))
 AGGREGATIONS = ("central", "secure", "distributed")
 BOUND_MODES = ("clip", "normalize")
 RESCALE_MODES = ("none", "initializer-norm")
@@ -252,3 +261,22 @@ def _convert(key: str, raw: Any, kind: type) -> Any:
         return str(raw)
     except (TypeError, ValueError) as err:
         raise ValueError(f"run-config key {key!r}: cannot read {raw!r} as {kind.__name__}: {err}") from None
+
+
+def pyproject_run_config(path: Path = REPO_ROOT / "pyproject.toml") -> dict[str, Any]:
+    """The run config's defaults: ``[tool.flwr.app.config]`` of pyproject.toml (what ``flwr run .`` uses)."""
+    return dict(tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Flower's ``--run-config`` syntax: space-separated key=value, values as TOML scalars."""
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ValueError(f"--run-config item {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw  # bare strings need no quotes
+    return out

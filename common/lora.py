@@ -21,8 +21,10 @@ from typing import Mapping
 
 import torch
 
+from common.config import RunConfig
+
 LORA_FILE = "pytorch_lora_weights.safetensors"
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_TARGETS = RunConfig().lora_target_list  # the run config's default targets
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 COMPONENTS = ("unet", "text_encoder")
 
@@ -33,10 +35,10 @@ Tree = dict[str, torch.Tensor]
 class LoRASpec:
     """Shape of the adapter: rank r, scale alpha, which UNet layers, text encoder or not."""
 
-    rank: int = 4
-    alpha: float = 4.0
+    rank: int = RunConfig.lora_rank
+    alpha: float = RunConfig.lora_alpha
     targets: tuple[str, ...] = UNET_TARGETS
-    text_encoder: bool = False
+    text_encoder: bool = RunConfig.lora_text_encoder
 
     def __post_init__(self) -> None:
         if self.rank < 1:

@@ -12,11 +12,14 @@ a safetensors file mapping the token to a float32 tensor of shape [1, D].
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from common.config import RunConfig
 
 EMBEDS_FILE = "learned_embeds.safetensors"
 
@@ -70,3 +73,26 @@ def load_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
         raise ValueError(f"{path}: expected one token, found {sorted(tensors)}")
     (token, vector), = tensors.items()
     return token, vector.reshape(-1)
+
+
+@dataclass(frozen=True)
+class TISettings:
+    """Data-independent textual-inversion hyperparameters (the same for every image); the
+    defaults are the run config's (:class:`common.config.RunConfig`), built by
+    :func:`common.settings.ti_settings`."""
+
+    steps: int = RunConfig.ti_steps
+    learning_rate: float = RunConfig.learning_rate
+    batch_size: int = RunConfig.batch_size
+    initializer_token: str = RunConfig.initializer_token
+    placeholder_token: str = RunConfig.placeholder_token
+    prompt_template: str = RunConfig.prompt_template
+    default_caption: str = RunConfig.default_caption
+
+
+def initializer_vector(pipe, settings: TISettings) -> torch.Tensor:
+    """The frozen embedding of the initializer token, float32 [D] on the CPU."""
+    tid = token_id(pipe.tokenizer, settings.initializer_token)
+    table = pipe.text_encoder.get_input_embeddings()
+    base = table.base if isinstance(table, PlaceholderEmbedding) else table
+    return base.weight[tid].detach().float().cpu()

@@ -19,4 +19,4 @@ demo="model-path=assets/emoji-sd resolution=32 clip-norm=0.5 initializer-token=f
 demo="$demo sample-prompts='an emoji of a cat|an emoji of a dog|an emoji of a red heart|an emoji of a sun|an emoji of a car|an emoji of a deciduous tree|an emoji of a pizza|an emoji of a rocket'"
 .venv/bin/python -m simulations.run --num-sites 4 --run-config "$demo output-dir=outputs/demo ${1:-}"
 .venv/bin/python -m simulations.run --num-sites 4 --run-config "$demo target-epsilon=inf output-dir=outputs/demo-nonprivate ${1:-}"
-.venv/bin/python -m simulations.demo_grid outputs/demo outputs/demo-nonprivate --out outputs/demo/comparison.png
+.venv/bin/python -m evaluation.grid outputs/demo outputs/demo-nonprivate --out outputs/demo/comparison.png

@@ -7,7 +7,7 @@ share of samples whose nearest real emoji is a Noto one is printed per row, with
 Clopper-Pearson interval. The base model was pretrained on Twemoji and draws near-copies of it,
 so its share is near 0; a share that grows after adaptation means the samples moved toward the
 private set's house style or its concepts (a pixel neighbour cannot tell the two apart: look at
-the pictures too). The style classifier (common/features.py) is the other measure; on generated
+the pictures too). The style classifier (evaluation/features.py) is the other measure; on generated
 32-pixel images it calls most base draws Noto (they are softer than the PNGs), so it is a poor
 judge of this base's samples.
 
@@ -31,8 +31,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from common.emoji import list_emoji, load_pixels  # noqa: E402
-from common.evaluation.metrics import clopper_pearson  # noqa: E402
-from simulations.demo_grid import read_samples  # noqa: E402
+from evaluation.grid import read_samples  # noqa: E402
+from evaluation.metrics import clopper_pearson  # noqa: E402
 
 
 def reference(twitter_dir: Path, google_dir: Path, resolution: int) -> tuple[torch.Tensor, np.ndarray]:

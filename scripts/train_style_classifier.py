@@ -1,4 +1,4 @@
-"""Train the emoji style classifier used for KID and style accuracy (common/features.py).
+"""Train the emoji style classifier used for KID and style accuracy (evaluation/features.py).
 
 Twemoji (``emoji-datasource-twitter``, CC-BY 4.0) is label 0, Noto emoji
 (``emoji-datasource-google``, Apache 2.0) label 1, both at 32x32 flattened onto white, without
@@ -30,7 +30,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from common.emoji import list_emoji, load_pixels  # noqa: E402
-from common.features import DEFAULT_DIR, StyleNet, save_style_net, to_batch  # noqa: E402
+from evaluation.features import DEFAULT_DIR, StyleNet, save_style_net, to_batch  # noqa: E402
 
 
 def held_out(key: str, demo_keys: set[str]) -> bool:

@@ -1,6 +1,6 @@
 """How a round's contributions reach the server: in the clear, or securely summed.
 
-Three modes (run-config key ``aggregation``):
+Three modes (run-config key ``aggregation``, :data:`common.config.AGGREGATIONS`):
 
 - ``central``: sites send their clipped contributions; the server checks each, sums, and
   adds N(0, (zC)^2) once. The server sees every contribution and must be trusted.
@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
 from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
+from common.dp.mechanism import Unit
 from common.secagg.distributed_noise import suggest_clip_range
 from common.secagg.protocol import NOISE_STD
-from server.secagg import SecureAggregationError, SecureSumResult, default_threshold, distributed_release, secure_sum
+from common.secagg.release import SecureSumResult, distributed_release
+from server.secagg import SecureAggregationError, default_threshold, secure_sum
 
 log = logging.getLogger("privadapt.server")
-
-MODES = ("central", "secure", "distributed")
 
 
 @dataclass
@@ -93,7 +93,7 @@ def release_secure(
     noise: NoiseSource,
     denominator: float,
     sample_rate: float,
-    unit: Literal["record", "site"],
+    unit: Unit,
     label: str,
 ) -> tuple[dict[str, torch.Tensor], PrivacyEvent] | None:
     """The round's release and its privacy event, or None when nothing was summed (no secure

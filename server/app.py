@@ -18,22 +18,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from client.app import model_dir, ti_settings
-from client.ti import initializer_vector
 from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
+from common.dp.plan import plan_dpagg, plan_record
 from common.lora import LORA_FILE, save_lora
 from common.models import load_pipeline
 from common.paths import resolve
-from server.statement import (
-    log_line,
-    privacy_statement,
-    release_noise_description,
-    run_facts,
-    sampling_description,
-    seeded_insecure,
-)
+from common.settings import model_dir, ti_settings
+from common.textual_inversion import initializer_vector
 from server.dpagg_strategy import DPAggTIStrategy
 from server.export import (
     embedding_metrics,
@@ -44,7 +37,14 @@ from server.export import (
     sample_pairs,
     write_json,
 )
-from server.plan import plan_dpagg, plan_record
+from server.statement import (
+    log_line,
+    privacy_statement,
+    release_noise_description,
+    run_facts,
+    sampling_description,
+    seeded_insecure,
+)
 from server.strategy_base import reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")

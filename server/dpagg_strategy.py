@@ -28,10 +28,10 @@ from flwr.serverapp import Grid
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.flatsum import FlatRecord
+from common.dp.plan import DPAggPlan
 from common.reasons import NO_SECURE_SUM, REPLY_UNASKED, SECAGG_DROPPED, public_rejections
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
-from server.plan import DPAggPlan
 from server.replies import ReplyError, read_vector_view
 from server.sites import NODE_ARRAY, Instructions, NodeSet
 from server.strategy_base import LedgerStrategy, RunControl

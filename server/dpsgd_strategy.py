@@ -16,7 +16,7 @@ holds one event per site reply whose privacy report could be read, including rep
 embedding was then rejected (the server saw them), and is saved after every round.
 
 Every site's (z, q, steps) are public and known to the server beforehand
-(:class:`~server.plan.DPSGDPlan`: q = dpsgd-batch-size / the declared ``site-dataset-size``,
+(:class:`~common.dp.plan.DPSGDPlan`: q = dpsgd-batch-size / the declared ``site-dataset-size``,
 z calibrated for the whole run at that q, as each site calibrates it), so nothing the sites
 report reveals their image counts. The server sends that plan with every round (a site
 refuses a different one), rejects a report that differs from it, and stops the run before a
@@ -36,17 +36,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from client.app import sends_diagnostics, ti_settings
-from client.ti import initializer_vector
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
+from common.dp.plan import EACH_SITE, DPSGDPlan, plan_dpsgd, plan_record
 from common.reasons import public_rejections
-from server.statement import noise_description, privacy_statement, run_facts, sampling_description
+from common.settings import sends_diagnostics, ti_settings
+from common.textual_inversion import initializer_vector
 from server.export import embedding_metrics
-from server.plan import EACH_SITE, DPSGDPlan, plan_dpsgd, plan_record
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_vector
 from server.sites import NODE_ARRAY, Instructions, SiteDiagnostics
+from server.statement import noise_description, privacy_statement, run_facts, sampling_description
 from server.strategy_base import LedgerStrategy, RunControl, reliability_report, run_control
 
 log = logging.getLogger("privadapt.server")
@@ -75,7 +75,7 @@ class DPSGDTIStrategy(LedgerStrategy):
         self.plan = plan  # the sites' record-level plan (None: non-private, nothing to charge)
 
     def next_event(self, server_round: int) -> PrivacyEvent | None:
-        """One round of the plan on each site (scope :data:`~server.plan.EACH_SITE`): the budget
+        """One round of the plan on each site (scope :data:`~common.dp.plan.EACH_SITE`): the budget
         check composes it with the most-spent site's rounds."""
         if self.plan is None or self.plan.noise_multiplier == 0:
             return None

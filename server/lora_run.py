@@ -13,17 +13,17 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from client.app import lora_spec, sends_diagnostics
-from common.config import RunConfig
+from common.config import ADVERSARIAL_DEFENSES, RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
+from common.dp.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
 from common.dp.sampling import SamplingSource, privacy_sampling
 from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
 from common.paths import derive_seed
+from common.settings import lora_spec, sends_diagnostics
 from common.wire import tree_record
-from server.statement import privacy_statement, release_noise_description, run_facts, sampling_description
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
+from server.statement import privacy_statement, release_noise_description, run_facts, sampling_description
 from server.strategy_base import reliability_report, run_control
 
 DEFENSES = {
@@ -60,7 +60,7 @@ def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z:
         diagnostics=DIAGNOSTIC_FIGURES if sends_diagnostics(cfg) else None,
         achieved=[r.achieved_noise_multiplier for r in strategy.rounds if r.achieved_noise_multiplier is not None],
         planned_noise_multiplier=planned_z,
-        empirical_defense=cfg.defense.upper() if cfg.defense in ("mp-lora", "smp-lora") else None,
+        empirical_defense=cfg.defense.upper() if cfg.defense in ADVERSARIAL_DEFENSES else None,
         not_covered=(NOT_COVERED,), record_noise_on_sites=record)
 
 

@@ -28,7 +28,7 @@ with fewer survivors than ``min-sites``: whether it formed depends on who took p
 
 With defense ``dp-sgd`` every site also reports the public parameters of its own DP-SGD
 (record-level, scope ``site-<index>``); those events enter the same ledger as unit "record".
-The server knows them beforehand (:class:`~server.plan.DPSGDPlan`, from the declared site
+The server knows them beforehand (:class:`~common.dp.plan.DPSGDPlan`, from the declared site
 size), checks every report against them and stops the run before the record-level budget
 is passed.
 
@@ -53,13 +53,13 @@ from flwr.serverapp import Grid
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.flatsum import FlatSum
+from common.dp.plan import EACH_SITE, DPSGDPlan, FedAvgPlan
 from common.dp.sampling import SamplingSource, poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
 from common.wire import Layout, packed_record, tree_record
 from server.aggregation import release_secure, secure_round
 from server.blocks import BlockedSum
 from common.reasons import NO_SECURE_SUM, SECAGG_DROPPED, public_rejections
-from server.plan import EACH_SITE, DPSGDPlan, FedAvgPlan
 from server.replies import ReplyError, read_diagnostics, read_site_report, read_update
 from server.sites import NODE_ARRAY, Instructions, NodeSet, SiteDiagnostics, node_array
 from server.strategy_base import LedgerStrategy, RunControl, TooManySites
@@ -307,8 +307,9 @@ class DPFedAvgLoRA(LedgerStrategy):
         """DP-SGD sites report the record-level parameters they spent; the ledger keeps them
         even if the delta is then rejected (the server saw it)."""
         report = read_site_report(reply)
-        self.ledger.record(report.event(entry.round, node))
-        self.reported_record_epsilons[f"site-{report.index}"] = report.epsilon
+        event = report.event(entry.round, node)
+        self.ledger.record(event)
+        self.reported_record_epsilons[event.scope] = report.epsilon
         if self.dpsgd is not None:
             report.check_planned(self.dpsgd.charged_event())
 

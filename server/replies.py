@@ -22,6 +22,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from common import keys
 from common.dp import PrivacyEvent
 from common.dp.flatsum import FlatRecord, flat_sum_of_squares
+from common.dp.mechanism import site_scope
 from common.reasons import REPLY_MALFORMED, REPLY_SITE_ERROR
 from common.wire import Layout, as_layout, check_layout, packed_array_key
 
@@ -254,20 +255,13 @@ class SiteReport:
     epsilon: float  # the site's own record-level epsilon over all its rounds (PRV), may be inf
 
     def event(self, server_round: int, node: int) -> PrivacyEvent:
-        return PrivacyEvent(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            unit="record",
-            scope=f"site-{self.index}",
-            label=f"dp-sgd round {server_round} (node {node})",
-        )
+        return PrivacyEvent.dpsgd(self.noise_multiplier, self.sample_rate, self.steps, scope=site_scope(self.index),
+                                  label=f"dp-sgd round {server_round} (node {node})")
 
     def check_planned(self, planned: PrivacyEvent) -> None:
         """Raise :class:`ReplyError` if the reported (z, q, steps) are not the plan's (the one
         the sites were told and the budget is checked with). The spend is recorded anyway."""
-        reported = PrivacyEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps,
-                                unit=planned.unit)
+        reported = PrivacyEvent.planned(self.noise_multiplier, self.sample_rate, self.steps, planned.unit)
         if not reported.spends_as(planned):
             raise ReplyError(f"reported DP-SGD parameters (z={self.noise_multiplier:.6g}, q={self.sample_rate:.6g}, "
                              f"{self.steps} steps) are not the plan's (z={planned.noise_multiplier:.6g}, "

@@ -14,31 +14,30 @@ server that lies to sites about who dropped could unmask one site (Bonawitz et a
 need a PKI and round 3 for that). A coalition of the server with fewer than ``threshold``
 sites learns nothing beyond the sum and its members' own inputs.
 
-What the strategy must do with the result: use ``total`` in place of the sum of replies.
-With distributed noise, add no central noise: :func:`distributed_release` divides by the
-public denominator and returns the privacy event with the ACHIEVED multiplier
-``result.achieved_noise_multiplier(z)``, never the planned z. With ``total is None`` (no
-site sampled) or a :class:`SecureAggregationError`, nothing was revealed: release nothing.
+What the strategy must do with the result (:class:`common.secagg.release.SecureSumResult`):
+use ``total`` in place of the sum of replies. With distributed noise, add no central noise:
+:func:`common.secagg.release.distributed_release` divides by the public denominator and
+returns the privacy event with the ACHIEVED multiplier ``result.achieved_noise_multiplier(z)``,
+never the planned z. With ``total is None`` (no site sampled) or a
+:class:`SecureAggregationError`, nothing was revealed: release nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Mapping
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import keys
-from common.dp.mechanism import PrivacyEvent
 from common.secagg import protocol as P
-from common.secagg.distributed_noise import NOISE_SPLITS, achieved_noise_multiplier, noise_shares
+from common.secagg.distributed_noise import NOISE_SPLITS, noise_shares
 from common.secagg.masking import reconstruct_secret, unmask_sum
 from common.secagg.quantization import QuantizationSpec, unflatten_tree
+from common.secagg.release import SecureSumResult
 
 log = logging.getLogger("privadapt.server")
 
@@ -47,52 +46,6 @@ MIN_SITES = 2  # the sum of one site's input is that input
 
 class SecureAggregationError(RuntimeError):
     """Too few sites remained at some stage: no sum can be formed."""
-
-
-@dataclass(frozen=True)
-class SecureSumResult:
-    """What :func:`secure_sum` learned.
-
-    Attributes:
-        total: float64 sum of the survivors' contributions (plus their noise shares), by
-            tensor name; None if no site was asked.
-        survivors: sites whose masked input is in the sum.
-        dropped: asked sites whose input is NOT in the sum (at whatever stage they left).
-        entered: sites that entered the masking stage (m; each split its noise by it).
-        noise_shares: d, the number of shares the total noise variance was split into (m or
-            t); 0 when no noise was asked for.
-        spec: the public quantization used.
-    """
-
-    total: dict[str, torch.Tensor] | None
-    survivors: list[int]
-    dropped: list[int]
-    entered: list[int]
-    noise_shares: int = 0
-    spec: QuantizationSpec | None = None
-    stages: dict[str, list[int]] = field(default_factory=dict)
-
-    def achieved_noise_multiplier(self, noise_multiplier: float) -> float:
-        """z * sqrt(s / d): the multiplier the sum really carries (0 without noise)."""
-        if self.noise_shares == 0:
-            return 0.0
-        return achieved_noise_multiplier(noise_multiplier, self.noise_shares, len(self.survivors))
-
-
-def distributed_release(result: SecureSumResult, *, noise_multiplier: float, denominator: float, sample_rate: float,
-                        unit: Literal["record", "site"], label: str = "") -> tuple[dict[str, torch.Tensor], PrivacyEvent]:
-    """The distributed-noise counterpart of ``GaussianSumMechanism.release``: the noise is
-    already in ``result.total`` (the sites added it), so only divide by the public
-    ``denominator``; the event carries the ACHIEVED multiplier z * sqrt(s / d), never the
-    planned ``noise_multiplier`` (0, and so infinite epsilon, if the sites added no noise)."""
-    if result.total is None:
-        raise ValueError("no secure sum was formed: nothing to release")
-    if not (denominator > 0 and math.isfinite(denominator)):
-        raise ValueError(f"denominator must be finite and > 0, got {denominator}")
-    released = {k: v / denominator for k, v in result.total.items()}
-    event = PrivacyEvent(noise_multiplier=result.achieved_noise_multiplier(noise_multiplier), sample_rate=sample_rate,
-                         unit=unit, label=label)
-    return released, event
 
 
 def default_threshold(num_sites: int) -> int:

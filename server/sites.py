@@ -1,21 +1,14 @@
 """What the server keeps per site during a round, kept small: the server's memory must grow
-with the adapter, not with sites x anything large.
+with the adapter, not with sites x anything large (figures: BENCHMARKS.md, ``bench.scale``).
 
-Measured with ``simulations.bench_scale`` (tracemalloc, 100 vs 1,000 sites), a round used to
-cost about 1.3 KB per site, none of it adapter-sized (BENCHMARKS.md, item 5):
-
-* the round's instruction messages, built as one list of n ``Message`` objects (each with its
-  own metadata: about 0.8 KB, 1.1 KB where each also had its own content) and kept by the
-  round loop until the round ended. :class:`Instructions` builds them while they are pushed,
+* instruction messages: :class:`Instructions` builds them while they are pushed and
   :func:`push_in_batches` pushes them ``PUSH_BATCH`` at a time, so at most that many exist;
-* a set of the asked node ids (about 30 to 60 B per site). :class:`NodeSet` answers the same
-  question from the sorted node ids the strategy already holds (or 8 B per site);
-* the LoRA strategy's per-site diagnostics, one dict of floats per site (about 250 B per site
-  and round, kept for the whole run; then columns, 40 B). Only their means are reported, so
-  :class:`SiteDiagnostics` keeps a running sum and a count per name: nothing per site;
-* the ids of the unanswered messages, one ``str`` each in a deque (93 B for the simulation's
-  36-character uuids, 121 B for the HTTP grid's 64-character object ids). :class:`MessageIds`
-  keeps them packed as bytes (16 B, 32 B) and gives the same strings back.
+* the asked node ids: :class:`NodeSet` answers membership from the sorted node ids the
+  strategy already holds (8 B per site at most);
+* per-site diagnostics: only their means are reported, so :class:`SiteDiagnostics` keeps a
+  running sum and a count per name, nothing per site;
+* the ids of unanswered messages: :class:`MessageIds` keeps them packed as bytes and gives
+  the same strings back.
 
 What remains is inherent: Flower's pull API takes message ids, so the server holds one id
 per unanswered message, and the round records keep who was sampled and who took part (8 B

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from common.config import RunConfig
+from common.config import AGGREGATIONS, RunConfig
 
 SCHEMA_VERSION = 2
 
@@ -90,7 +90,7 @@ class PrivacyFacts:
     def __post_init__(self) -> None:
         if self.noise_by not in NOISE_BY:
             raise ValueError(f"noise_by must be one of {NOISE_BY}, got {self.noise_by!r}")
-        if self.aggregation not in ("central", "secure", "distributed"):
+        if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation mode {self.aggregation!r}")
         unknown = [u for u in self.units if u not in UNIT_WORDS]
         if unknown or not self.units:

@@ -32,10 +32,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from common.config import RunConfig
-from common.dp import PrivacyEvent, PrivacyLedger, epsilon
+from common.dp import BudgetCheck, PrivacyEvent, PrivacyLedger, epsilon
+from common.dp.plan import EACH_SITE
 from server.aggregation import SecureRound
 from server.checkpoint import CheckpointStore, config_fingerprint
-from server.plan import EACH_SITE
 from server.streaming import ReceiveStats, stream_replies
 
 log = logging.getLogger("privadapt.server")
@@ -146,7 +146,7 @@ class LedgerStrategy(Strategy):
 
     def next_events(self, server_round: int) -> list[PrivacyEvent]:
         """Every event the next round attempt would spend, one per unit (default: :meth:`next_event`).
-        An event of scope :data:`~server.plan.EACH_SITE` is spent by each site in its own scope."""
+        An event of scope :data:`~common.dp.plan.EACH_SITE` is spent by each site in its own scope."""
         event = self.next_event(server_round)
         return [] if event is None else [event]
 
@@ -158,7 +158,7 @@ class LedgerStrategy(Strategy):
 
     def spent_histories(self, event: PrivacyEvent) -> list[list[PrivacyEvent]]:
         """The ledger histories ``event`` would compose with: its own scope's, or for an
-        :data:`~server.plan.EACH_SITE` event every site scope's (distinct ones once; a first
+        :data:`~common.dp.plan.EACH_SITE` event every site scope's (distinct ones once; a first
         round has one empty history)."""
         same_unit = [e for e in self.ledger.events if e.unit == event.unit]
         if event.scope != EACH_SITE:
@@ -171,20 +171,21 @@ class LedgerStrategy(Strategy):
 
     def check_budget(self, server_round: int) -> None:
         """Raise :class:`BudgetExceeded` if the ledger plus the next attempt's events would pass
-        a unit's target epsilon (checked with the same accountant the plan is calibrated with;
-        per-site events against the most-spent site)."""
+        a unit's target epsilon (:class:`~common.dp.budget.BudgetCheck`, with the same accountant
+        the plan is calibrated with; per-site events against the most-spent site)."""
+        acc, delta = self.control.accountant, self.control.delta
         for event in self.next_events(server_round):
             target = self.control.target_for(event.unit)
-            if math.isinf(target):
+            checks = [BudgetCheck(h, [event], target, delta, acc)  # type: ignore[arg-type]
+                      for h in self.spent_histories(event)]
+            if not any(check.over for check in checks):
                 continue
-            acc, delta = self.control.accountant, self.control.delta
-            before, after = max(((epsilon(h, delta, acc), epsilon(h + [event], delta, acc))  # type: ignore[arg-type]
-                                 for h in self.spent_histories(event)), key=lambda pair: pair[1])
-            if after > target:
-                raise BudgetExceeded(
-                    f"round {server_round}: stopping before it spends: its release (z={event.noise_multiplier:g}, "
-                    f"q={event.sample_rate:g}) would take the {event.unit}-level epsilon from {before:.4f} to "
-                    f"{after:.4f} ({acc.upper()}, delta {delta:g}), above target-epsilon {target:g}")
+            worst = max(checks, key=lambda check: check.epsilon)
+            before = epsilon(worst.spent, delta, acc)  # type: ignore[arg-type]
+            raise BudgetExceeded(
+                f"round {server_round}: stopping before it spends: its release (z={event.noise_multiplier:g}, "
+                f"q={event.sample_rate:g}) would take the {event.unit}-level epsilon from {before:.4f} to "
+                f"{worst.epsilon:.4f} ({acc.upper()}, delta {delta:g}), above target-epsilon {target:g}")
 
     def restore(self) -> int:
         """Load the run's checkpoint, if any, into the strategy and the ledger; return the

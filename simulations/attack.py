@@ -4,7 +4,7 @@
         --non-members data/other/site-4 -o outputs/run/attacks.json
     python -m simulations.attack outputs/smp-run -o attacks.json        # an SMP-LoRA run's own splits
 
-Each folder is one site for site-level inference. See :mod:`common.evaluation.attacks`.
+Each folder is one site for site-level inference. See :mod:`evaluation.attacks`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import logging
 from pathlib import Path
 
 from common.data import SiteDataError
-from common.evaluation.attacks import ALL_ATTACKS, DEFAULT_ATTACKS, run_attacks
-from common.evaluation.proxy import ProxySettings
+from evaluation.attacks import ALL_ATTACKS, DEFAULT_ATTACKS, run_attacks
+from evaluation.proxy import ProxySettings
 
 
 def main(argv: list[str] | None = None) -> dict:

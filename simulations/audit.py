@@ -4,7 +4,7 @@
     python -m simulations.audit outputs/demo --no-noise          # the audit's power check
     python -m simulations.audit --clip-norm 0.5 --noise-multiplier 2.5 --sample-rate 0.5
 
-See :mod:`common.evaluation.audit` for the protocol.
+See :mod:`evaluation.audit` for the protocol.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common.evaluation.audit import AuditSettings, run_audit
+from evaluation.audit import AuditSettings, run_audit
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,11 +3,11 @@
     python -m simulations.evaluate outputs/demo --held-out data/heldout [--reference outputs/demo-nonprivate]
 
 Writes into ``--out`` (default ``<run>/evaluation``): ``utility.json`` and ``grid.png``
-(:mod:`common.evaluation.utility`), ``attacks.json`` (:func:`common.evaluation.attacks.run_attacks`,
+(:mod:`evaluation.utility`), ``attacks.json`` (:func:`evaluation.attacks.run_attacks`,
 unless ``--no-attacks``), ``audit.json`` and ``audit_no_noise.json`` (the one-run canary audit
 of the run's release mechanism with its noise on, and off as the power check:
-:func:`common.evaluation.audit.run_audit`, unless ``--no-audit``), then ``report.md`` with its
-PNG plots (:mod:`common.evaluation.report`). What was not run is reported as "not run", with
+:func:`evaluation.audit.run_audit`, unless ``--no-audit``), then ``report.md`` with its
+PNG plots (:mod:`evaluation.report`). What was not run is reported as "not run", with
 the reason kept in ``skipped.json``.
 
 Held-out images: private-distribution images that trained nothing. ``--held-out`` names a
@@ -22,9 +22,9 @@ import logging
 from pathlib import Path
 
 from common.data import load_site_images
-from common.evaluation.report import render_run_report
-from common.evaluation.utility import DEFAULT_TIMESTEPS, Run, evaluate_utility, read_run
 from common.paths import resolve
+from evaluation.report import render_run_report
+from evaluation.utility import DEFAULT_TIMESTEPS, Run, evaluate_utility, read_run
 from server.export import write_json
 
 HELD_OUT_FOLDER = "held-out"
@@ -48,7 +48,8 @@ def attack_members(run: Run, held_out: Path) -> list[Path] | None:
     Raises:
         ValueError: If ``held_out`` is one of those sites' folders (its images are members).
     """
-    from common.evaluation.splits import ADVERSARIAL_DEFENSES, site_folders
+    from common.config import ADVERSARIAL_DEFENSES
+    from evaluation.splits import site_folders
 
     cfg = run.config
     if cfg.adapter == "lora" and cfg.defense in ADVERSARIAL_DEFENSES:
@@ -62,8 +63,8 @@ def attack_members(run: Run, held_out: Path) -> list[Path] | None:
 
 
 def run_attacks_into(run: Run, out_dir: Path, members: list[Path] | None, held_out: Path, *, seed: int) -> dict:
-    """Membership and site inference (:func:`common.evaluation.attacks.run_attacks`) into ``attacks.json``."""
-    from common.evaluation.attacks import run_attacks
+    """Membership and site inference (:func:`evaluation.attacks.run_attacks`) into ``attacks.json``."""
+    from evaluation.attacks import run_attacks
 
     if members is None:
         result = run_attacks(run.path, seed=seed, progress=True)
@@ -76,7 +77,7 @@ def run_attacks_into(run: Run, out_dir: Path, members: list[Path] | None, held_o
 def audit_into(run: Run, out_dir: Path, *, seed: int) -> str | None:
     """The canary audit with the noise on (``audit.json``) and off (``audit_no_noise.json``);
     returns why it could not run, or None."""
-    from common.evaluation.audit import AuditSettings, run_audit
+    from evaluation.audit import AuditSettings, run_audit
 
     settings = AuditSettings(seed=seed)
     try:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.evaluation.report import render_run_report
-from common.evaluation.sweep_report import render_sweep_report
+from evaluation.report import render_run_report
+from evaluation.sweep_report import render_sweep_report
 
 
 def main(argv: list[str] | None = None) -> None:

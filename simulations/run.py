@@ -13,31 +13,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
-from common.paths import REPO_ROOT, resolve
-
-
-def pyproject_run_config(path: Path = REPO_ROOT / "pyproject.toml") -> dict[str, Any]:
-    return dict(tomllib.loads(path.read_text())["tool"]["flwr"]["app"]["config"])
-
-
-def parse_overrides(text: str) -> dict[str, Any]:
-    """Flower's ``--run-config`` syntax: space-separated key=value, values as TOML scalars."""
-    out: dict[str, Any] = {}
-    for item in shlex.split(text):
-        if "=" not in item:
-            raise ValueError(f"--run-config item {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        try:
-            out[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key] = raw  # bare strings need no quotes
-    return out
+from common.config import RunConfig, parse_overrides, pyproject_run_config
+from common.paths import resolve
 
 
 def declared_config(num_sites: int, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ split once: the last ``--held-out-per-site`` images of every site of ``--data`` 
 ``held-out/`` folder that trains nothing and serves the utility figures; the rest are the
 sites' private training images. Within a method, the non-private run (epsilon = inf) is run
 first and is the reference of the TI embedding cosine. ``--resume`` keeps finished runs.
-Writes ``sweep.json`` and ``sweep_report.md`` (:mod:`common.evaluation.sweep_report`).
+Writes ``sweep.json`` and ``sweep_report.md`` (:mod:`evaluation.sweep_report`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from common.config import parse_overrides
 from common.data import CAPTIONS_FILE, IMAGE_EXTENSIONS
-from common.evaluation.sweep_report import SWEEP_FILE, render_sweep_report
 from common.paths import resolve
+from evaluation.sweep_report import SWEEP_FILE, render_sweep_report
 from server.export import write_json
 from simulations.evaluate import HELD_OUT_FOLDER, evaluate
-from simulations.run import parse_overrides, simulate
+from simulations.run import simulate
 
 log = logging.getLogger("privadapt.sweep")
 

@@ -109,7 +109,7 @@ def calibrate_noise_multiplier(
     prior = list(prior)
 
     def eps_at(z: float) -> float:
-        new = PrivacyEvent(noise_multiplier=z, sample_rate=sample_rate, steps=steps, unit=unit)
+        new = PrivacyEvent.planned(z, sample_rate, steps, unit)
         return epsilon(prior + [new], delta, accountant)
 
     lo, hi = 0.0, 1.0

@@ -101,8 +101,7 @@ class DPSGDSchedule:
 
     def round_event(self, noise_multiplier: float, *, scope: str = "all", label: str = "") -> PrivacyEvent:
         """One round of this schedule on one site: ``steps_per_round`` steps at (z, q)."""
-        return PrivacyEvent(noise_multiplier=noise_multiplier, sample_rate=self.sample_rate,
-                            steps=self.steps_per_round, unit="record", scope=scope, label=label)
+        return PrivacyEvent.dpsgd(noise_multiplier, self.sample_rate, self.steps_per_round, scope=scope, label=label)
 
     def check_site_size(self, num_images: int, site: str) -> None:
         """Refuse a site holding more images than declared: the accountant's q and the DP-SGD

@@ -5,8 +5,7 @@ The server's sum of checked replies makes two passes over every reply
 entry is finite, and fixes the clip factor), then its float64 addition into the running sum.
 NumPy has no fused loop for either (a float32 array squared and accumulated in float64; a
 float32 array added into a float64 one), so it stages a float64 copy, and the cast costs more
-than the memory traffic: measured on 12.75M entries (BENCHMARKS.md, item 3), the staged NumPy
-passes ran at 0.25-0.33 of a copy of the same bytes, these loops at about 0.5-0.75.
+than the memory traffic; these loops read each float32 entry once (figures: BENCHMARKS.md).
 
 Both loops are compiled on first use (numba, cached on disk next to this file) for the arrays'
 dtypes and layouts. Their arithmetic:

@@ -30,6 +30,7 @@ from common.dp.flatsum import ArrayTree, FlatSum, RunningSum, _sum_block, flat_s
 from common.dp.noise import NoiseSource
 
 BoundMode = Literal["clip", "normalize"]
+Unit = Literal["record", "site"]
 Tree = Mapping[str, torch.Tensor]
 
 
@@ -75,7 +76,7 @@ class PrivacyEvent:
     noise_multiplier: float
     sample_rate: float
     steps: int = 1
-    unit: Literal["record", "site"] = "record"
+    unit: Unit = "record"
     sampling: Literal["poisson", "none", ""] = ""  # "": derived, "none" iff sample_rate == 1
     adjacency: Literal["add-remove"] = "add-remove"
     scope: str = "all"
@@ -111,6 +112,33 @@ class PrivacyEvent:
     @classmethod
     def from_dict(cls, d: Mapping) -> "PrivacyEvent":
         return cls(**dict(d))
+
+    # ---- the events privadapt spends: every one is built by one of these -------------
+    @classmethod
+    def release(cls, noise_multiplier: float, sample_rate: float, unit: Unit, label: str = "") -> "PrivacyEvent":
+        """One release of the Gaussian sum mechanism at (z, q): one step, scope ``"all"``
+        (:meth:`GaussianSumMechanism.release`, the distributed release, a plan's charge)."""
+        return cls(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1, unit=unit, label=label)
+
+    @classmethod
+    def planned(cls, noise_multiplier: float, sample_rate: float, steps: int, unit: Unit, *, scope: str = "all",
+                label: str = "") -> "PrivacyEvent":
+        """``steps`` compositions at (z, q) of one unit: a plan's spend, as planned, declared
+        to the sites, recomputed by them or reserved in a site's lifetime ledger."""
+        return cls(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, unit=unit, scope=scope,
+                   label=label)
+
+    @classmethod
+    def dpsgd(cls, noise_multiplier: float, sample_rate: float, steps: int, *, scope: str = "all",
+              label: str = "") -> "PrivacyEvent":
+        """Record-level DP-SGD: ``steps`` Poisson steps at (z, q) (on one site: scope
+        :func:`site_scope`)."""
+        return cls.planned(noise_multiplier, sample_rate, steps, "record", scope=scope, label=label)
+
+
+def site_scope(index: int) -> str:
+    """The scope of what one site spends in its own data (DP-SGD): ``site-<index>``."""
+    return f"site-{index}"
 
 
 @dataclass(frozen=True)
@@ -234,8 +262,7 @@ class GaussianSumMechanism:
 
         ``out``: when ``total`` is None, a running sum of the same layout that an earlier round
         returned and no longer needs: the new sum is written over it (nothing of it is read)
-        instead of into a fresh buffer, whose pages the OS would fault in and zero again (for
-        SD 1.5 rank 64, 102 MB: about half the time the adds take, BENCHMARKS.md item 3)."""
+        instead of into a fresh buffer, whose pages the OS would fault in and zero again."""
         if norms is None:
             norms = [float(self.tree_norm(record)) for record in records]
         elif len(norms) != len(records):
@@ -249,7 +276,7 @@ class GaussianSumMechanism:
         denominator: float,
         noise: NoiseSource,
         sample_rate: float,
-        unit: Literal["record", "site"],
+        unit: Unit,
         label: str = "",
     ) -> tuple[dict[str, torch.Tensor], PrivacyEvent]:
         """Add the noise once over the total and divide by the public ``denominator``.
@@ -261,11 +288,4 @@ class GaussianSumMechanism:
         if not (denominator > 0 and math.isfinite(denominator)):
             raise ValueError(f"denominator must be finite and > 0, got {denominator}")
         noised = {k: (v.to(torch.float64) + noise.normal(v.shape, self.noise_std)) / denominator for k, v in total.items()}
-        event = PrivacyEvent(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=sample_rate,
-            steps=1,
-            unit=unit,
-            label=label,
-        )
-        return noised, event
+        return noised, PrivacyEvent.release(self.noise_multiplier, sample_rate, unit, label)

@@ -3,6 +3,8 @@
 - :mod:`common.secagg.quantization`: fixed-point encoding into Z_M and its error bound.
 - :mod:`common.secagg.masking`: key agreement, self and pairwise masks, Shamir sharing, unmasking.
 - :mod:`common.secagg.distributed_noise`: each site's noise share and the achieved multiplier.
+- :mod:`common.secagg.release`: what a secure sum yields, and the distributed-noise release
+  and privacy event made from it.
 - :mod:`common.secagg.protocol`: stage names and message entries (server/secagg.py,
   client/secagg.py run the stages over Flower messages).
 """
@@ -26,12 +28,15 @@ from common.secagg.masking import (
     unmask_sum,
 )
 from common.secagg.quantization import QuantizationSpec, flatten_tree, unflatten_tree
+from common.secagg.release import SecureSumResult, distributed_release
 
 __all__ = [
     "QuantizationSpec",
+    "SecureSumResult",
     "achieved_noise_multiplier",
     "add_noise_share",
     "agree",
+    "distributed_release",
     "flatten_tree",
     "generate_keypair",
     "mask_input",

@@ -11,4 +11,4 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bash "$root/scripts/setup.sh" >&2
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec "$root/.venv/bin/python" -m simulations.deploy "$@"
+exec "$root/.venv/bin/python" -m deploy "$@"

@@ -1,12 +1,13 @@
 import torch
 
 from client.dpagg import site_contribution
-from common.dp.sampling import poisson_sample, privacy_sampling, sampling_generator
-from common.paths import derive_seed
-from client.ti import TISettings, initializer_vector, train_per_image_embeddings
+from client.ti import train_per_image_embeddings
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism
+from common.dp.sampling import poisson_sample, privacy_sampling, sampling_generator
 from common.models import load_pipeline
+from common.paths import derive_seed
+from common.textual_inversion import TISettings, initializer_vector
 
 
 def test_poisson_sample_rate_and_full():

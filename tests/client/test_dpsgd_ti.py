@@ -11,16 +11,17 @@ from flwr.app import RecordDict
 
 import client.dpsgd_ti
 import common.diffusion
-from client.app import ti_settings
 from client.dpsgd_ti import attach_per_sample_grads, batch_losses, dpsgd_site_round
 from client.site_accountant import STATE_KEY, load_history, site_epsilon
-from client.ti import build_prompts, initializer_vector, placeholder_rows, tokenize
+from client.ti import build_prompts, placeholder_rows, tokenize
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.dp import PrivacyEvent, epsilon
 from common.dp.dpsgd import DeclaredSizeExceeded
 from common.models import load_pipeline
+from common.settings import ti_settings
+from common.textual_inversion import initializer_vector
 from tests.client.helpers import FixedDraws, opacus_leftovers
 
 DELTA = 1e-5

@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from client.lora_train import LoRATrainSettings, train_lora_locally
+from client.lora_train import LORA_DEFENSES, LoRATrainSettings, train_lora_locally
 from client.smp import attacker_from_bytes
+from common.config import ADVERSARIAL_DEFENSES
 from common.data import SiteImages
 from common.lora import LoRASpec, attach_lora, load_lora_state, lora_state
 from common.models import load_pipeline
 
 SPEC = LoRASpec(rank=2, alpha=2.0)
-DEFENSES = ["none", "mp-lora", "smp-lora"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("defense", DEFENSES)
+@pytest.mark.parametrize("defense", LORA_DEFENSES)
 def test_a_round_trains_the_adapter_only_and_is_reproducible(pipe, defense):
     weights = frozen_weights(pipe)
     flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
@@ -72,7 +72,7 @@ def test_a_round_trains_the_adapter_only_and_is_reproducible(pipe, defense):
     assert not same(after, after_other)
 
 
-@pytest.mark.parametrize("defense", ["mp-lora", "smp-lora"])
+@pytest.mark.parametrize("defense", ADVERSARIAL_DEFENSES)
 def test_attacker_state_carries_over_to_the_next_round(pipe, defense):
     first, _ = run(pipe, defense)
     h, opt = attacker_from_bytes(first.attacker_state, 4 * 8 * 8)
@@ -108,7 +108,7 @@ def test_adversarial_training_reads_members_only_for_the_adapter(pipe):
     assert not same(changed(int(splits.member_aux[0])), base)
 
 
-@pytest.mark.parametrize("defense", ["mp-lora", "smp-lora"])
+@pytest.mark.parametrize("defense", ADVERSARIAL_DEFENSES)
 def test_too_few_images_name_the_site(pipe, defense):
     with pytest.raises(ValueError, match=r"site 'tiny-site' .*3 image\(s\) are too few"):
         run(pipe, defense, site(3, name="tiny-site"))

@@ -14,9 +14,9 @@ from client.policy import PolicyError, RoundPlan, SitePolicy, check_round, load_
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
+from common.dp.plan import plan_dpagg, plan_record
 from common.paths import REPO_ROOT
 from common.reasons import SITE_POLICY, SiteRefusal
-from server.plan import plan_dpagg, plan_record
 
 
 def plan(z=1.0, q=0.5, steps=1, unit="record", adapter="ti", method="dpagg", aggregation="central", rnd=1,

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from client.ti import TISettings, build_prompts, initializer_vector, plan_rows, train_per_image_embeddings
+from client.ti import build_prompts, plan_rows, train_per_image_embeddings
 from common.models import load_pipeline
+from common.textual_inversion import TISettings, initializer_vector
 
 SETTINGS = TISettings(steps=3, learning_rate=1e-2, batch_size=8)
 

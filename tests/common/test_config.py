@@ -2,8 +2,7 @@ import math
 
 import pytest
 
-from common.config import RunConfig
-from simulations.run import parse_overrides, pyproject_run_config
+from common.config import RunConfig, parse_overrides, pyproject_run_config
 
 
 def test_pyproject_config_matches_dataclass_defaults():

@@ -1,4 +1,4 @@
-"""Tests of common/secagg/: quantization, masks, Shamir sharing, distributed noise."""
+"""Tests of common/secagg/: quantization, masks, Shamir sharing, distributed noise and its release."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import pytest
 import torch
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
+from common.dp.mechanism import PrivacyEvent
 from common.dp.noise import NoiseSource
 from common.secagg import (
     QuantizationSpec,
+    SecureSumResult,
     achieved_noise_multiplier,
     add_noise_share,
     agree,
+    distributed_release,
     flatten_tree,
     generate_keypair,
     mask_input,
@@ -199,3 +202,21 @@ def test_rounding_is_negligible_against_the_noise_at_the_fitted_scale():
 
 def test_suggested_clip_range_leaves_room_for_the_noise_tail():
     assert suggest_clip_range(1.0, 3.0, min_shares=9, tail=8.0) == pytest.approx(1.0 + 8.0)
+
+
+# ---- the distributed release ---------------------------------------------------------------
+def test_the_distributed_release_divides_and_charges_the_achieved_multiplier():
+    total = {"embedding": torch.arange(6, dtype=torch.float64)}
+    result = SecureSumResult(total=total, survivors=[1, 2, 3], dropped=[4], entered=[1, 2, 3, 4], noise_shares=4)
+    released, event = distributed_release(result, noise_multiplier=2.0, denominator=3.0, sample_rate=1.0,
+                                          unit="site", label="round 1")
+    assert torch.equal(released["embedding"], total["embedding"] / 3.0)
+    assert event == PrivacyEvent.release(2.0 * math.sqrt(3 / 4), 1.0, "site", "round 1")
+    no_noise = SecureSumResult(total=total, survivors=[1, 2], dropped=[], entered=[1, 2])
+    assert distributed_release(no_noise, noise_multiplier=2.0, denominator=1.0, sample_rate=1.0,
+                               unit="record")[1].noise_multiplier == 0.0
+    with pytest.raises(ValueError, match="nothing to release"):
+        distributed_release(SecureSumResult(None, [], [], []), noise_multiplier=1.0, denominator=1.0, sample_rate=1.0,
+                            unit="site")
+    with pytest.raises(ValueError, match="denominator"):
+        distributed_release(result, noise_multiplier=1.0, denominator=0.0, sample_rate=1.0, unit="site")

@@ -35,13 +35,13 @@ from common.config import RunConfig
 from common.data import SiteImages
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.dpsgd import DeclaredSizeExceeded
+from common.dp.plan import plan_dpsgd, plan_fedavg
 from common.dp.sampling import sampling_generator
 from common.lora import LoRASpec, attach_lora
 from common.models import load_pipeline
 from common.paths import REPO_ROOT
 from server.dpsgd_strategy import run_dpsgd_baseline
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import plan_dpsgd, plan_fedavg
 from server.strategy_base import reliability_report
 from tests.server.grids import PushPullGrid
 from tests.server.test_lora_strategy import reply

@@ -33,19 +33,18 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 import client.app
 import client.secagg
-from client.app import handle_train, ti_settings
-from client.ti import initializer_vector
+from client.app import handle_train
 from common import keys
-from common.reasons import SITE_REFUSALS, SiteRefusal
-from common.config import RunConfig
+from common.config import RunConfig, pyproject_run_config
 from common.dp.noise import NoiseSource
 from common.models import load_pipeline
 from common.paths import REPO_ROOT, derive_seed, resolve
+from common.reasons import SITE_REFUSALS, SiteRefusal
 from common.secagg import protocol as P
-from common.textual_inversion import EMBEDS_FILE, load_embedding
+from common.settings import ti_settings
+from common.textual_inversion import EMBEDS_FILE, initializer_vector, load_embedding
 from server.app import run_server
 from server.checkpoint import CHECKPOINT_FILE
-from simulations.run import pyproject_run_config
 from tests.server.grids import PushPullGrid
 
 # Every label the code passes to derive_seed (test_the_labels_cover_the_code keeps this complete).

@@ -23,8 +23,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from common.config import RunConfig
+from common.config import AGGREGATIONS, RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger, epsilon
+from common.dp.plan import plan_dpagg, plan_fedavg
 from common.dp.sampling import sampling_generator
 from common.models import load_pipeline
 from server.app import run_dpagg
@@ -32,7 +33,6 @@ from server.dpagg_strategy import DPAggTIStrategy
 from server.dpsgd_strategy import run_dpsgd_baseline
 from server.lora_run import run_lora
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import plan_dpagg, plan_fedavg
 from server.strategy_base import RunControl
 from tests.privacy.test_declared_counts import ClientAppSites, demo_site
 from tests.server.test_secagg import SHAPES as SECAGG_SHAPES
@@ -40,7 +40,6 @@ from tests.server.test_secagg import FakeGrid as SecAggGrid
 from tests.server.test_secagg import Site, contribution
 
 DELTA = 1e-5
-MODES = ("central", "secure", "distributed")
 FAST = {"ti-steps": 1, "dataset-size": 6, "sampling-rate": 0.5, "num-releases": 2,
         "rounds": 2, "local-steps": 1, "lora-batch-size": 1, "lora-rank": 1, "lora-alpha": 1.0,
         "dpsgd-rounds": 2, "dpsgd-local-steps": 1, "dpsgd-batch-size": 2, "site-dataset-size": 3}
@@ -53,7 +52,7 @@ RUNS = {
     "dp-sgd-ti": ({"ti-method": "dp-sgd"}, run_dpsgd_baseline),
     "lora-dp-sgd": ({"adapter": "lora", "defense": "dp-sgd", "num-sites": 2, "record-target-epsilon": 4.0}, run_lora),
 }
-CASES = [(run, mode) for run in ("dpagg-ti", "lora") for mode in MODES] + [("dp-sgd-ti", "central"),
+CASES = [(run, mode) for run in ("dpagg-ti", "lora") for mode in AGGREGATIONS] + [("dp-sgd-ti", "central"),
                                                                            ("lora-dp-sgd", "central")]
 
 

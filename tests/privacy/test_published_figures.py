@@ -16,9 +16,9 @@ import torch
 from flwr.app import ConfigRecord
 
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import plan_fedavg
 from common.dp.sampling import sampling_generator
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import plan_fedavg
 from tests.privacy.test_declared_counts import SHAPES, ZeroDeltaSites, lora_config
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from client.app import ti_settings
 from client.dpagg import site_contribution
 from common.config import RunConfig
 from common.data import load_site_images
@@ -30,6 +29,7 @@ from common.dp import GaussianSumMechanism
 from common.dp.sampling import sampling_generator
 from common.models import load_pipeline
 from common.paths import REPO_ROOT
+from common.settings import ti_settings
 from tests.simulation_process import simulate
 
 DEMO = REPO_ROOT / "data/demo"

@@ -17,14 +17,14 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import DPAggPlan, FedAvgPlan
 from common.dp.sampling import sampling_generator
 from server.blocks import BLOCK, BlockedSum
 from server.dpagg_strategy import DPAggTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPAggPlan, FedAvgPlan
 from server.replies import read_vector
 from server.streaming import PULL_BATCH, stream_replies
-from simulations.bench_scale import ReplayGrid, dpagg_answer
+from tests.server.grids import ReplayGrid, dpagg_answer
 
 SHAPES = {"a.lora_A.weight": (4, 30), "a.lora_B.weight": (30, 4), "b.lora_A.weight": (4, 7), "b.lora_B.weight": (7, 4)}
 SEEN: list[dict[str, torch.Tensor]] = []  # the totals handed to release, in order

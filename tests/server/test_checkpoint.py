@@ -14,12 +14,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from common import keys
 from common.dp import GaussianSumMechanism, PrivacyEvent, PrivacyLedger, epsilon
 from common.dp.noise import privacy_noise
+from common.dp.plan import DPAggPlan, FedAvgPlan
 from common.dp.sampling import privacy_sampling
 from common.wire import record_tree
-from server.dpagg_strategy import DPAggTIStrategy
 from server.checkpoint import CHECKPOINT_FILE, CheckpointError, CheckpointStore, config_fingerprint
+from server.dpagg_strategy import DPAggTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPAggPlan, FedAvgPlan
 from server.strategy_base import RunControl
 from tests.server.grids import PushPullGrid
 from tests.server.test_dpagg_strategy import reply_with

@@ -6,10 +6,10 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import DPAggPlan
 from common.reasons import REPLY_MALFORMED, REPLY_REJECTED, REPLY_UNASKED
 from server.dpagg_strategy import DPAggTIStrategy
 from server.replies import ReplyError, read_vector
-from server.plan import DPAggPlan
 
 DIM = 4
 

@@ -13,13 +13,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from common import keys
 from common.config import RunConfig
 from common.dp import PrivacyEvent, PrivacyLedger, epsilon
-from common.reasons import REJECTION_REASONS, REPLY_MALFORMED, REPLY_SITE_ERROR
+from common.dp.plan import DPSGDPlan
 from common.models import load_pipeline
+from common.reasons import REJECTION_REASONS, REPLY_MALFORMED, REPLY_SITE_ERROR
 from server.dpagg_strategy import ReplyError
-from tests.server.grids import PushPullGrid
 from server.dpsgd_strategy import DPSGDTIStrategy, embedding_record, read_site_report, run_dpsgd_baseline
-from server.plan import DPSGDPlan
 from server.strategy_base import RunControl
+from tests.server.grids import PushPullGrid
 
 DIM = 4
 DELTA = 1e-5

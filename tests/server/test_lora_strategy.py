@@ -13,13 +13,13 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
+from common.dp.plan import DPSGDPlan, FedAvgPlan
 from common.dp.sampling import sampling_generator
 from common.lora import flat_norm
 from common.paths import REPO_ROOT
 from common.reasons import REPLY_MALFORMED, REPLY_REJECTED
 from common.wire import record_tree
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPSGDPlan, FedAvgPlan
 from server.strategy_base import RunControl, TooManySites
 from tests.server.grids import PushPullGrid
 

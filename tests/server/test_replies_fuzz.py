@@ -8,12 +8,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common import Metadata
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import Metadata
-from flwr.app import Error
 
 from common import keys
 from common.reasons import REPLY_MALFORMED, REPLY_SITE_ERROR

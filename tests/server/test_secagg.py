@@ -20,7 +20,8 @@ from common.dp.noise import NoiseSource
 from common.secagg import protocol as P
 from common.secagg.distributed_noise import suggest_clip_range
 from common.secagg.quantization import flatten_tree
-from server.secagg import SecureAggregationError, default_threshold, distributed_release, secure_sum
+from common.secagg.release import distributed_release
+from server.secagg import SecureAggregationError, default_threshold, secure_sum
 
 SHAPES = {"unet.b.lora_B.weight": (4, 2), "unet.a.lora_A.weight": (2, 5)}
 NODES = [101, 102, 103, 104, 105]

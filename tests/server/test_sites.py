@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import math
-import hashlib
 import tracemalloc
 import uuid
 import weakref
@@ -18,10 +18,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import DPAggPlan
 from server.dpagg_strategy import DPAggTIStrategy
-from server.plan import DPAggPlan
 from server.sites import NODE_ARRAY, Instructions, MessageIds, NodeSet, SiteDiagnostics, node_array, push_in_batches
-from simulations.bench_scale import ReplayGrid, dpagg_answer, lora_answer, set_task_identity
+from tests.server.grids import ReplayGrid, dpagg_answer, lora_answer, set_task_identity
 from tests.server.test_streaming import SHAPES, lora_strategy
 
 

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from common.config import AGGREGATIONS
 from server.statement import SCHEMA_VERSION, PrivacyFacts, claim, log_line, privacy_statement
 
 
@@ -57,7 +58,7 @@ def test_every_fact_changes_the_sentence():
     """No two different trust settings share a statement: nothing changes silently."""
     seen: dict[str, tuple] = {}
     for aggregation, secret, diagnostics, dropped in itertools.product(
-            ("central", "secure", "distributed"), (True, False), ("its mean loss", None), (None, 1.7)):
+            AGGREGATIONS, (True, False), ("its mean loss", None), (None, 1.7)):
         if aggregation == "distributed" and not secret:
             continue
         if dropped is not None and aggregation != "distributed":

@@ -9,13 +9,13 @@ from flwr.app import Message, RecordDict
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
+from common.dp.plan import DPAggPlan, FedAvgPlan
 from common.dp.sampling import sampling_generator
 from server.dpagg_strategy import DPAggTIStrategy
 from server.dpsgd_strategy import DPSGDTIStrategy
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import DPAggPlan, FedAvgPlan
 from server.streaming import PULL_BATCH, ReceiveStats, pull_drained, stream_replies
-from simulations.bench_scale import ReplayGrid, dpagg_answer, lora_answer
+from tests.server.grids import ReplayGrid, dpagg_answer, lora_answer
 
 SHAPES = {"unet.a.lora_A.weight": (2, 3), "unet.a.lora_B.weight": (3, 2)}
 SITES = 60

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from common.data import load_site_images
-from common.evaluation.fixtures import OverfitRecipe, overfit_lora_run
 from common.paths import REPO_ROOT
+from evaluation.fixtures import OverfitRecipe, overfit_lora_run
 from simulations.attack import main
 
 DEMO = REPO_ROOT / "data" / "demo"

@@ -13,10 +13,10 @@ from flwr.common import Metadata
 
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger, epsilon
+from common.dp.plan import FedAvgPlan
 from common.dp.sampling import sampling_generator
-from common.evaluation.audit import AuditSettings, guess_and_bound
+from evaluation.audit import AuditSettings, guess_and_bound
 from server.lora_strategy import DPFedAvgLoRA
-from server.plan import FedAvgPlan
 
 KEY = "unet.canary.lora_A.weight"
 CLIP = 0.1

@@ -65,7 +65,7 @@ def test_missing_held_out_images_are_named(small_run, tmp_path):
 
 def test_members_are_the_sites_that_took_part_and_never_the_held_out_folder(tmp_path):
     from common.config import RunConfig
-    from common.evaluation.utility import Run
+    from evaluation.utility import Run
     from simulations.evaluate import attack_members
 
     data = REPO_ROOT / "data" / "demo"

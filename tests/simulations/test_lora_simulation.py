@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from common.config import RunConfig
+from common.config import ADVERSARIAL_DEFENSES, DEFENSES, RunConfig
 from simulations.run import declared_config
 from tests.simulation_process import simulate
 
@@ -25,10 +25,10 @@ def unet_output(pipe) -> torch.Tensor:
         return pipe.unet(x, torch.tensor([500]), pipe.text_encoder(ids)[0]).sample
 
 
-@pytest.mark.parametrize("defense", ["none", "mp-lora", "smp-lora", "dp-sgd"])
+@pytest.mark.parametrize("defense", DEFENSES)
 def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
     # the proxy attacker's accuracy reaches the server only if the sites opt in to diagnostics
-    opt_in = defense in ("mp-lora", "smp-lora")
+    opt_in = defense in ADVERSARIAL_DEFENSES
     overrides = {**FAST, "defense": defense, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out"),
                  "site-diagnostics": opt_in}
     out = simulate(2, overrides)

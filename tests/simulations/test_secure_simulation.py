@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 
-from common.config import RunConfig
+from common.config import RunConfig, pyproject_run_config
 from common.paths import REPO_ROOT
-from simulations.run import pyproject_run_config
 from tests.simulation_process import simulate
 
 

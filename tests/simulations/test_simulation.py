@@ -7,16 +7,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from client.dpagg import site_contribution
-from common.dp.sampling import sampling_generator
-from client.app import ti_settings
-from client.ti import initializer_vector
-from common.config import RunConfig
+from common.config import RunConfig, pyproject_run_config
 from common.data import load_site_images
 from common.dp import GaussianSumMechanism
+from common.dp.sampling import sampling_generator
 from common.models import load_pipeline
 from common.paths import REPO_ROOT, derive_seed
-from common.textual_inversion import load_embedding
-from simulations.run import pyproject_run_config
+from common.settings import ti_settings
+from common.textual_inversion import initializer_vector, load_embedding
 from tests.simulation_process import simulate
 
 FAST = {"ti-steps": 2, "sample-steps": 2, "sample-prompts": "an emoji of a cat", "dataset-size": 24}

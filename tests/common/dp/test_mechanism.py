@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from common.dp.mechanism import GaussianSumMechanism, PrivacyEvent
+from common.dp.mechanism import GaussianSumMechanism, PrivacyEvent, site_scope
 from common.dp.noise import NoiseSource
 
 ALPHA = 1e-6
@@ -398,3 +398,17 @@ def test_sum_of_squares_of_a_tree_spans_tensors_and_is_float64(monkeypatch) -> N
     assert squares == flatsum.flat_sum_of_squares(parts) == flatsum.flat_sum_of_squares(parts, (5, 70_000, 1, 3))
     monkeypatch.setattr(flatsum, "_SQUARES_CHUNK", 7)  # many runs, each across tensors
     assert math.isclose(mech.tree_sum_of_squares(parts), exact, rel_tol=1e-12)
+
+
+# ---- the event builders ------------------------------------------------------------------
+
+def test_the_event_builders_fill_the_fields_as_written_out():
+    assert PrivacyEvent.release(1.5, 0.25, "site", "round 2") == PrivacyEvent(
+        noise_multiplier=1.5, sample_rate=0.25, steps=1, unit="site", scope="all", label="round 2")
+    assert PrivacyEvent.planned(1.5, 1.0, 7, "record") == PrivacyEvent(
+        noise_multiplier=1.5, sample_rate=1.0, steps=7, unit="record", sampling="none")
+    assert PrivacyEvent.dpsgd(0.9, 0.5, 10, scope=site_scope(3), label="dp-sgd") == PrivacyEvent(
+        noise_multiplier=0.9, sample_rate=0.5, steps=10, unit="record", scope="site-3", label="dp-sgd")
+    assert PrivacyEvent.planned(0.9, 0.5, 10, "site", scope="each-site", label="x").to_dict() == {
+        "noise_multiplier": 0.9, "sample_rate": 0.5, "steps": 10, "unit": "site", "sampling": "poisson",
+        "adjacency": "add-remove", "scope": "each-site", "label": "x"}
