@@ -56,6 +56,9 @@ class RunConfig:
     rescale: str = "none"
     privacy_randomness: str = "os"  # "os": OS CSPRNG (private); "seeded-insecure": replayable, NOT private
     aggregation: str = "central"  # "central", "secure" (SecAgg, server noise), "distributed" (SecAgg, site noise)
+    # refuse a private run whose planned noise on the published mean exceeds the largest possible
+    # signal (C) by more than this factor (common.dp.plan.signal_to_noise); inf: never (research)
+    max_noise_to_signal: float = 10.0
     # textual inversion
     ti_steps: int = 100
     learning_rate: float = 5e-3
@@ -151,6 +154,7 @@ class RunConfig:
         need(self.target_epsilon > 0, "target_epsilon", "must be > 0 (use 'inf' for non-private)")
         need(0 < self.target_delta < 1, "target_delta", "must be in (0, 1)")
         need(math.isfinite(self.noise_multiplier), "noise_multiplier", "must be finite")
+        need(self.max_noise_to_signal > 0, "max_noise_to_signal", "must be > 0 (use 'inf' to disable the check)")
         need(0 < self.sampling_rate <= 1, "sampling_rate", "must be in (0, 1]")
         need(math.isfinite(self.clip_norm) and self.clip_norm > 0, "clip_norm", "must be finite and > 0")
         need(self.bound in BOUND_MODES, "bound", f"must be one of {BOUND_MODES}")

@@ -113,6 +113,13 @@ def dpagg_steps(p: dict) -> list[str]:
     ]
 
 
+def signal_lines(p: dict) -> list[str]:
+    """The planned signal-to-noise figures (privacy.json's ``signal_to_noise``, built once by
+    :func:`server.statement.checked_signal`), where the run has them (private DPAgg-TI and LoRA)."""
+    figures = p.get("signal_to_noise")
+    return [f"- {figures['summary']}"] if figures else []
+
+
 def dpsgd_steps(p: dict) -> list[str]:
     plan = p["plan"]
     per_site = ", ".join(f"{s}: q={q:.3g}, z={p['site_noise_multipliers'][s]:.4g}" for s, q in sorted(p["site_sample_rates"].items()))
@@ -169,6 +176,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         "",
         "## How it was made",
         *(dpsgd_steps(p) if p.get("method") == "dp-sgd-ti" else dpagg_steps(p)),
+        *signal_lines(p),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
         *([f"- Not covered by the guarantee: {p['not_covered']}"] if p.get("not_covered") else []),
@@ -217,6 +225,7 @@ def lora_model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         "",
         "## How it was made",
         *fedavg_steps(p),
+        *signal_lines(p),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
         *([f"- Not covered by the guarantee: {p['not_covered']}"] if p.get("not_covered") else []),

@@ -2,7 +2,8 @@
 
 The initial adapter is public (drawn from the run seed, B = 0 so it leaves the model
 unchanged); the plan fixes the site-level noise multiplier for ``rounds`` rounds at
-``site-sampling-rate`` before any site is contacted, and refuses a target it cannot meet.
+``site-sampling-rate`` before any site is contacted, and refuses a target it cannot meet, or
+a plan whose noise drowns the largest possible signal (:func:`server.statement.checked_signal`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from common.paths import derive_seed
 from common.settings import lora_spec, sends_diagnostics
 from common.wire import tree_record
 from server.lora_strategy import DPFedAvgLoRA
-from server.statement import privacy_statement, release_noise_description, run_facts, sampling_description
+from server.statement import (
+    checked_signal,
+    privacy_statement,
+    release_noise_description,
+    run_facts,
+    sampling_description,
+)
 from server.strategy_base import reliability_report, run_control
 
 DEFENSES = {
@@ -81,6 +88,8 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     spec = lora_spec(cfg)
     attach_lora(pipe, spec, seed=derive_seed(cfg.seed, "lora-init"))
     initial = lora_state(pipe, spec)
+    parameters = sum(v.numel() for v in initial.values())  # d: public, known before any release
+    signal = checked_signal(cfg, plan, parameters)  # refuses a release that cannot carry signal: nothing sent yet
     noise, sampling = server_noise(cfg)
     ledger = PrivacyLedger(delta=cfg.target_delta)
     mechanism = GaussianSumMechanism(clip_norm=cfg.lora_clip_norm, noise_multiplier=plan.noise_multiplier)
@@ -137,9 +146,10 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "plan": {**plan.to_dict(), "local_steps": cfg.local_steps, "lora_learning_rate": cfg.lora_learning_rate,
                  "server_learning_rate": cfg.server_learning_rate},
         "record_plan": dpsgd.to_dict() if dpsgd else None,
+        "signal_to_noise": signal,
         "events": [e.to_dict() for e in ledger.events],
         "adapter": {"type": "lora", "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
-                    "text_encoder": spec.text_encoder, "parameters": sum(v.numel() for v in initial.values())},
+                    "text_encoder": spec.text_encoder, "parameters": parameters},
     }
     final = strategy.global_state
     metrics = {

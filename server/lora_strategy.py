@@ -39,7 +39,6 @@ the deltas that arrived.
 from __future__ import annotations
 
 import logging
-import math
 from array import array
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,6 +52,7 @@ from flwr.serverapp import Grid
 from common import keys
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.flatsum import FlatSum
+from common.dp.mechanism import expected_noise_norm_of_mean
 from common.dp.plan import EACH_SITE, DPSGDPlan, FedAvgPlan
 from common.dp.sampling import SamplingSource, poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
@@ -377,7 +377,7 @@ class DPFedAvgLoRA(LedgerStrategy):
 
     def expected_noise_norm(self, noise_multiplier: float) -> float:
         """E||N(0, (zC)^2 I_d)|| / denominator ~ z*C*sqrt(d)/(q*K): public, unlike the realised norm."""
-        return noise_multiplier * self.mechanism.clip_norm * math.sqrt(self.shapes.total) / self.denominator
+        return expected_noise_norm_of_mean(noise_multiplier, self.mechanism.clip_norm, self.shapes.total, self.denominator)
 
     def _short_round(self, entry: RoundLog, event: PrivacyEvent | None = None,
                      why: str = "") -> tuple[None, MetricRecord]:

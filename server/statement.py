@@ -13,7 +13,9 @@ means different things depending on
 
 :class:`PrivacyFacts` holds exactly those facts; :func:`privacy_statement` turns them into the
 fields every ``privacy.json`` carries (with :data:`SCHEMA_VERSION`), including the sentence the
-model card prints (``statement``) and the sentence the log prints (:func:`log_line`). The wording
+model card prints (``statement``) and the sentence the log prints (:func:`log_line`).
+:func:`checked_signal` builds privacy.json's ``signal_to_noise`` (which the model card prints)
+and refuses, before any site is contacted, a private run that cannot carry signal. The wording
 follows from the facts, so a seeded run, a run with diagnostics, or central noise each change
 the sentence, never silently.
 
@@ -25,11 +27,15 @@ site-level (all of one site's images), and record-level too when every site runs
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from common.config import AGGREGATIONS, RunConfig
+from common.dp.plan import DPAggPlan, FedAvgPlan, refuse_without_signal, signal_to_noise
+
+log = logging.getLogger("privadapt.server")
 
 SCHEMA_VERSION = 2
 
@@ -295,3 +301,19 @@ def log_line(privacy: Mapping) -> str:
         return (f"NOT PRIVATE (privacy-randomness = seeded-insecure: the noise can be regenerated from the run seed); "
                 f"{figure} is the mechanism's value, NOT a guarantee for this release")
     return f"{unit}-level DP, {figure}; noise added by the {privacy.get('noise_added_by')}, aggregation {privacy.get('aggregation')}"
+
+
+def checked_signal(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan, dimension: int) -> dict | None:
+    """privacy.json's ``signal_to_noise`` (:class:`common.dp.plan.SignalToNoise`, whose
+    ``summary`` the model card prints): the planned noise on the released mean against the
+    largest possible signal, from public settings and the ``dimension`` of the release only.
+    Logged before the first release; a private run whose adapter cannot carry signal
+    (``max-noise-to-signal``) is refused here with ValueError, before any site is contacted.
+    None for a non-private run (no noise: never refused)."""
+    figures = signal_to_noise(cfg, plan, dimension)
+    if figures is None:
+        log.info("privadapt: non-private run: no noise, no signal-to-noise check")
+        return None
+    log.log(logging.WARNING if figures.ratio > 1 else logging.INFO, "privadapt: %s", figures.summary)
+    refuse_without_signal(cfg, plan, figures)
+    return figures.to_dict()

@@ -33,6 +33,18 @@ def test_invalid_values_are_named(key, value):
         RunConfig.from_run_config({key: value})
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0, "nan"])
+def test_max_noise_to_signal_must_be_positive(value):
+    with pytest.raises(ValueError, match="max-noise-to-signal"):
+        RunConfig.from_run_config({"max-noise-to-signal": value})
+
+
+def test_max_noise_to_signal_defaults_to_10_and_inf_disables_it():
+    assert RunConfig().max_noise_to_signal == 10.0 == pyproject_run_config()["max-noise-to-signal"]
+    cfg = RunConfig.from_run_config({"max-noise-to-signal": "inf"})
+    assert math.isinf(cfg.max_noise_to_signal) and cfg.to_run_config()["max-noise-to-signal"] == "inf"
+
+
 def test_type_errors_are_named():
     with pytest.raises(ValueError, match="ti-steps"):
         RunConfig.from_run_config({"ti-steps": 2.5})
