@@ -34,12 +34,23 @@ from common.config import RunConfig
 from common.data import SiteDataError, SiteImages, load_site_images
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
 from common.dp.sampling import privacy_sampling
-from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
+from common.lora import (
+    LoRASpec,
+    attach_lora,
+    flat_norm,
+    frozen_state,
+    init_frozen_a,
+    load_lora_state,
+    lora_state,
+    tree_digest,
+    tree_shapes,
+    tree_sub,
+)
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
 from common.reasons import SITE_DATA, SITE_INTERNAL, SITE_POLICY, SITE_PROTOCOL, SiteRefusal
 from common.secagg.protocol import STAGE as SECAGG_STAGE
-from common.settings import lora_spec, model_dir, sends_diagnostics, ti_settings
+from common.settings import lora_init_seed, lora_spec, model_dir, sends_diagnostics, ti_settings
 from common.wire import packed_record, record_tree
 
 log = logging.getLogger("privadapt.client")
@@ -55,7 +66,8 @@ def get_pipeline(cfg: RunConfig, spec: LoRASpec | None = None):
     if key not in _PIPELINES:
         pipe = load_pipeline(key[0], device=cfg.device)
         if spec is not None:
-            attach_lora(pipe, spec, seed=cfg.seed)  # overwritten by the server's adapter every round
+            # the trained tensors are overwritten by the server's adapter every round (FFA's A: see check_frozen_a)
+            attach_lora(pipe, spec, seed=lora_init_seed(cfg))
         _PIPELINES[key] = pipe
     return _PIPELINES[key]
 
@@ -210,11 +222,26 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
     return dict(result.metrics)
 
 
+def check_frozen_a(pipe, spec: LoRASpec, cfg: RunConfig, config: ConfigRecord, name: str) -> None:
+    """FFA-LoRA: draw the public frozen A from the run seed (again: a resident pipeline may come
+    from a run with another seed; it is cheap) and refuse the round unless the server's A,
+    named by its digest in the round's config, is this site's bit for bit: B trained against
+    another A would be meaningless in the published adapter."""
+    if not spec.frozen_a:
+        return
+    init_frozen_a(pipe, spec, seed=lora_init_seed(cfg))
+    mine, sent = tree_digest(frozen_state(pipe, spec)), str(config.get(keys.LORA_FROZEN_A, ""))
+    if sent != mine:
+        raise ValueError(f"{name}: the server's frozen FFA-LoRA A (digest {sent or 'none sent'}) is not this site's "
+                         f"({mine}): another seed, adapter shape or torch build")
+
+
 def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int, name: str,
                       folder: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train from the server's adapter; return the delta clipped to ``lora-clip-norm``
-    (float64 tree) and the site's report (:func:`site_report`: the public DP-SGD parameters,
-    plus the diagnostics only if the site opted in)."""
+    (float64 tree; FFA-LoRA: of the B matrices only) and the site's report
+    (:func:`site_report`: the public DP-SGD parameters, plus the diagnostics only if the site
+    opted in)."""
     config = msg.content[keys.CONFIG]
     defense, round_index = str(config[keys.DEFENSE]), int(config[keys.ROUND])
     if defense != cfg.defense:
@@ -229,6 +256,7 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     if tree_shapes(received) != expected:
         raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
                          f"(rank {spec.rank}, targets {','.join(spec.targets)})")
+    check_frozen_a(pipe, spec, cfg, config, name)
     images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private and defense == "dp-sgd")
     load_lora_state(pipe, spec, received)
     metrics = train_lora(pipe, spec, images, cfg, context, defense, index, round_index)

@@ -14,6 +14,9 @@ past it. The server computes the same (z, q, steps) from the run config
 spent; a site holding more than D images refuses every round before training. The resulting delta is then clipped and noised by the server like any other
 (site-level DP-FedAvg), so both units get a guarantee.
 
+With FFA-LoRA (``lora-variant = "ffa"``) A is frozen: Opacus computes and clips the per-image
+gradients of the B matrices only (C bounds each image's gradient of B), and only B moves.
+
 The record-level guarantee does not need the server's trust (the noise is added on the
 site) and does not count amplification by the server's sampling of sites (conservative).
 """
@@ -34,7 +37,7 @@ from common.data import SiteImages
 from common.diffusion import denoising_loss, encode_latents
 from common.dp.dpsgd import DPSGDBudget, DPSGDSchedule, dpsgd_schedule
 from common.dp.sampling import poisson_sample
-from common.lora import LoRASpec, lora_parameters
+from common.lora import LoRASpec, training_adapter
 
 log = logging.getLogger("privadapt.client")
 
@@ -52,8 +55,9 @@ def captions_or_default(images: SiteImages, default: str) -> list[str]:
 
 
 def per_sample_unet(pipe) -> GradSampleModule:
-    """Opacus hooks on the UNet; only its trainable (LoRA) layers get per-sample gradients.
-    Call ``.cleanup()`` on the result to remove the hooks and attributes."""
+    """Opacus hooks on the UNet; only its trainable (LoRA) layers get per-sample gradients
+    (FFA-LoRA: B's layers, while :func:`common.lora.training_adapter` freezes A). Call
+    ``.cleanup()`` on the result to remove the hooks and attributes."""
     pipe.unet.train()  # Opacus records activations only in training mode
     return GradSampleModule(pipe.unet, batch_first=True, loss_reduction="mean")
 
@@ -94,25 +98,26 @@ def dpsgd_lora_round(
     with torch.no_grad():
         hidden_all = (pipe.text_encoder(tokenize(pipe, captions_or_default(images, cfg.default_caption)).to(device))[0]
                       if n else None)
-    params = lora_parameters(pipe, spec)
-    adamw = torch.optim.AdamW(params, lr=cfg.lora_learning_rate)
     private = schedule.budget.private
-    unet = per_sample_unet(pipe) if private else pipe.unet
-    optimizer = (NoiseSourceDPOptimizer(adamw, noise=noise, noise_multiplier=z, max_grad_norm=cfg.dpsgd_max_grad_norm,
-                                        expected_batch_size=schedule.expected_batch_size) if private else adamw)
     losses: list[float] = []
-    try:
-        for _ in range(cfg.local_steps):
-            loss = poisson_step(optimizer, poisson_sample(n, q, sampling).to(device), private=private, loss_fn=lambda keep:
-                                denoising_loss(unet, pipe.scheduler, dist.sample(training, keep), hidden_all[keep],
-                                               training).mean())
-            if loss is not None:
-                losses.append(loss)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        if private:
-            unet.cleanup()  # removes Opacus' hooks and its attributes
-        pipe.unet.eval()
+    with training_adapter(pipe, spec) as params:  # set before Opacus hooks the trained layers (FFA-LoRA: B only)
+        adamw = torch.optim.AdamW(params, lr=cfg.lora_learning_rate)
+        unet = per_sample_unet(pipe) if private else pipe.unet
+        optimizer = (NoiseSourceDPOptimizer(adamw, noise=noise, noise_multiplier=z,
+                                            max_grad_norm=cfg.dpsgd_max_grad_norm,
+                                            expected_batch_size=schedule.expected_batch_size) if private else adamw)
+        try:
+            for _ in range(cfg.local_steps):
+                batch = poisson_sample(n, q, sampling).to(device)
+                loss = poisson_step(optimizer, batch, private=private, loss_fn=lambda keep: denoising_loss(
+                    unet, pipe.scheduler, dist.sample(training, keep), hidden_all[keep], training).mean())
+                if loss is not None:
+                    losses.append(loss)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            if private:
+                unet.cleanup()  # removes Opacus' hooks and its attributes
+            pipe.unet.eval()
     if not all(torch.isfinite(p).all() for p in params):
         raise ValueError(f"site {site_index}: DP-SGD produced NaN or infinite LoRA weights in round {round_index}")
     log.info("site %d round %d: LoRA DP-SGD z=%.4g q=%.4g C=%g, %d step(s), site record epsilon %.4g", site_index,

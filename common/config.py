@@ -21,6 +21,9 @@ ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
 ADVERSARIAL_DEFENSES = ("mp-lora", "smp-lora")  # empirical membership-inference defences: no formal guarantee
 DEFENSES = ("none", *ADVERSARIAL_DEFENSES, "dp-sgd")
+# "lora": A and B train (Hu et al. 2022); "ffa": FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313),
+# A frozen at a public seeded initialisation and only B trained, clipped, noised and released
+LORA_VARIANTS = ("lora", "ffa")
 # The method a round's plan names (a TI method or a LoRA defense), each once: what a site's
 # policy allows by default (client.policy.SitePolicy.allowed_methods).
 METHODS = tuple(dict.fromkeys(TI_METHODS + DEFENSES))
@@ -86,6 +89,7 @@ class RunConfig:
     lora_alpha: float = 4.0
     lora_targets: str = "to_q,to_k,to_v,to_out.0"
     lora_text_encoder: bool = False
+    lora_variant: str = "lora"  # "ffa": FFA-LoRA, A frozen at a public seeded init, only B trained and released
     smp_lambda: float = 0.05
     member_fraction: float = 0.5
     aux_fraction: float = 0.5
@@ -144,6 +148,8 @@ class RunConfig:
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(bool(self.lora_target_list), "lora_targets", "must name at least one module")
+        need(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {LORA_VARIANTS}")
+        need(self.adapter == "lora" or self.lora_variant == "lora", "lora_variant", "applies to adapter 'lora' only")
         need(self.smp_lambda >= 0, "smp_lambda", "must be >= 0")
         need(0 < self.member_fraction < 1, "member_fraction", "must be in (0, 1)")
         need(0 < self.aux_fraction < 1, "aux_fraction", "must be in (0, 1)")

@@ -1,7 +1,8 @@
 """A LoRA run on the server: plan, DP-FedAvg rounds, the published adapter and its report.
 
 The initial adapter is public (drawn from the run seed, B = 0 so it leaves the model
-unchanged); the plan fixes the site-level noise multiplier for ``rounds`` rounds at
+unchanged; under FFA-LoRA its A stays frozen there, drawn the same way by every site, and only
+B is aggregated and released); the plan fixes the site-level noise multiplier for ``rounds`` rounds at
 ``site-sampling-rate`` before any site is contacted, and refuses a target it cannot meet, or
 a plan whose noise drowns the largest possible signal (:func:`server.statement.checked_signal`).
 """
@@ -14,14 +15,14 @@ from pathlib import Path
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from common import keys
 from common.config import ADVERSARIAL_DEFENSES, RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
 from common.dp.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
 from common.dp.sampling import SamplingSource, privacy_sampling
-from common.lora import attach_lora, flat_norm, load_lora_state, lora_state
-from common.paths import derive_seed
-from common.settings import lora_spec, sends_diagnostics
+from common.lora import LoRASpec, attach_lora, flat_norm, frozen_state, load_lora_state, lora_state, tree_digest
+from common.settings import lora_init_seed, lora_spec, sends_diagnostics
 from common.wire import tree_record
 from server.lora_strategy import DPFedAvgLoRA
 from server.statement import (
@@ -71,6 +72,23 @@ def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z:
         not_covered=(NOT_COVERED,), record_noise_on_sites=record)
 
 
+VARIANTS = {
+    "lora": "LoRA (Hu et al. 2022): A and B trained, clipped, noised and released",
+    "ffa": "FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313): every A frozen at a public initialisation drawn from "
+           "the run seed (identical on every site and the server, independent of any data); only B trained, clipped, "
+           "noised and released",
+}
+
+
+def adapter_report(spec: LoRASpec, released: dict, frozen: dict) -> dict:
+    """privacy.json's ``adapter``: the shape, the variant, and how many parameters were released
+    (d, public: a function of the config's rank, targets and variant and the base model's shapes)."""
+    return {"type": "lora", "variant": spec.variant, "variant_description": VARIANTS[spec.variant], "rank": spec.rank,
+            "alpha": spec.alpha, "targets": list(spec.targets), "text_encoder": spec.text_encoder,
+            "parameters": sum(v.numel() for v in released.values()),
+            "frozen_parameters": sum(v.numel() for v in frozen.values())}
+
+
 def checkpoint_plan(plan: FedAvgPlan, dpsgd: DPSGDPlan | None) -> dict[str, float]:
     """The (z, q) a resumed run must share with its checkpoint: the site-level ones and, with
     DP-SGD sites, the record-level ones (both change with the number of rounds when calibrated)."""
@@ -86,9 +104,10 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     plan = plan_fedavg(cfg)
     dpsgd = plan_dpsgd(cfg) if cfg.private else None  # the sites' record-level DP-SGD (defense dp-sgd)
     spec = lora_spec(cfg)
-    attach_lora(pipe, spec, seed=derive_seed(cfg.seed, "lora-init"))
-    initial = lora_state(pipe, spec)
-    parameters = sum(v.numel() for v in initial.values())  # d: public, known before any release
+    attach_lora(pipe, spec, seed=lora_init_seed(cfg))
+    initial = lora_state(pipe, spec)  # what is trained and released: B only under FFA-LoRA
+    frozen = frozen_state(pipe, spec)  # FFA-LoRA's public A (never sent: each site draws it), else empty
+    parameters = sum(v.numel() for v in initial.values())  # d, the released dimension: public, known before any release
     signal = checked_signal(cfg, plan, parameters)  # refuses a release that cannot carry signal: nothing sent yet
     noise, sampling = server_noise(cfg)
     ledger = PrivacyLedger(delta=cfg.target_delta)
@@ -102,10 +121,13 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         dpsgd=dpsgd,
     )
     plan_sent = plan_record(cfg, plan, dpsgd=dpsgd)  # exactly what the ledger is charged
+    if spec.frozen_a:  # each site checks that its own A is the server's
+        plan_sent[keys.LORA_FROZEN_A] = tree_digest(frozen)
     strategy.start(grid=grid, initial_arrays=tree_record(initial), num_rounds=cfg.rounds, timeout=cfg.round_timeout,
                    train_config=ConfigRecord(plan_sent))
     load_lora_state(pipe, spec, strategy.global_state)
     private = cfg.private
+    released = "B (released) " if spec.frozen_a else ""  # FFA-LoRA: A is frozen and public, never clipped or sent
     # a run stopped before its first release (too many sites, no budget) spent nothing
     epsilon = {"site": {"prv": 0.0, "rdp": 0.0}, **ledger.summary()} if private else {"site": {"prv": None, "rdp": None}}
     privacy = {
@@ -115,8 +137,8 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "unit": "site" + (" and record" if cfg.defense == "dp-sgd" and private else ""),
         "private": private,
         "mechanism": "DP-FedAvg (McMahan et al. 2018): Poisson-subsampled sites, each site's LoRA delta clipped to "
-                     "L2 norm C over all adapter tensors, Gaussian noise N(0, (zC)^2) added once to the sum, divided "
-                     "by the public expected count q*K",
+                     f"L2 norm C over all {released}adapter tensors, Gaussian noise N(0, (zC)^2) added once to the "
+                     "sum, divided by the public expected count q*K",
         "epsilon": epsilon,
         "headline_accountant": "prv",
         "delta": cfg.target_delta,
@@ -148,8 +170,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "record_plan": dpsgd.to_dict() if dpsgd else None,
         "signal_to_noise": signal,
         "events": [e.to_dict() for e in ledger.events],
-        "adapter": {"type": "lora", "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
-                    "text_encoder": spec.text_encoder, "parameters": parameters},
+        "adapter": adapter_report(spec, initial, frozen),
     }
     final = strategy.global_state
     metrics = {

@@ -8,15 +8,16 @@ import warnings
 import pytest
 import torch
 from flwr.app import RecordDict
+from opacus.optimizers import DPOptimizer
 
 import common.diffusion
 from client.dpsgd_lora import dpsgd_lora_round, per_sample_unet
-from client.site_accountant import load_history
+from client.site_accountant import NoiseSourceDPOptimizer, load_history
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss
-from common.lora import LoRASpec, attach_lora, lora_parameters, lora_state
+from common.lora import LoRASpec, attach_lora, frozen_state, lora_parameters, lora_state
 from common.models import load_pipeline
 from tests.client.helpers import FixedDraws, opacus_leftovers
 
@@ -133,3 +134,54 @@ def test_text_encoder_lora_is_refused_with_dp_sgd(pipe):
     with pytest.raises(ValueError, match="lora-text-encoder"):
         dpsgd_lora_round(pipe, LoRASpec(rank=2, text_encoder=True), site_images(), config(), state=RecordDict(),
                          site_index=0, round_index=1)
+
+
+# ---- FFA-LoRA: Opacus computes, clips and noises the per-image gradients of B only ---------------
+
+FFA = LoRASpec(rank=2, alpha=2.0, variant="ffa")
+
+
+@pytest.fixture(scope="module")
+def ffa_pipe(tiny_sd_path):
+    p = load_pipeline(tiny_sd_path, device="cpu")
+    attach_lora(p, FFA, seed=0)
+    return p
+
+
+def test_ffa_dp_sgd_clips_each_per_sample_gradient_of_b_exactly(ffa_pipe, monkeypatch):
+    """Every step, Opacus' own clipping is run on each image's gradient alone (then on the
+    batch, as usual): the clipped gradient's norm is at most C, it is the gradient scaled
+    by min(1, C/||g||), and it is a gradient of the B matrices only (A gets none)."""
+    c = 1e-4  # small: every per-image gradient is clipped
+    a_params = [p for n, p in ffa_pipe.unet.named_parameters() if ".lora_A." in n]
+    b_params = {id(p) for p in lora_parameters(ffa_pipe, FFA)}
+    seen: list[tuple[float, float]] = []  # (norm before, norm after clipping) per image
+    original = DPOptimizer.clip_and_accumulate
+
+    def checked(self):
+        assert {id(p) for p in self.params} == b_params
+        assert not any(getattr(p, "grad_sample", None) is not None for p in a_params)
+        full = [p.grad_sample for p in self.params]
+        for i in range(len(full[0])):
+            for p, g in zip(self.params, full):
+                p.grad_sample, p.summed_grad = g[i:i + 1], None
+            original(self)
+            before = torch.cat([g[i].flatten() for g in full]).double()
+            after = torch.cat([p.summed_grad.flatten() for p in self.params]).double()
+            seen.append((float(before.norm()), float(after.norm())))
+            torch.testing.assert_close(after, before * min(1.0, c / float(before.norm())), rtol=1e-5, atol=0)
+        for p, g in zip(self.params, full):
+            p.grad_sample, p.summed_grad = g, None
+        original(self)
+
+    monkeypatch.setattr(NoiseSourceDPOptimizer, "clip_and_accumulate", checked)
+    a, b = frozen_state(ffa_pipe, FFA), lora_state(ffa_pipe, FFA)
+    cfg = config(**{"lora-variant": "ffa", "dpsgd-max-grad-norm": c, "local-steps": 3})
+    dpsgd_lora_round(ffa_pipe, FFA, site_images(), cfg, state=RecordDict(), site_index=0, round_index=1)
+    assert seen and all(before > c for before, _ in seen)
+    assert all(after <= c for _, after in seen)
+    after = lora_state(ffa_pipe, FFA)
+    assert set(after) == set(b) and all(".lora_B." in k for k in after)
+    assert any(not torch.equal(after[k], b[k]) for k in b)
+    assert all(torch.equal(v, a[k]) for k, v in frozen_state(ffa_pipe, FFA).items())  # A never moved
+    assert not any(p.requires_grad for p in a_params) and opacus_leftovers(ffa_pipe) == []

@@ -39,6 +39,8 @@ RUNS = {  # name: (run config, the ArrayRecord key of a site's contribution, the
     "lora-none": ({**LORA, "defense": "none"}, ADAPTER, (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
     "lora-smp-lora": ({**LORA, "defense": "smp-lora"}, ADAPTER, keys.DIAGNOSTICS),
     "lora-dp-sgd": ({**LORA, "defense": "dp-sgd"}, ADAPTER, (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
+    "lora-ffa": ({**LORA, "defense": "none", "lora-variant": "ffa"}, ADAPTER,
+                 (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
     "dp-sgd-ti": ({"ti-method": "dp-sgd", "dpsgd-rounds": 1, "dpsgd-local-steps": 1, "dpsgd-batch-size": 4,
                    "noise-multiplier": 1.0, "target-epsilon": 50.0}, keys.EMBEDDING, (keys.DIAG_LOSS,)),
 }

@@ -64,3 +64,29 @@ def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
     assert torch.isfinite(adapted).all() and not torch.allclose(adapted, base)
     card = (out / "README.md").read_text()
     assert "one site" in card and "load_lora_weights" in card
+
+
+def test_ffa_two_sites_release_b_only_and_the_export_holds_the_public_a(tmp_path, tiny_sd_path):
+    from safetensors.torch import load_file
+
+    from common.lora import LORA_FILE
+    from tests.server.test_lora_run import public_a
+
+    overrides = {**FAST, "lora-variant": "ffa", "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out")}
+    out = simulate(2, overrides)
+    cfg = RunConfig.from_run_config(declared_config(2, overrides))
+    a = public_a(cfg)
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert privacy["num_rounds"] == 2 and privacy["adapter"]["variant"] == "ffa"
+    saved = load_file(str(out / LORA_FILE))
+    down = {k.replace(".lora.down.", ".lora_A."): v for k, v in saved.items() if ".lora.down." in k}
+    assert down.keys() == a.keys() and all(torch.equal(down[k], a[k]) for k in a)  # bit for bit
+    released = sum(v.numel() for k, v in saved.items() if ".lora.up." in k)
+    assert privacy["adapter"]["parameters"] == released and privacy["adapter"]["frozen_parameters"] == sum(
+        v.numel() for v in a.values())
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, local_files_only=True)
+    base = unet_output(pipe)
+    pipe.load_lora_weights(str(out))
+    adapted = unet_output(pipe)
+    assert torch.isfinite(adapted).all() and not torch.allclose(adapted, base)
+    assert "FFA-LoRA" in (out / "README.md").read_text()
