@@ -1,5 +1,5 @@
-"""Benchmark: step time of MP-LoRA and SMP-LoRA (Luo et al. 2025) and FFA-LoRA (Sun et al.,
-ICLR 2024) against plain LoRA.
+"""Benchmark: step time of MP-LoRA and SMP-LoRA (Luo et al. 2025), FFA-LoRA (Sun et al.,
+ICLR 2024), DP-SGD and SMP-LoRA inside DP-SGD against plain LoRA.
 
 Every arm trains the same adapter on the same model, images and batch size from the same
 starting state; only the local-training defense differs, or, in the ``ffa_*`` arms, which
@@ -62,31 +62,38 @@ def extra_arms(pipe, spec: LoRASpec, images: SiteImages, args: argparse.Namespac
     per-sample gradients, clipping, noise) with Poisson batches of expected size
     ``args.batch_size`` (q = batch / declared site size, declared as the arm's image count),
     at a fixed z so no calibration is timed. ``ffa_dp_sgd`` is the same with FFA-LoRA (per-sample
-    gradients of B only).
+    gradients of B only). ``smp_dp_sgd`` runs :func:`client.smp_dpsgd.smp_dpsgd_round` (SMP-LoRA
+    inside DP-SGD: each step, the proxy attacker's DP-SGD step and the adapter's, on per-member
+    gradients of the SMP ratio) at the same fixed z, q and C.
     """
     from flwr.app import RecordDict
 
     from client.dpsgd_lora import dpsgd_lora_round
-    from common.config import RunConfig
+    from client.smp_dpsgd import smp_dpsgd_round
+    from common.config import DPSGD_MECHANISMS_PER_STEP, RunConfig
     from common.dp.dpsgd import DPSGDBudget
 
     start = lora_state(pipe, spec)
 
-    def arm(trained: LoRASpec) -> Arm:
+    def arm(trained: LoRASpec, defense: str = "dp-sgd") -> Arm:
         def dp_sgd(steps: int) -> None:
             load_lora_state(pipe, spec, start)
             cfg = RunConfig.from_run_config({
-                "adapter": "lora", "defense": "dp-sgd", "num-sites": 1, "site-dataset-size": len(images),
+                "adapter": "lora", "defense": defense, "num-sites": 1, "site-dataset-size": len(images),
                 "rounds": 1, "local-steps": steps, "dpsgd-batch-size": args.batch_size, "lora-rank": spec.rank,
                 "lora-alpha": spec.alpha, "lora-variant": trained.variant,
             })
-            budget = DPSGDBudget(target_epsilon=1e9, delta=1e-5, total_steps=steps, noise_multiplier=1.0)  # fixed z
-            dpsgd_lora_round(pipe, trained, images, cfg, state=RecordDict(), site_index=0, round_index=1,
-                             budget=budget)
+            budget = DPSGDBudget(target_epsilon=1e9, delta=1e-5, noise_multiplier=1.0,  # fixed z
+                                 total_steps=steps * DPSGD_MECHANISMS_PER_STEP[defense])
+            common = {"state": RecordDict(), "site_index": 0, "round_index": 1, "budget": budget}
+            if defense == "smp-dp-sgd":
+                smp_dpsgd_round(pipe, trained, images, cfg, attacker_state=None, **common)
+            else:
+                dpsgd_lora_round(pipe, trained, images, cfg, **common)
 
         return dp_sgd
 
-    return {"dp_sgd": arm(spec), "ffa_dp_sgd": arm(ffa_of(spec))}
+    return {"dp_sgd": arm(spec), "ffa_dp_sgd": arm(ffa_of(spec)), "smp_dp_sgd": arm(spec, "smp-dp-sgd")}
 
 
 def ffa_of(spec: LoRASpec) -> LoRASpec:

@@ -3,7 +3,7 @@
 The site reads the run config (the same on every site), loads its own images from its
 data folder, and answers the server's train message with DPAgg-TI's sum of bounded
 per-image embeddings, a DP-SGD update of the shared embedding, or its clipped LoRA delta
-(plain LoRA, MP-LoRA, SMP-LoRA or DP-SGD local training; the SMP/MP proxy attacker stays in
+(plain LoRA, MP-LoRA, SMP-LoRA, DP-SGD or SMP-LoRA inside DP-SGD local training; the proxy attacker stays in
 the site's ``context.state`` and never leaves the site). A reply holds the privatised
 contribution and, for DP-SGD, the public parameters of the site's spend; nothing else
 derived from the images (losses, norms, counts) unless the site's own run config opts in
@@ -207,11 +207,19 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
         from client.dpsgd_lora import dpsgd_lora_round
 
         return dpsgd_lora_round(pipe, spec, images, cfg, state=context.state, site_index=index, round_index=round_index)
+    saved = context.state.get(ATTACKER_KEY)
+    if defense == "smp-dp-sgd":
+        from client.smp_dpsgd import smp_dpsgd_round
+
+        metrics, attacker = smp_dpsgd_round(pipe, spec, images, cfg, state=context.state, site_index=index,
+                                            round_index=round_index,
+                                            attacker_state=bytes(saved["state"]) if saved is not None else None)
+        context.state[ATTACKER_KEY] = ConfigRecord({"state": attacker})  # h stays on the site
+        return dict(metrics)
     from client.lora_train import train_lora_locally
 
     training = torch.Generator(device=pipe.unet.device)
     training.manual_seed(derive_seed(cfg.seed, "lora-train", index, round_index))
-    saved = context.state.get(ATTACKER_KEY)
     result = train_lora_locally(
         pipe, spec, images, lora_train_settings(cfg), generator=training,
         split_seed=derive_seed(cfg.seed, "member-split", index),  # the same split every round
@@ -257,7 +265,7 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
         raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
                          f"(rank {spec.rank}, targets {','.join(spec.targets)})")
     check_frozen_a(pipe, spec, cfg, config, name)
-    images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private and defense == "dp-sgd")
+    images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private and cfg.site_dpsgd)
     load_lora_state(pipe, spec, received)
     metrics = train_lora(pipe, spec, images, cfg, context, defense, index, round_index)
     delta = tree_sub(lora_state(pipe, spec), received)

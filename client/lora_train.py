@@ -164,8 +164,9 @@ def train_lora_locally(
     # encode every image once; prompts are tokenized once as well
     dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size)
     ids = tokenize(pipe, site_prompts(images, settings.default_caption)).to(device)
-    attacker = None if splits is None else _proxy_attacker(attacker_state, dist.mean[0].numel(), settings,
-                                                            generator, device)
+    attacker = None if splits is None else proxy_attacker(
+        attacker_state, dist.mean[0].numel(), generator, device, lr=settings.attacker_learning_rate,
+        weight_decay=settings.attacker_weight_decay)
 
     def text(index: torch.Tensor, grad: bool) -> torch.Tensor:
         # the text encoder carries adapter weights only when spec.text_encoder is set
@@ -215,15 +216,15 @@ def train_lora_locally(
     return LocalResult(metrics, attacker_to_bytes(h, h_opt))
 
 
-def _proxy_attacker(state: bytes | None, features: int, settings: LoRATrainSettings, generator: torch.Generator,
-                    device: torch.device) -> tuple[ProxyAttacker, torch.optim.Optimizer]:
+def proxy_attacker(state: bytes | None, features: int, generator: torch.Generator, device: torch.device, *,
+                   lr: float, weight_decay: float) -> tuple[ProxyAttacker, torch.optim.Adam]:
     """h and its Adam from the site's previous round (its saved lr and weight decay win), or
     fresh ones initialised from ``generator``."""
     if state is not None:
         return attacker_from_bytes(state, features, device=device)
     with seeded_from(generator):
         h = ProxyAttacker(features).to(device)
-    return h, make_attacker_optimizer(h, settings.attacker_learning_rate, settings.attacker_weight_decay)
+    return h, make_attacker_optimizer(h, lr, weight_decay)
 
 
 def _score(pipe, h: ProxyAttacker, dist: LatentDist, members: torch.Tensor, nonmembers: torch.Tensor, text,

@@ -20,7 +20,15 @@ from common.paths import REPO_ROOT
 ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
 ADVERSARIAL_DEFENSES = ("mp-lora", "smp-lora")  # empirical membership-inference defences: no formal guarantee
-DEFENSES = ("none", *ADVERSARIAL_DEFENSES, "dp-sgd")
+# LoRA defenses that run Opacus-style DP-SGD on every site (record-level DP), each with the number of
+# DP-SGD mechanisms one local step runs on the site's images, which the accountant composes:
+# "smp-dp-sgd" (client.smp_dpsgd) runs SMP-LoRA inside DP-SGD, the proxy attacker's step and the
+# adapter's step both clipped per image and noised
+DPSGD_MECHANISMS_PER_STEP = {"dp-sgd": 1, "smp-dp-sgd": 2}
+RECORD_DP_DEFENSES = tuple(DPSGD_MECHANISMS_PER_STEP)
+# the defenses that train a proxy membership attacker on the site's member / non-member split
+PROXY_ATTACKER_DEFENSES = (*ADVERSARIAL_DEFENSES, "smp-dp-sgd")
+DEFENSES = ("none", *ADVERSARIAL_DEFENSES, *RECORD_DP_DEFENSES)
 # "lora": A and B train (Hu et al. 2022); "ffa": FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313),
 # A frozen at a public seeded initialisation and only B trained, clipped, noised and released
 LORA_VARIANTS = ("lora", "ffa")
@@ -95,7 +103,7 @@ class RunConfig:
     aux_fraction: float = 0.5
     attacker_learning_rate: float = 1e-5
     attacker_weight_decay: float = 1e-4
-    record_target_epsilon: float = 0.0  # defense = dp-sgd: record-level target; <= 0 means target-epsilon
+    record_target_epsilon: float = 0.0  # defense = dp-sgd / smp-dp-sgd: record-level target; <= 0 means target-epsilon
     site_diagnostics: bool = False  # opt-in: sites send loss / attacker accuracy / clipping (NOT private) to the server
     site_dataset_size: int = 0  # declared PUBLIC upper bound on one site's number of images; 0 = dataset-size
     # reliability
@@ -126,7 +134,7 @@ class RunConfig:
         need(self.defense in DEFENSES, "defense", f"must be one of {DEFENSES}")
         need(self.adapter == "lora" or self.defense == "none", "defense", "applies to adapter 'lora' only")
         need(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
-        need(self.aggregation == "central" or (self.ti_method == "dpagg" and self.defense != "dp-sgd"), "aggregation",
+        need(self.aggregation == "central" or (self.ti_method == "dpagg" and not self.site_dpsgd), "aggregation",
              "secure aggregation carries DPAgg-TI sums and LoRA deltas only (not the DP-SGD baselines' reports)")
         need(self.aggregation == "central" or self.private, "aggregation",
              "secure aggregation needs a private run (non-private runs have no noise to distribute)")
@@ -148,6 +156,8 @@ class RunConfig:
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(bool(self.lora_target_list), "lora_targets", "must name at least one module")
+        need(not (self.site_dpsgd and self.lora_text_encoder), "lora_text_encoder",
+             f"defense {self.defense!r} trains the UNet's LoRA only (per-image gradients): set it to false")
         need(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {LORA_VARIANTS}")
         need(self.adapter == "lora" or self.lora_variant == "lora", "lora_variant", "applies to adapter 'lora' only")
         need(self.smp_lambda >= 0, "smp_lambda", "must be >= 0")
@@ -212,8 +222,13 @@ class RunConfig:
         return self.site_sampling_rate if self.private else 1.0
 
     @property
+    def site_dpsgd(self) -> bool:
+        """True when every LoRA site runs DP-SGD (defense ``dp-sgd`` or ``smp-dp-sgd``): record-level DP."""
+        return self.adapter == "lora" and self.defense in RECORD_DP_DEFENSES
+
+    @property
     def record_epsilon_target(self) -> float:
-        """Record-level target of DP-SGD inside a site (defense = dp-sgd)."""
+        """Record-level target of DP-SGD inside a site (defense dp-sgd or smp-dp-sgd)."""
         return self.record_target_epsilon if self.record_target_epsilon > 0 else self.target_epsilon
 
     @property

@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
 from common import keys
-from common.config import ADVERSARIAL_DEFENSES, RunConfig
+from common.config import RunConfig
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyLedger
 from common.dp.noise import privacy_noise
 from common.dp.plan import DPSGDPlan, FedAvgPlan, plan_dpsgd, plan_fedavg, plan_record
@@ -41,7 +41,20 @@ DEFENSES = {
     "smp-lora": "SMP-LoRA (Luo et al., arXiv 2402.11989): L_ada / (1 + lambda*CE + 1e-5) against a proxy membership "
                 "attacker trained alongside on the site's member / non-member split",
     "dp-sgd": "Opacus DP-SGD on each site (per-image gradients clipped and noised; record-level DP)",
+    "smp-dp-sgd": "SMP-LoRA inside DP-SGD on each site: per member, the gradient of L_ada / (1 + lambda*CE + 1e-5) "
+                  "(through both terms) clipped and noised; the proxy attacker, kept on the site, trained with DP-SGD "
+                  "too on the site's member / non-member split (record-level DP for every image of the site)",
 }
+
+# which images the record-level epsilon covers, per defense that runs DP-SGD on the sites
+RECORD_COVERS = {
+    "dp-sgd": "every image of every site (each may train the adapter)",
+    "smp-dp-sgd": "every image of every site: the members that train the adapter AND the images the proxy attacker "
+                  "learns from (its members and its non-members), because the attacker's steps are clipped per image "
+                  "and noised as well and each site's accountant composes both steps (2 x local-steps DP-SGD steps per "
+                  "round); the images held out to score the attacker train nothing",
+}
+EMPIRICAL_NAMES = {"mp-lora": "MP-LoRA", "smp-lora": "SMP-LoRA", "smp-dp-sgd": "SMP-LoRA (inside DP-SGD)"}
 
 NOT_COVERED = ("round_metrics.json (per round: how many sites were sampled and answered, the expected noise norm and "
                "the update's norm) is the server's own log, not a release: do not publish it with the adapter.")
@@ -58,7 +71,7 @@ def server_noise(cfg: RunConfig) -> tuple[NoiseSource, SamplingSource]:
 
 def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z: float):
     """The facts the adapter's privacy statement follows from (:mod:`server.statement`)."""
-    record = cfg.defense == "dp-sgd" and cfg.private
+    record = cfg.site_dpsgd and cfg.private
     return run_facts(
         cfg, units=("site", "record") if record else ("site",), epsilon=epsilon,
         adjacency={"site": ("zero-out one site (no amplification by site sampling claimed)"
@@ -68,8 +81,9 @@ def lora_facts(cfg: RunConfig, epsilon: dict, strategy: DPFedAvgLoRA, planned_z:
         diagnostics=DIAGNOSTIC_FIGURES if sends_diagnostics(cfg) else None,
         achieved=[r.achieved_noise_multiplier for r in strategy.rounds if r.achieved_noise_multiplier is not None],
         planned_noise_multiplier=planned_z,
-        empirical_defense=cfg.defense.upper() if cfg.defense in ADVERSARIAL_DEFENSES else None,
-        not_covered=(NOT_COVERED,), record_noise_on_sites=record)
+        empirical_defense=EMPIRICAL_NAMES.get(cfg.defense),
+        not_covered=(NOT_COVERED,), record_noise_on_sites=record,
+        record_covers=RECORD_COVERS[cfg.defense] if record else None)
 
 
 VARIANTS = {
@@ -102,7 +116,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     """Run ``rounds`` rounds of DP-FedAvg; leave the final global adapter loaded in ``pipe``
     and return the privacy report, public metrics and per-round diagnostics."""
     plan = plan_fedavg(cfg)
-    dpsgd = plan_dpsgd(cfg) if cfg.private else None  # the sites' record-level DP-SGD (defense dp-sgd)
+    dpsgd = plan_dpsgd(cfg) if cfg.private else None  # the sites' record-level DP-SGD (defense dp-sgd, smp-dp-sgd)
     spec = lora_spec(cfg)
     attach_lora(pipe, spec, seed=lora_init_seed(cfg))
     initial = lora_state(pipe, spec)  # what is trained and released: B only under FFA-LoRA
@@ -134,7 +148,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "method": "dp-fedavg-lora",
         "defense": cfg.defense,
         "defense_description": DEFENSES[cfg.defense],
-        "unit": "site" + (" and record" if cfg.defense == "dp-sgd" and private else ""),
+        "unit": "site" + (" and record" if cfg.site_dpsgd and private else ""),
         "private": private,
         "mechanism": "DP-FedAvg (McMahan et al. 2018): Poisson-subsampled sites, each site's LoRA delta clipped to "
                      f"L2 norm C over all {released}adapter tensors, Gaussian noise N(0, (zC)^2) added once to the "
@@ -143,7 +157,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "headline_accountant": "prv",
         "delta": cfg.target_delta,
         "target_epsilon": None if math.isinf(cfg.target_epsilon) else cfg.target_epsilon,
-        "record_target_epsilon": (cfg.record_epsilon_target if cfg.defense == "dp-sgd" and private else None),
+        "record_target_epsilon": (cfg.record_epsilon_target if cfg.site_dpsgd and private else None),
         "sample_rate": plan.sample_rate,
         "noise_multiplier": plan.noise_multiplier,
         "achieved_noise_multipliers": [r.achieved_noise_multiplier for r in strategy.rounds
@@ -155,7 +169,7 @@ def run_lora(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "sampling": "poisson over sites" if plan.sample_rate < 1 else "none (every site every round)",
         "adjacency": ("zero-out one site (its delta replaced by zero, its noise share kept; no amplification by "
                       "site sampling claimed: the server knows who took part)" if cfg.aggregation == "distributed"
-                      else "add/remove one site") + ("; add/remove one image (DP-SGD)" if cfg.defense == "dp-sgd" else ""),
+                      else "add/remove one site") + ("; add/remove one image (DP-SGD)" if cfg.site_dpsgd else ""),
         "accountants": {"prv": "opacus PRVAccountant (eps_error 0.01)", "rdp": "opacus RDPAccountant"},
         "site_record_epsilon_reported": dict(sorted(strategy.reported_record_epsilons.items())) or None,
         "post_processing": [f"global adapter += {cfg.server_learning_rate:g} x the noisy mean delta, every round"],

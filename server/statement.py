@@ -76,6 +76,8 @@ class PrivacyFacts:
             (SMP-LoRA, MP-LoRA), which adds no formal guarantee.
         record_noise_on_sites: the record-level unit's noise was added on every site (DP-SGD
             under a site-level release): that unit's guarantee does not rest on the server.
+        record_covers: which images the record-level epsilon covers, in words (None: no
+            record unit, or every image trivially, as for DPAgg-TI).
     """
 
     private: bool
@@ -92,6 +94,7 @@ class PrivacyFacts:
     empirical_defense: str | None = None
     not_covered: tuple[str, ...] = field(default=())
     record_noise_on_sites: bool = False
+    record_covers: str | None = None
 
     def __post_init__(self) -> None:
         if self.noise_by not in NOISE_BY:
@@ -157,7 +160,8 @@ def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, M
               adjacency: Mapping[str, str], contribution: str, noise_by: str | None = None,
               diagnostics: str | None = None, achieved: list[float] | tuple[float, ...] = (),
               planned_noise_multiplier: float = 0.0, empirical_defense: str | None = None,
-              not_covered: tuple[str, ...] = (), record_noise_on_sites: bool = False) -> PrivacyFacts:
+              not_covered: tuple[str, ...] = (), record_noise_on_sites: bool = False,
+              record_covers: str | None = None) -> PrivacyFacts:
     """The :class:`PrivacyFacts` of a run from its config and what it measured; ``noise_by``
     defaults to who adds the release's noise in the run's aggregation mode."""
     return PrivacyFacts(
@@ -165,7 +169,8 @@ def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, M
         aggregation=cfg.aggregation, noise_by=noise_by or server_noise_by(cfg), randomness_secret=cfg.secret_randomness,
         diagnostics=diagnostics, contribution=contribution,
         smallest_noise_multiplier=smallest_achieved(achieved, planned_noise_multiplier),
-        empirical_defense=empirical_defense, not_covered=not_covered, record_noise_on_sites=record_noise_on_sites)
+        empirical_defense=empirical_defense, not_covered=not_covered, record_noise_on_sites=record_noise_on_sites,
+        record_covers=record_covers)
 
 
 def trust_model(facts: PrivacyFacts) -> str:
@@ -215,8 +220,9 @@ def _unit_claim(facts: PrivacyFacts, unit: str, first: bool) -> str:
                 f"except with probability {facts.delta:g}.")
     local = " without trusting the server: every site ran DP-SGD on its own images" if (
         unit == "record" and facts.record_noise_on_sites) else ""
+    covers = f" It covers {facts.record_covers}." if unit == "record" and facts.record_covers else ""
     return (f"It is also ({prv}, {facts.delta:g})-DP at the level of **{words}** (adjacency: {adjacency}; RDP: {rdp})"
-            f"{local}.")
+            f"{local}.{covers}")
 
 
 def claim(facts: PrivacyFacts, what: str) -> str:
@@ -236,8 +242,8 @@ def claim(facts: PrivacyFacts, what: str) -> str:
     parts += [_unit_claim(facts, u, first=False) for u in facts.units[1:]]
     if facts.empirical_defense:
         parts.append(f"The sites trained with {facts.empirical_defense}, an empirical defence against membership "
-                     "inference (a proxy attacker in the loop): it adds no formal guarantee for single images beyond "
-                     "the statement above.")
+                     "inference (a proxy attacker in the loop, kept on each site and never sent): it adds no formal "
+                     "guarantee for single images beyond the statement above.")
     parts.append(_who_sees_what(facts))
     if facts.smallest_noise_multiplier is not None:
         parts.append(f"Sites dropped out of some rounds, so the smallest noise multiplier a release carried was "
@@ -275,6 +281,7 @@ def privacy_statement(facts: PrivacyFacts, what: str) -> dict:
         "server_trusted_for": trusted_for(facts),
         "site_diagnostics": facts.diagnostics is not None,
         "not_covered": not_covered(facts),
+        "record_covers": facts.record_covers if "record" in facts.units else None,
     }
 
 

@@ -314,7 +314,7 @@ def signal_to_noise(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan, dimension: int
         count, count_key, count_name, clip = cfg.num_sites, "num-sites", "sites", cfg.lora_clip_norm
         denominator, releases, release_name = plan.denominator(cfg.num_sites), plan.rounds, "round"
         note = ("The sites' own DP-SGD noise comes on top, inside each clipped delta, and is not counted: the noise "
-                "is at least this." if cfg.defense == "dp-sgd" else "")
+                "is at least this." if cfg.site_dpsgd else "")
     noise = expected_noise_norm_of_mean(plan.noise_multiplier, clip, dimension, denominator)
     ratio = noise / clip
     over = ratio / math.sqrt(releases)
@@ -347,8 +347,8 @@ def refuse_without_signal(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan, figures:
              f"{m}* = {f.crossing_count_over_releases:.4g}{' over the run' if f.releases > 1 else ''}); declare only "
              f"the true count", fix_eps]
     if f.unit == "site":
-        record = (f"keep defense = 'dp-sgd' with record-target-epsilon for one image, and raise the site-level "
-                  f"target-epsilon to >= {eps_pass:.4g}" if cfg.defense == "dp-sgd" else
+        record = (f"keep defense = {cfg.defense!r} with record-target-epsilon for one image, and raise the site-level "
+                  f"target-epsilon to >= {eps_pass:.4g}" if cfg.site_dpsgd else
                   f"defense = 'dp-sgd' with record-target-epsilon = {cfg.target_epsilon:g} for one image and a "
                   f"site-level target-epsilon >= {eps_pass:.4g} (the server's site-level noise is what this check "
                   f"measures)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from flwr.app import RecordDict
 from opacus.optimizers import DPOptimizer
 
 import common.diffusion
-from client.dpsgd_lora import dpsgd_lora_round, per_sample_unet
+from client.dpsgd_lora import dpsgd_lora_round
 from client.site_accountant import NoiseSourceDPOptimizer, load_history
 from common import keys
 from common.config import RunConfig
@@ -19,20 +18,14 @@ from common.data import SiteImages
 from common.diffusion import denoising_loss
 from common.lora import LoRASpec, attach_lora, frozen_state, lora_parameters, lora_state
 from common.models import load_pipeline
-from tests.client.helpers import FixedDraws, opacus_leftovers
+from tests.client.helpers import FixedDraws, opacus_grad_samples, opacus_leftovers, perturbed_lora_pipe
 
 SPEC = LoRASpec(rank=2, alpha=2.0)
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd_path):
-    p = load_pipeline(tiny_sd_path, device="cpu")
-    attach_lora(p, SPEC, seed=0)
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():  # B != 0, so that A's gradients are not zero
-        for param in lora_parameters(p, SPEC):
-            param.add_(0.05 * torch.randn(param.shape, generator=g))
-    return p
+    return perturbed_lora_pipe(tiny_sd_path, SPEC)
 
 
 def site_images(n: int = 6, seed: int = 3) -> SiteImages:
@@ -67,19 +60,9 @@ def test_opacus_per_sample_gradients_on_the_lora_unet_match_a_loop(pipe, monkeyp
     loop = torch.stack(loop)
 
     monkeypatch.setattr(common.diffusion, "torch", FixedDraws(noise, timesteps))
-    for p in params:
-        p.grad = None
-    unet = per_sample_unet(pipe)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            denoising_loss(unet, pipe.scheduler, latents, hidden, None).mean().backward()
-        per_sample = torch.stack([torch.cat([p.grad_sample[i].flatten() for p in params]) for i in range(3)])
-    finally:
-        unet.cleanup()
-        pipe.unet.eval()
-        for p in params:
-            p.grad = None
+    rows = opacus_grad_samples(pipe, params, lambda unet: denoising_loss(unet, pipe.scheduler, latents, hidden,
+                                                                         None).mean())
+    per_sample = torch.stack([torch.cat([g[i].flatten() for g in rows]) for i in range(3)])
     assert per_sample.shape == loop.shape
     for i in range(3):
         assert loop[i].norm() > 0

@@ -39,12 +39,13 @@ RUNS = {  # name: (run config, the ArrayRecord key of a site's contribution, the
     "lora-none": ({**LORA, "defense": "none"}, ADAPTER, (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
     "lora-smp-lora": ({**LORA, "defense": "smp-lora"}, ADAPTER, keys.DIAGNOSTICS),
     "lora-dp-sgd": ({**LORA, "defense": "dp-sgd"}, ADAPTER, (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
+    "lora-smp-dp-sgd": ({**LORA, "defense": "smp-dp-sgd"}, ADAPTER, keys.DIAGNOSTICS),
     "lora-ffa": ({**LORA, "defense": "none", "lora-variant": "ffa"}, ADAPTER,
                  (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
     "dp-sgd-ti": ({"ti-method": "dp-sgd", "dpsgd-rounds": 1, "dpsgd-local-steps": 1, "dpsgd-batch-size": 4,
                    "noise-multiplier": 1.0, "target-epsilon": 50.0}, keys.EMBEDDING, (keys.DIAG_LOSS,)),
 }
-SPENDS = {"lora-dp-sgd", "dp-sgd-ti"}  # the DP-SGD sites, which report the public parameters of their spend
+SPENDS = {"lora-dp-sgd", "lora-smp-dp-sgd", "dp-sgd-ti"}  # the DP-SGD sites, which report the public parameters of their spend
 ROUND_DIAGNOSTICS = {"adaptation_loss", "attacker_accuracy", "fraction_clipped", "delta_norm_before_clipping"}
 
 

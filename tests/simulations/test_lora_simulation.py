@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from common.config import ADVERSARIAL_DEFENSES, DEFENSES, RunConfig
+from common.config import DEFENSES, PROXY_ATTACKER_DEFENSES, RECORD_DP_DEFENSES, RunConfig
 from simulations.run import declared_config
 from tests.simulation_process import simulate
 
@@ -30,7 +30,7 @@ def unet_output(pipe) -> torch.Tensor:
 @pytest.mark.parametrize("defense", DEFENSES)
 def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
     # the proxy attacker's accuracy reaches the server only if the sites opt in to diagnostics
-    opt_in = defense in ADVERSARIAL_DEFENSES
+    opt_in = defense in PROXY_ATTACKER_DEFENSES
     overrides = {**FAST, "defense": defense, "model-path": str(tiny_sd_path), "output-dir": str(tmp_path / "out"),
                  "site-diagnostics": opt_in}
     out = simulate(2, overrides)
@@ -43,10 +43,14 @@ def test_two_sites_two_rounds(tmp_path, tiny_sd_path, defense):
     site = privacy["epsilon"]["site"]
     assert 0 < site["prv"] <= cfg.target_epsilon and site["rdp"] >= site["prv"]
     assert privacy["denominator"] == pytest.approx(cfg.site_sampling_rate * 2)
-    if defense == "dp-sgd":
+    if defense in RECORD_DP_DEFENSES:
         record = privacy["epsilon"]["record"]
         assert 0 < record["prv"] <= cfg.target_epsilon
         assert set(privacy["site_record_epsilon_reported"]) == {"site-0", "site-1"}
+        assert privacy["unit"] == "site and record" and "every image" in privacy["record_covers"]
+        if defense == "smp-dp-sgd":  # the attacker's steps count too, and the card says whom the epsilon covers
+            assert privacy["record_plan"]["steps_per_round"] == 2 * cfg.local_steps
+            assert "non-members" in privacy["statement"] and "non-members" in (out / "README.md").read_text()
     else:
         assert "record" not in privacy["epsilon"]
     rounds = json.loads((out / "round_metrics.json").read_text())
