@@ -71,3 +71,24 @@ def opacus_grad_samples(pipe, params, loss_fn) -> list[torch.Tensor]:
         pipe.unet.eval()
         for p in params:
             p.grad = None
+
+
+def clip_each_record(optimizer, clip_and_accumulate, clip_norm: float, rtol: float) -> list[tuple[float, float]]:
+    """Run Opacus' ``clip_and_accumulate`` on each record's per-sample gradient alone, check the
+    result is the gradient scaled by min(1, C/||g||) (Opacus divides by ||g|| + 1e-6: exact up to
+    that guard, so ``rtol``), then on the whole batch as Opacus would. Returns (norm before, norm
+    after clipping) per record, in float64."""
+    seen = []
+    full = [p.grad_sample for p in optimizer.params]
+    for i in range(len(full[0])):
+        for p, g in zip(optimizer.params, full):
+            p.grad_sample, p.summed_grad = g[i:i + 1], None
+        clip_and_accumulate(optimizer)
+        before = torch.cat([g[i].flatten() for g in full]).double()
+        after = torch.cat([p.summed_grad.flatten() for p in optimizer.params]).double()
+        seen.append((float(before.norm()), float(after.norm())))
+        torch.testing.assert_close(after, before * min(1.0, clip_norm / float(before.norm())), rtol=rtol, atol=0)
+    for p, g in zip(optimizer.params, full):
+        p.grad_sample, p.summed_grad = g, None
+    clip_and_accumulate(optimizer)
+    return seen

@@ -18,7 +18,13 @@ from common.data import SiteImages
 from common.diffusion import denoising_loss
 from common.lora import LoRASpec, attach_lora, frozen_state, lora_parameters, lora_state
 from common.models import load_pipeline
-from tests.client.helpers import FixedDraws, opacus_grad_samples, opacus_leftovers, perturbed_lora_pipe
+from tests.client.helpers import (
+    FixedDraws,
+    clip_each_record,
+    opacus_grad_samples,
+    opacus_leftovers,
+    perturbed_lora_pipe,
+)
 
 SPEC = LoRASpec(rank=2, alpha=2.0)
 
@@ -144,18 +150,7 @@ def test_ffa_dp_sgd_clips_each_per_sample_gradient_of_b_exactly(ffa_pipe, monkey
     def checked(self):
         assert {id(p) for p in self.params} == b_params
         assert not any(getattr(p, "grad_sample", None) is not None for p in a_params)
-        full = [p.grad_sample for p in self.params]
-        for i in range(len(full[0])):
-            for p, g in zip(self.params, full):
-                p.grad_sample, p.summed_grad = g[i:i + 1], None
-            original(self)
-            before = torch.cat([g[i].flatten() for g in full]).double()
-            after = torch.cat([p.summed_grad.flatten() for p in self.params]).double()
-            seen.append((float(before.norm()), float(after.norm())))
-            torch.testing.assert_close(after, before * min(1.0, c / float(before.norm())), rtol=1e-5, atol=0)
-        for p, g in zip(self.params, full):
-            p.grad_sample, p.summed_grad = g, None
-        original(self)
+        seen.extend(clip_each_record(self, original, c, rtol=1e-5))
 
     monkeypatch.setattr(NoiseSourceDPOptimizer, "clip_and_accumulate", checked)
     a, b = frozen_state(ffa_pipe, FFA), lora_state(ffa_pipe, FFA)

@@ -27,7 +27,13 @@ from common.dp import NoiseSource
 from common.dp.dpsgd import DPSGDBudget
 from common.lora import lora_parameters, lora_state
 from common.models import load_pipeline
-from tests.client.helpers import FixedDraws, opacus_grad_samples, opacus_leftovers, perturbed_lora_pipe
+from tests.client.helpers import (
+    FixedDraws,
+    clip_each_record,
+    opacus_grad_samples,
+    opacus_leftovers,
+    perturbed_lora_pipe,
+)
 from tests.client.test_dpsgd_lora import SPEC, site_images
 
 LAM = 0.5
@@ -118,19 +124,7 @@ def test_clipping_bounds_each_members_whole_gradient_and_each_attacker_images(pi
     def checked(self):
         which = "adapter" if {id(p) for p in self.params} == lora_ids else "attacker"
         assert which == "adapter" or isinstance(self, NoiseSourceDPOptimizer)
-        full = [p.grad_sample for p in self.params]
-        for i in range(len(full[0])):
-            for p, g in zip(self.params, full):
-                p.grad_sample, p.summed_grad = g[i:i + 1], None
-            original(self)
-            before = torch.cat([g[i].flatten() for g in full]).double()
-            after = torch.cat([p.summed_grad.flatten() for p in self.params]).double()
-            seen[which].append((float(before.norm()), float(after.norm())))
-            # Opacus divides by ‖g‖ + 1e-6: the scale is exact up to that guard
-            torch.testing.assert_close(after, before * min(1.0, c / float(before.norm())), rtol=1e-4, atol=0)
-        for p, g in zip(self.params, full):
-            p.grad_sample, p.summed_grad = g, None
-        original(self)
+        seen[which].extend(clip_each_record(self, original, c, rtol=1e-4))
 
     monkeypatch.setattr(NoiseSourceDPOptimizer, "clip_and_accumulate", checked)  # under MemberRows' fold
     cfg = config(**{"dpsgd-max-grad-norm": c, "local-steps": 3, "dpsgd-batch-size": 8})  # q = 1: no empty batch
