@@ -1,7 +1,11 @@
-"""Benchmark: step time of MP-LoRA and SMP-LoRA (Luo et al. 2025) against plain LoRA.
+"""Benchmark: step time of MP-LoRA and SMP-LoRA (Luo et al. 2025), FFA-LoRA (Sun et al.,
+ICLR 2024), DP-SGD and SMP-LoRA inside DP-SGD against plain LoRA.
 
 Every arm trains the same adapter on the same model, images and batch size from the same
-starting state; only the local-training defense differs. Prints per-step wall times (median
+starting state; only the local-training defense differs, or, in the ``ffa_*`` arms, which
+matrices train (FFA-LoRA: B only, A frozen, so no gradient of A and, under DP-SGD, no
+per-sample gradient of A is computed); ``ffa_ratio`` sets each FFA arm against the same arm
+training A and B. Prints per-step wall times (median
 over repeats after a warm-up), their ratios to plain LoRA, and where an SMP step's time goes.
 The paper reports SMP-LoRA at about 1.25x LoRA's end-to-end time; privadapt's target is
 at most 1.3x.
@@ -12,6 +16,7 @@ attacker scoring) divided by its steps; ``marginal`` is (t(steps) - t(1)) / (ste
 cost of one more step.
 
     .venv/bin/python -m bench.lora --images 8 --batch-size 4 --steps 10
+    .venv/bin/python -m bench.lora --arms lora,ffa_lora,dp_sgd,ffa_dp_sgd  # FFA-LoRA only
 
 More arms (e.g. DP-SGD) plug in through :func:`extra_arms`.
 """
@@ -19,6 +24,7 @@ More arms (e.g. DP-SGD) plug in through :func:`extra_arms`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -55,27 +61,44 @@ def extra_arms(pipe, spec: LoRASpec, images: SiteImages, args: argparse.Namespac
     ``images``. The DP-SGD arm runs :func:`client.dpsgd_lora.dpsgd_lora_round` (Opacus
     per-sample gradients, clipping, noise) with Poisson batches of expected size
     ``args.batch_size`` (q = batch / declared site size, declared as the arm's image count),
-    at a fixed z so no calibration is timed.
+    at a fixed z so no calibration is timed. ``ffa_dp_sgd`` is the same with FFA-LoRA (per-sample
+    gradients of B only). ``smp_dp_sgd`` runs :func:`client.smp_dpsgd.smp_dpsgd_round` (SMP-LoRA
+    inside DP-SGD: each step, the proxy attacker's DP-SGD step and the adapter's, on per-member
+    gradients of the SMP ratio) at the same fixed z, q and C.
     """
     from flwr.app import RecordDict
 
     from client.dpsgd_lora import dpsgd_lora_round
-    from common.config import RunConfig
+    from client.smp_dpsgd import smp_dpsgd_round
+    from common.config import DPSGD_MECHANISMS_PER_STEP, RunConfig
     from common.dp.dpsgd import DPSGDBudget
 
     start = lora_state(pipe, spec)
 
-    def dp_sgd(steps: int) -> None:
-        load_lora_state(pipe, spec, start)
-        cfg = RunConfig.from_run_config({
-            "adapter": "lora", "defense": "dp-sgd", "num-sites": 1, "site-dataset-size": len(images),
-            "rounds": 1, "local-steps": steps, "dpsgd-batch-size": args.batch_size, "lora-rank": spec.rank,
-            "lora-alpha": spec.alpha,
-        })
-        budget = DPSGDBudget(target_epsilon=1e9, delta=1e-5, total_steps=steps, noise_multiplier=1.0)  # fixed z
-        dpsgd_lora_round(pipe, spec, images, cfg, state=RecordDict(), site_index=0, round_index=1, budget=budget)
+    def arm(trained: LoRASpec, defense: str = "dp-sgd") -> Arm:
+        def dp_sgd(steps: int) -> None:
+            load_lora_state(pipe, spec, start)
+            cfg = RunConfig.from_run_config({
+                "adapter": "lora", "defense": defense, "num-sites": 1, "site-dataset-size": len(images),
+                "rounds": 1, "local-steps": steps, "dpsgd-batch-size": args.batch_size, "lora-rank": spec.rank,
+                "lora-alpha": spec.alpha, "lora-variant": trained.variant,
+            })
+            budget = DPSGDBudget(target_epsilon=1e9, delta=1e-5, noise_multiplier=1.0,  # fixed z
+                                 total_steps=steps * DPSGD_MECHANISMS_PER_STEP[defense])
+            common = {"state": RecordDict(), "site_index": 0, "round_index": 1, "budget": budget}
+            if defense == "smp-dp-sgd":
+                smp_dpsgd_round(pipe, trained, images, cfg, attacker_state=None, **common)
+            else:
+                dpsgd_lora_round(pipe, trained, images, cfg, **common)
 
-    return {"dp_sgd": dp_sgd}
+        return dp_sgd
+
+    return {"dp_sgd": arm(spec), "ffa_dp_sgd": arm(ffa_of(spec)), "smp_dp_sgd": arm(spec, "smp-dp-sgd")}
+
+
+def ffa_of(spec: LoRASpec) -> LoRASpec:
+    """The same attached adapter trained as FFA-LoRA: B only, A frozen where it is."""
+    return dataclasses.replace(spec, variant="ffa")
 
 
 def synchronize(device: torch.device) -> None:
@@ -95,14 +118,16 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return clock() - start
 
 
-def defense_arm(pipe, spec: LoRASpec, images: SiteImages, start: dict, defense: str, args) -> Arm:
+def defense_arm(pipe, spec: LoRASpec, images: SiteImages, start: dict, defense: str, args,
+                trained: LoRASpec | None = None) -> Arm:
+    """``defense`` from ``start``, training ``trained``'s matrices of the adapter (default: ``spec``'s)."""
     device = pipe.unet.device
 
     def arm(steps: int) -> None:
         load_lora_state(pipe, spec, start)
         settings = LoRATrainSettings(steps=steps, batch_size=args.batch_size, defense=defense)
-        train_lora_locally(pipe, spec, images, settings, generator=torch.Generator(device=device).manual_seed(0),
-                           split_seed=0, attacker_state=None)
+        train_lora_locally(pipe, trained or spec, images, settings,
+                           generator=torch.Generator(device=device).manual_seed(0), split_seed=0, attacker_state=None)
 
     return arm
 
@@ -172,6 +197,8 @@ def main(argv: list[str] | None = None, *, more_arms=extra_arms) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (CPU only; steadier on a shared machine)")
+    parser.add_argument("--arms", default="", help="comma-separated arms to time (default: all; 'lora' is always "
+                                                   "timed, as the reference; the SMP breakdown needs 'smp_lora')")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.images < 4:
         parser.error("need --steps >= 2 (marginal time) and --images >= 4 (member/non-member splits)")
@@ -194,7 +221,13 @@ def main(argv: list[str] | None = None, *, more_arms=extra_arms) -> dict:
         name: defense_arm(pipe, spec, images, start, defense, args)
         for name, defense in (("lora", "none"), ("mp_lora", "mp-lora"), ("smp_lora", "smp-lora"))
     }
+    arms["ffa_lora"] = defense_arm(pipe, spec, images, start, "none", args, trained=ffa_of(spec))
     arms.update(more_arms(pipe, spec, images, args))
+    if args.arms:
+        chosen = {"lora", *(a.strip() for a in args.arms.split(",") if a.strip())}
+        if chosen - set(arms):
+            parser.error(f"unknown arm(s) {sorted(chosen - set(arms))}; known: {sorted(arms)}")
+        arms = {name: arm for name, arm in arms.items() if name in chosen}
     for arm in arms.values():
         arm(2)  # warm-up (allocator, kernels)
     full: dict[str, list[float]] = {name: [] for name in arms}
@@ -209,7 +242,7 @@ def main(argv: list[str] | None = None, *, more_arms=extra_arms) -> dict:
     marginal = {name: statistics.median((f - o) / (args.steps - 1) for f, o in zip(full[name], one[name]))
                 for name in arms}
     result = {
-        "benchmark": "LoRA step time: MP-LoRA / SMP-LoRA (and extra arms) vs plain LoRA",
+        "benchmark": "LoRA step time: MP-LoRA / SMP-LoRA / FFA-LoRA (and extra arms) vs plain LoRA",
         "model": str(args.model_path or "tiny-sd"),
         "images": args.images,
         "batch_size": args.batch_size,
@@ -226,7 +259,12 @@ def main(argv: list[str] | None = None, *, more_arms=extra_arms) -> dict:
         "marginal_s_per_step": {k: round(v, 5) for k, v in marginal.items()},
         "end_to_end_ratio_to_lora": {k: round(v / end_to_end["lora"], 3) for k, v in end_to_end.items()},
         "marginal_ratio_to_lora": {k: round(v / marginal["lora"], 3) for k, v in marginal.items()},
-        "smp_step_breakdown_s": {k: round(v, 5) for k, v in breakdown(pipe, spec, images, args).items()},
+        # each FFA arm against the same arm training A and B (end to end, marginal)
+        "ffa_ratio": {k[len("ffa_"):]: [round(end_to_end[k] / end_to_end[k[len("ffa_"):]], 3),
+                                        round(marginal[k] / marginal[k[len("ffa_"):]], 3)]
+                      for k in arms if k.startswith("ffa_") and k[len("ffa_"):] in arms},
+        "smp_step_breakdown_s": ({k: round(v, 5) for k, v in breakdown(pipe, spec, images, args).items()}
+                                 if "smp_lora" in arms else None),
         "target_ratio": 1.3,
     }
     print(json.dumps(result, indent=2))

@@ -84,7 +84,10 @@ class ReceiveLog(logging.Handler):
 
 def overrides_for(method: str, sites: int, data: Path, out: Path) -> dict:
     common = {"data-path": str(data), "output-dir": str(out), "resolution": 64, "sample-steps": 1,
-              "sample-prompts": "an emoji of a cat", "target-epsilon": 1.0}
+              "sample-prompts": "an emoji of a cat", "target-epsilon": 1.0,
+              # it times rounds, not utility: few sites (or one image each) carry no signal at epsilon = 1
+              # (common.dp.plan.signal_to_noise)
+              "max-noise-to-signal": "inf"}
     if method == "dpagg-ti":
         return {**common, "ti-steps": 2, "batch-size": 1, "sampling-rate": 1.0, "dataset-size": sites,
                 "num-releases": ROUNDS}

@@ -3,7 +3,7 @@
 The site reads the run config (the same on every site), loads its own images from its
 data folder, and answers the server's train message with DPAgg-TI's sum of bounded
 per-image embeddings, a DP-SGD update of the shared embedding, or its clipped LoRA delta
-(plain LoRA, MP-LoRA, SMP-LoRA or DP-SGD local training; the SMP/MP proxy attacker stays in
+(plain LoRA, MP-LoRA, SMP-LoRA, DP-SGD or SMP-LoRA inside DP-SGD local training; the proxy attacker stays in
 the site's ``context.state`` and never leaves the site). A reply holds the privatised
 contribution and, for DP-SGD, the public parameters of the site's spend; nothing else
 derived from the images (losses, norms, counts) unless the site's own run config opts in
@@ -34,12 +34,23 @@ from common.config import RunConfig
 from common.data import SiteDataError, SiteImages, load_site_images
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent
 from common.dp.sampling import privacy_sampling
-from common.lora import LoRASpec, attach_lora, flat_norm, load_lora_state, lora_state, tree_shapes, tree_sub
+from common.lora import (
+    LoRASpec,
+    attach_lora,
+    flat_norm,
+    frozen_state,
+    init_frozen_a,
+    load_lora_state,
+    lora_state,
+    tree_digest,
+    tree_shapes,
+    tree_sub,
+)
 from common.models import load_pipeline
 from common.paths import derive_seed, resolve
 from common.reasons import SITE_DATA, SITE_INTERNAL, SITE_POLICY, SITE_PROTOCOL, SiteRefusal
 from common.secagg.protocol import STAGE as SECAGG_STAGE
-from common.settings import lora_spec, model_dir, sends_diagnostics, ti_settings
+from common.settings import lora_init_seed, lora_spec, model_dir, sends_diagnostics, ti_settings
 from common.wire import packed_record, record_tree
 
 log = logging.getLogger("privadapt.client")
@@ -55,7 +66,8 @@ def get_pipeline(cfg: RunConfig, spec: LoRASpec | None = None):
     if key not in _PIPELINES:
         pipe = load_pipeline(key[0], device=cfg.device)
         if spec is not None:
-            attach_lora(pipe, spec, seed=cfg.seed)  # overwritten by the server's adapter every round
+            # the trained tensors are overwritten by the server's adapter every round (FFA's A: see check_frozen_a)
+            attach_lora(pipe, spec, seed=lora_init_seed(cfg))
         _PIPELINES[key] = pipe
     return _PIPELINES[key]
 
@@ -195,11 +207,19 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
         from client.dpsgd_lora import dpsgd_lora_round
 
         return dpsgd_lora_round(pipe, spec, images, cfg, state=context.state, site_index=index, round_index=round_index)
+    saved = context.state.get(ATTACKER_KEY)
+    if defense == "smp-dp-sgd":
+        from client.smp_dpsgd import smp_dpsgd_round
+
+        metrics, attacker = smp_dpsgd_round(pipe, spec, images, cfg, state=context.state, site_index=index,
+                                            round_index=round_index,
+                                            attacker_state=bytes(saved["state"]) if saved is not None else None)
+        context.state[ATTACKER_KEY] = ConfigRecord({"state": attacker})  # h stays on the site
+        return dict(metrics)
     from client.lora_train import train_lora_locally
 
     training = torch.Generator(device=pipe.unet.device)
     training.manual_seed(derive_seed(cfg.seed, "lora-train", index, round_index))
-    saved = context.state.get(ATTACKER_KEY)
     result = train_lora_locally(
         pipe, spec, images, lora_train_settings(cfg), generator=training,
         split_seed=derive_seed(cfg.seed, "member-split", index),  # the same split every round
@@ -210,11 +230,26 @@ def train_lora(pipe, spec: LoRASpec, images: SiteImages, cfg: RunConfig, context
     return dict(result.metrics)
 
 
+def check_frozen_a(pipe, spec: LoRASpec, cfg: RunConfig, config: ConfigRecord, name: str) -> None:
+    """FFA-LoRA: draw the public frozen A from the run seed (again: a resident pipeline may come
+    from a run with another seed; it is cheap) and refuse the round unless the server's A,
+    named by its digest in the round's config, is this site's bit for bit: B trained against
+    another A would be meaningless in the published adapter."""
+    if not spec.frozen_a:
+        return
+    init_frozen_a(pipe, spec, seed=lora_init_seed(cfg))
+    mine, sent = tree_digest(frozen_state(pipe, spec)), str(config.get(keys.LORA_FROZEN_A, ""))
+    if sent != mine:
+        raise ValueError(f"{name}: the server's frozen FFA-LoRA A (digest {sent or 'none sent'}) is not this site's "
+                         f"({mine}): another seed, adapter shape or torch build")
+
+
 def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int, name: str,
                       folder: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Train from the server's adapter; return the delta clipped to ``lora-clip-norm``
-    (float64 tree) and the site's report (:func:`site_report`: the public DP-SGD parameters,
-    plus the diagnostics only if the site opted in)."""
+    (float64 tree; FFA-LoRA: of the B matrices only) and the site's report
+    (:func:`site_report`: the public DP-SGD parameters, plus the diagnostics only if the site
+    opted in)."""
     config = msg.content[keys.CONFIG]
     defense, round_index = str(config[keys.DEFENSE]), int(config[keys.ROUND])
     if defense != cfg.defense:
@@ -229,7 +264,8 @@ def lora_contribution(msg: Message, context: Context, cfg: RunConfig, index: int
     if tree_shapes(received) != expected:
         raise ValueError(f"{name}: the server's adapter does not match this site's LoRA "
                          f"(rank {spec.rank}, targets {','.join(spec.targets)})")
-    images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private and defense == "dp-sgd")
+    check_frozen_a(pipe, spec, cfg, config, name)
+    images = require_images(load_images(cfg, name, folder), folder, dpsgd=cfg.private and cfg.site_dpsgd)
     load_lora_state(pipe, spec, received)
     metrics = train_lora(pipe, spec, images, cfg, context, defense, index, round_index)
     delta = tree_sub(lora_state(pipe, spec), received)

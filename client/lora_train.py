@@ -2,7 +2,8 @@
 
 Plain LoRA (Hu et al., ICLR 2022) minimises the denoising loss L_ada of latent diffusion
 (Rombach et al. 2022) over the adapter's A and B matrices only, with AdamW on uniform random
-minibatches of the site's images.
+minibatches of the site's images; FFA-LoRA (``LoRASpec(variant="ffa")``) over B only, A frozen.
+Every defense below works with either variant.
 
 MP-LoRA and SMP-LoRA (Luo et al., arXiv 2402.11989, AAAI 2025; see :mod:`client.smp`) train
 on the members D^m_aux ∪ D^m_te only and alternate, every step,
@@ -22,9 +23,7 @@ The adapter's delta (clipping, DP-FedAvg) is the caller's business: this module 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -47,7 +46,7 @@ from common.config import ADVERSARIAL_DEFENSES
 from common.data import SiteImages
 from common.diffusion import LatentDist, denoising_loss, encode_latents
 from common.keys import DIAG_ATTACKER_ACCURACY, DIAG_LOSS
-from common.lora import LoRASpec, lora_parameters
+from common.lora import LoRASpec, training_adapter
 
 LORA_DEFENSES = ("none", *ADVERSARIAL_DEFENSES)  # the defenses trained here (dp-sgd: client.dpsgd_lora)
 ATTACKER_LOSS = "attacker-loss"  # mean over steps of h's training loss (-G on its batches)
@@ -118,21 +117,6 @@ def draw_batch(pool: torch.Tensor, batch_size: int, generator: torch.Generator) 
     return pool[order[:batch_size].to(pool.device)]
 
 
-@contextmanager
-def _training(params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
-    """The adapter's parameters require gradients while training; their flags, and every
-    other flag and module mode of the pipeline, are as found afterwards."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.grad = None
-            p.requires_grad_(flag)
-
-
 def train_lora_locally(
     pipe,
     spec: LoRASpec,
@@ -148,8 +132,8 @@ def train_lora_locally(
     Args:
         pipe: a frozen StableDiffusionPipeline with the adapter attached
             (:func:`common.lora.attach_lora`) and the global adapter loaded; only
-            ``lora_parameters(pipe, spec)`` change.
-        spec: the adapter's shape (which parameters to train).
+            ``lora_parameters(pipe, spec)`` change (FFA-LoRA: B; A stays frozen).
+        spec: the adapter's shape and variant (which parameters to train).
         images: the site's private images.
         settings: the round's hyperparameters and defense.
         generator: drives every random draw (batches, latent samples, timesteps, noise,
@@ -180,10 +164,9 @@ def train_lora_locally(
     # encode every image once; prompts are tokenized once as well
     dist = encode_latents(pipe.vae, images.pixels, batch_size=settings.batch_size)
     ids = tokenize(pipe, site_prompts(images, settings.default_caption)).to(device)
-    params = lora_parameters(pipe, spec)
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
-    attacker = None if splits is None else _proxy_attacker(attacker_state, dist.mean[0].numel(), settings,
-                                                            generator, device)
+    attacker = None if splits is None else proxy_attacker(
+        attacker_state, dist.mean[0].numel(), generator, device, lr=settings.attacker_learning_rate,
+        weight_decay=settings.attacker_weight_decay)
 
     def text(index: torch.Tensor, grad: bool) -> torch.Tensor:
         # the text encoder carries adapter weights only when spec.text_encoder is set
@@ -194,7 +177,8 @@ def train_lora_locally(
         member_aux, nonmember_aux = splits.member_aux.to(device), splits.nonmember_aux.to(device)
         k = min(settings.batch_size, member_aux.numel(), nonmember_aux.numel())
     losses, attacker_losses, ces = [], [], []
-    with _training(params):
+    with training_adapter(pipe, spec) as params:  # FFA-LoRA: B only, A frozen
+        optimizer = torch.optim.AdamW(params, lr=settings.learning_rate)
         for _ in range(settings.steps):
             if attacker is not None:
                 # 1. one step of the proxy attacker on a balanced aux batch (k members, k non-members)
@@ -232,15 +216,15 @@ def train_lora_locally(
     return LocalResult(metrics, attacker_to_bytes(h, h_opt))
 
 
-def _proxy_attacker(state: bytes | None, features: int, settings: LoRATrainSettings, generator: torch.Generator,
-                    device: torch.device) -> tuple[ProxyAttacker, torch.optim.Optimizer]:
+def proxy_attacker(state: bytes | None, features: int, generator: torch.Generator, device: torch.device, *,
+                   lr: float, weight_decay: float) -> tuple[ProxyAttacker, torch.optim.Adam]:
     """h and its Adam from the site's previous round (its saved lr and weight decay win), or
     fresh ones initialised from ``generator``."""
     if state is not None:
         return attacker_from_bytes(state, features, device=device)
     with seeded_from(generator):
         h = ProxyAttacker(features).to(device)
-    return h, make_attacker_optimizer(h, settings.attacker_learning_rate, settings.attacker_weight_decay)
+    return h, make_attacker_optimizer(h, lr, weight_decay)
 
 
 def _score(pipe, h: ProxyAttacker, dist: LatentDist, members: torch.Tensor, nonmembers: torch.Tensor, text,

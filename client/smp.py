@@ -29,10 +29,11 @@ them across rounds as bytes (:func:`attacker_to_bytes`) in its own ``context.sta
 
 from __future__ import annotations
 
+import hashlib
 import io
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,28 @@ def split_members(n: int, *, member_fraction: float = 0.5, aux_fraction: float =
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     parts = order.split(list(sizes.values()))
     return MemberSplits(*(part.sort().values for part in parts))
+
+
+def split_members_by_name(names: Sequence[str], *, member_fraction: float = 0.5, aux_fraction: float = 0.5,
+                          seed: int) -> MemberSplits:
+    """Split images into D^m_aux, D^m_te, D^nm_aux, D^nm_te, each image by its own name alone.
+
+    Image ``names[i]`` is a member if u < ``member_fraction`` and in its aux split if
+    v < ``aux_fraction``, where (u, v) are two uniforms read from BLAKE2b(seed, name). Unlike
+    :func:`split_members`, whose permutation of ``range(n)`` reshuffles every image when n
+    changes, adding or removing one image moves no other image between splits: what
+    record-level DP's add/remove adjacency needs (:mod:`client.smp_dpsgd`). The sizes are
+    random and a split may be empty. Returns indices into ``names``.
+    """
+    for name, value in (("member_fraction", member_fraction), ("aux_fraction", aux_fraction)):
+        if not 0 < value < 1:
+            raise ValueError(f"{name} must be strictly between 0 and 1, got {value!r}")
+    parts: tuple[list[int], ...] = ([], [], [], [])  # member_aux, member_te, nonmember_aux, nonmember_te
+    for i, name in enumerate(names):
+        digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=16).digest()
+        u, v = (int.from_bytes(digest[k:k + 8], "big") / 2**64 for k in (0, 8))
+        parts[2 * (u >= member_fraction) + (v >= aux_fraction)].append(i)
+    return MemberSplits(*(torch.tensor(part, dtype=torch.long) for part in parts))
 
 
 # ---- the proxy attacker -----------------------------------------------------------------

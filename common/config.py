@@ -20,7 +20,18 @@ from common.paths import REPO_ROOT
 ADAPTERS = ("ti", "lora")
 TI_METHODS = ("dpagg", "dp-sgd")
 ADVERSARIAL_DEFENSES = ("mp-lora", "smp-lora")  # empirical membership-inference defences: no formal guarantee
-DEFENSES = ("none", *ADVERSARIAL_DEFENSES, "dp-sgd")
+# LoRA defenses that run Opacus-style DP-SGD on every site (record-level DP), each with the number of
+# DP-SGD mechanisms one local step runs on the site's images, which the accountant composes:
+# "smp-dp-sgd" (client.smp_dpsgd) runs SMP-LoRA inside DP-SGD, the proxy attacker's step and the
+# adapter's step both clipped per image and noised
+DPSGD_MECHANISMS_PER_STEP = {"dp-sgd": 1, "smp-dp-sgd": 2}
+RECORD_DP_DEFENSES = tuple(DPSGD_MECHANISMS_PER_STEP)
+# the defenses that train a proxy membership attacker on the site's member / non-member split
+PROXY_ATTACKER_DEFENSES = (*ADVERSARIAL_DEFENSES, "smp-dp-sgd")
+DEFENSES = ("none", *ADVERSARIAL_DEFENSES, *RECORD_DP_DEFENSES)
+# "lora": A and B train (Hu et al. 2022); "ffa": FFA-LoRA (Sun et al., ICLR 2024, arXiv 2403.12313),
+# A frozen at a public seeded initialisation and only B trained, clipped, noised and released
+LORA_VARIANTS = ("lora", "ffa")
 # The method a round's plan names (a TI method or a LoRA defense), each once: what a site's
 # policy allows by default (client.policy.SitePolicy.allowed_methods).
 METHODS = tuple(dict.fromkeys(TI_METHODS + DEFENSES))
@@ -56,6 +67,9 @@ class RunConfig:
     rescale: str = "none"
     privacy_randomness: str = "os"  # "os": OS CSPRNG (private); "seeded-insecure": replayable, NOT private
     aggregation: str = "central"  # "central", "secure" (SecAgg, server noise), "distributed" (SecAgg, site noise)
+    # refuse a private run whose planned noise on the published mean exceeds the largest possible
+    # signal (C) by more than this factor (common.dp.plan.signal_to_noise); inf: never (research)
+    max_noise_to_signal: float = 10.0
     # textual inversion
     ti_steps: int = 100
     learning_rate: float = 5e-3
@@ -83,12 +97,13 @@ class RunConfig:
     lora_alpha: float = 4.0
     lora_targets: str = "to_q,to_k,to_v,to_out.0"
     lora_text_encoder: bool = False
+    lora_variant: str = "lora"  # "ffa": FFA-LoRA, A frozen at a public seeded init, only B trained and released
     smp_lambda: float = 0.05
     member_fraction: float = 0.5
     aux_fraction: float = 0.5
     attacker_learning_rate: float = 1e-5
     attacker_weight_decay: float = 1e-4
-    record_target_epsilon: float = 0.0  # defense = dp-sgd: record-level target; <= 0 means target-epsilon
+    record_target_epsilon: float = 0.0  # defense = dp-sgd / smp-dp-sgd: record-level target; <= 0 means target-epsilon
     site_diagnostics: bool = False  # opt-in: sites send loss / attacker accuracy / clipping (NOT private) to the server
     site_dataset_size: int = 0  # declared PUBLIC upper bound on one site's number of images; 0 = dataset-size
     # reliability
@@ -119,7 +134,7 @@ class RunConfig:
         need(self.defense in DEFENSES, "defense", f"must be one of {DEFENSES}")
         need(self.adapter == "lora" or self.defense == "none", "defense", "applies to adapter 'lora' only")
         need(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
-        need(self.aggregation == "central" or (self.ti_method == "dpagg" and self.defense != "dp-sgd"), "aggregation",
+        need(self.aggregation == "central" or (self.ti_method == "dpagg" and not self.site_dpsgd), "aggregation",
              "secure aggregation carries DPAgg-TI sums and LoRA deltas only (not the DP-SGD baselines' reports)")
         need(self.aggregation == "central" or self.private, "aggregation",
              "secure aggregation needs a private run (non-private runs have no noise to distribute)")
@@ -141,6 +156,10 @@ class RunConfig:
         need(self.lora_rank >= 1, "lora_rank", "must be >= 1")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(bool(self.lora_target_list), "lora_targets", "must name at least one module")
+        need(not (self.site_dpsgd and self.lora_text_encoder), "lora_text_encoder",
+             f"defense {self.defense!r} trains the UNet's LoRA only (per-image gradients): set it to false")
+        need(self.lora_variant in LORA_VARIANTS, "lora_variant", f"must be one of {LORA_VARIANTS}")
+        need(self.adapter == "lora" or self.lora_variant == "lora", "lora_variant", "applies to adapter 'lora' only")
         need(self.smp_lambda >= 0, "smp_lambda", "must be >= 0")
         need(0 < self.member_fraction < 1, "member_fraction", "must be in (0, 1)")
         need(0 < self.aux_fraction < 1, "aux_fraction", "must be in (0, 1)")
@@ -151,6 +170,7 @@ class RunConfig:
         need(self.target_epsilon > 0, "target_epsilon", "must be > 0 (use 'inf' for non-private)")
         need(0 < self.target_delta < 1, "target_delta", "must be in (0, 1)")
         need(math.isfinite(self.noise_multiplier), "noise_multiplier", "must be finite")
+        need(self.max_noise_to_signal > 0, "max_noise_to_signal", "must be > 0 (use 'inf' to disable the check)")
         need(0 < self.sampling_rate <= 1, "sampling_rate", "must be in (0, 1]")
         need(math.isfinite(self.clip_norm) and self.clip_norm > 0, "clip_norm", "must be finite and > 0")
         need(self.bound in BOUND_MODES, "bound", f"must be one of {BOUND_MODES}")
@@ -202,8 +222,13 @@ class RunConfig:
         return self.site_sampling_rate if self.private else 1.0
 
     @property
+    def site_dpsgd(self) -> bool:
+        """True when every LoRA site runs DP-SGD (defense ``dp-sgd`` or ``smp-dp-sgd``): record-level DP."""
+        return self.adapter == "lora" and self.defense in RECORD_DP_DEFENSES
+
+    @property
     def record_epsilon_target(self) -> float:
-        """Record-level target of DP-SGD inside a site (defense = dp-sgd)."""
+        """Record-level target of DP-SGD inside a site (defense dp-sgd or smp-dp-sgd)."""
         return self.record_target_epsilon if self.record_target_epsilon > 0 else self.target_epsilon
 
     @property

@@ -13,6 +13,7 @@ EMBEDDING = "embedding"  # DP-SGD TI: the shared embedding (global, or a site's 
 ROUND = "round"
 METHOD = "method"
 DEFENSE = "defense"  # LoRA: the local training the site must run
+LORA_FROZEN_A = "lora-frozen-a"  # FFA-LoRA: digest of the public frozen A (common.lora.tree_digest), checked by sites
 ADAPTER = "adapter"
 AGGREGATION = "aggregation"  # "central" (server adds the noise), "secure", "distributed"
 # the run's privacy plan, sent with every round so that sites can check it against their policy

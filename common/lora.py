@@ -11,17 +11,28 @@ The federated algorithms see an adapter as ONE flat tree of tensors ("a record" 
 mechanism): keys ``unet.<peft name>`` and ``text_encoder.<peft name>``. Deltas, clipping
 (by the flat L2 norm over every tensor, McMahan et al. 2018) and the wire encoding all use
 that tree.
+
+FFA-LoRA (Sun, Li, Wang, Wang, "Improving LoRA in Privacy-preserving Federated Learning",
+ICLR 2024, arXiv 2403.12313; ``LoRASpec(variant="ffa")``) freezes every A ("down") matrix
+at a public initialisation drawn from the run seed (:func:`init_frozen_a`), identical on
+every site and on the server, and trains only B ("up"). The tree then holds the B tensors
+only: d, the released dimension over which C bounds a delta, is about halved, and the server's
+mean of the B deltas is exactly the mean of the sites' adapters' updates (sum_k B_k A / K =
+(sum_k B_k / K) A, since A is shared), which averaging A and B separately is not.
 """
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 
-from common.config import RunConfig
+from common.config import LORA_VARIANTS, RunConfig
+from common.paths import derive_seed
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = RunConfig().lora_target_list  # the run config's default targets
@@ -33,12 +44,14 @@ Tree = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class LoRASpec:
-    """Shape of the adapter: rank r, scale alpha, which UNet layers, text encoder or not."""
+    """Shape of the adapter: rank r, scale alpha, which UNet layers, text encoder or not, and
+    the variant: ``"lora"`` trains A and B, ``"ffa"`` (FFA-LoRA) only B, A frozen."""
 
     rank: int = RunConfig.lora_rank
     alpha: float = RunConfig.lora_alpha
     targets: tuple[str, ...] = UNET_TARGETS
     text_encoder: bool = RunConfig.lora_text_encoder
+    variant: str = RunConfig.lora_variant
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -47,6 +60,18 @@ class LoRASpec:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
         if not self.targets or any(not t.strip() for t in self.targets):
             raise ValueError(f"LoRA target modules must be non-empty names, got {self.targets!r}")
+        if self.variant not in LORA_VARIANTS:
+            raise ValueError(f"LoRA variant must be one of {LORA_VARIANTS}, got {self.variant!r}")
+
+    @property
+    def frozen_a(self) -> bool:
+        """FFA-LoRA: the A matrices are frozen (public), only B trains and is released."""
+        return self.variant == "ffa"
+
+    def trains(self, name: str) -> bool:
+        """Whether the adapter tensor ``name`` (tree key or peft parameter name) is trained, sent
+        and released: every A and B, or under FFA-LoRA the B matrices only."""
+        return not (self.frozen_a and ".lora_A." in name)
 
     def config(self, component: str):
         from peft import LoraConfig
@@ -65,7 +90,8 @@ def components(pipe, spec: LoRASpec) -> dict[str, torch.nn.Module]:
 
 def attach_lora(pipe, spec: LoRASpec, *, seed: int) -> None:
     """Add a LoRA adapter to the pipeline's UNet (and text encoder), initialised under
-    ``seed``. Only the adapter's A and B matrices require gradients afterwards."""
+    ``seed`` (B = 0). Only the adapter's trained matrices require gradients afterwards: A and
+    B, or under FFA-LoRA B alone, A frozen at its public initialisation (:func:`init_frozen_a`)."""
     devices = torch.cuda.device_count() and [pipe.unet.device] or []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -75,22 +101,99 @@ def attach_lora(pipe, spec: LoRASpec, *, seed: int) -> None:
             except ValueError as err:
                 raise ValueError(f"cannot attach LoRA to the {name} (targets {spec.config(name).target_modules}): "
                                  f"{err}") from err
+    if spec.frozen_a:
+        init_frozen_a(pipe, spec, seed=seed)
+
+
+def _tree_key(component: str, param_name: str) -> str:
+    """The tree key of a peft parameter: peft's names carry the adapter's ("...lora_A.default.weight")."""
+    return f"{component}.{param_name.replace('.default.', '.')}"
+
+
+def init_frozen_a(pipe, spec: LoRASpec, *, seed: int) -> None:
+    """Set every A of an FFA-LoRA adapter to its public initialisation and freeze it.
+
+    Each A is drawn from N(0, 1/r^2) (the distribution of peft's ``"gaussian"`` init, which the
+    plain variant uses) in float32 on the CPU by its own generator, seeded with
+    ``derive_seed(seed, "ffa-lora-A", <tree key>)``: its value is a function of the seed, the
+    tensor's name and shape only (not of the device, the order modules are visited in, or any
+    draw made before), so every site and the server hold the same A bit for bit. Idempotent;
+    pass the run's public seed (:func:`common.settings.lora_init_seed`).
+
+    Notes:
+        A is public, like the base model's weights: it is NOT privacy randomness (the rule that
+        noise and privacy sampling come from the OS CSPRNG does not apply to it), nothing about
+        it depends on data, and knowing the seed reveals nothing about any site. Only B is
+        clipped, noised and covered by the guarantee.
+    """
+    if not spec.frozen_a:
+        raise ValueError(f"only FFA-LoRA freezes A (variant 'ffa'), not variant {spec.variant!r}")
+    for component, module in components(pipe, spec).items():
+        for name, param in module.named_parameters():
+            if "lora_" in name and not spec.trains(name):
+                key = _tree_key(component, name)
+                draw = torch.Generator().manual_seed(derive_seed(seed, "ffa-lora-A", key))
+                value = torch.randn(tuple(param.shape), generator=draw, dtype=torch.float32) / spec.rank
+                with torch.no_grad():
+                    param.copy_(value.to(param))
+                param.requires_grad_(False)
 
 
 def lora_parameters(pipe, spec: LoRASpec) -> list[torch.nn.Parameter]:
-    """The trainable adapter parameters, in a fixed order."""
-    return [p for module in components(pipe, spec).values() for n, p in module.named_parameters() if "lora_" in n]
+    """The trained adapter parameters (FFA-LoRA: the B matrices only), in a fixed order."""
+    return [p for module in components(pipe, spec).values() for n, p in module.named_parameters()
+            if "lora_" in n and spec.trains(n)]
 
 
-def lora_state(pipe, spec: LoRASpec) -> Tree:
-    """The adapter as one flat tree (float32 copies on the CPU)."""
+@contextmanager
+def training_adapter(pipe, spec: LoRASpec) -> Iterator[list[torch.nn.Parameter]]:
+    """Inside, exactly the trained adapter parameters require gradients (FFA-LoRA's A does
+    not, so no gradient of it is computed, per-sample or not); yields them. Afterwards every
+    adapter parameter's flag is as found and its gradient cleared."""
+    params = [p for module in components(pipe, spec).values() for n, p in module.named_parameters() if "lora_" in n]
+    trained = {id(p) for p in lora_parameters(pipe, spec)}
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(id(p) in trained)
+    try:
+        yield [p for p in params if id(p) in trained]
+    finally:
+        for p, flag in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+def _adapter_tree(pipe, spec: LoRASpec, *, trained: bool) -> Tree:
     from peft.utils import get_peft_model_state_dict
 
     tree: Tree = {}
     for name, module in components(pipe, spec).items():
         for key, value in get_peft_model_state_dict(module).items():
-            tree[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).clone()
+            if spec.trains(key) == trained:
+                tree[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).clone()
     return tree
+
+
+def lora_state(pipe, spec: LoRASpec) -> Tree:
+    """The trained adapter as one flat tree (float32 copies on the CPU): what a site trains and
+    sends and the server releases. Under FFA-LoRA the B matrices only (see :func:`frozen_state`)."""
+    return _adapter_tree(pipe, spec, trained=True)
+
+
+def frozen_state(pipe, spec: LoRASpec) -> Tree:
+    """The adapter's frozen tensors (FFA-LoRA's public A; empty for plain LoRA), as :func:`lora_state`.
+    Never sent: each side draws them from the run seed; the export holds them next to B."""
+    return _adapter_tree(pipe, spec, trained=False)
+
+
+def tree_digest(tree: Mapping[str, torch.Tensor]) -> str:
+    """16 hex digits of SHA-256 over the keys, shapes and float32 bytes of a tree, in key order:
+    two sides holding the same tensors bit for bit get the same digest."""
+    h = hashlib.sha256()
+    for key, value in tree.items():
+        h.update(f"{key}={tuple(value.shape)};".encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def tree_shapes(tree: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -115,7 +218,8 @@ def check_tree(tree: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int,
 
 
 def load_lora_state(pipe, spec: LoRASpec, tree: Mapping[str, torch.Tensor]) -> None:
-    """Copy a flat tree into the attached adapter, in place; the keys and shapes must match."""
+    """Copy a flat tree into the attached adapter, in place; the keys and shapes must be
+    :func:`lora_state`'s (under FFA-LoRA the B matrices only: A stays as drawn)."""
     check_tree(tree, tree_shapes(lora_state(pipe, spec)), "LoRA state")
     for name, module in components(pipe, spec).items():
         params = dict(module.named_parameters())

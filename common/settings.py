@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from common.config import RunConfig
 from common.lora import LoRASpec
-from common.paths import resolve
+from common.paths import derive_seed, resolve
 from common.textual_inversion import TISettings
 from common.tiny_sd import tiny_sd_dir
 
@@ -28,9 +28,17 @@ def ti_settings(cfg: RunConfig) -> TISettings:
 
 
 def lora_spec(cfg: RunConfig) -> LoRASpec:
-    """The adapter's shape: rank, alpha, target modules, text encoder or not."""
+    """The adapter's shape: rank, alpha, target modules, text encoder or not, variant."""
     return LoRASpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_target_list,
-                    text_encoder=cfg.lora_text_encoder)
+                    text_encoder=cfg.lora_text_encoder, variant=cfg.lora_variant)
+
+
+def lora_init_seed(cfg: RunConfig) -> int:
+    """The seed of the initial adapter, derived from the PUBLIC run seed: the server's initial
+    A (B = 0) and, under FFA-LoRA, the frozen A that every site and the server draw for
+    themselves (:func:`common.lora.init_frozen_a`). Not privacy randomness: the initial
+    adapter is public."""
+    return derive_seed(cfg.seed, "lora-init")
 
 
 def model_dir(cfg: RunConfig) -> str:

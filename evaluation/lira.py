@@ -68,14 +68,16 @@ def lira_record(target: Target, pop: Population, run_dir: Path, *, shadows: int,
     if shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadow adapters, got {shadows}")
     from client.lora_train import LoRATrainSettings, train_lora_locally
-    from common.lora import attach_lora, load_lora_state, lora_state
+    from common.lora import attach_lora, init_frozen_a, load_lora_state, lora_state
     from common.models import load_pipeline
-    from common.settings import lora_spec
+    from common.settings import lora_init_seed, lora_spec
 
     cfg = target.cfg
     spec = lora_spec(cfg)
     pipe = load_pipeline(target.model_dir, device=str(target.base.unet.device), dtype="float32")
     attach_lora(pipe, spec, seed=cfg.seed)
+    if spec.frozen_a:  # FFA-LoRA: the shadows train B against the target's public frozen A
+        init_frozen_a(pipe, spec, seed=lora_init_seed(cfg))
     initial = lora_state(pipe, spec)
     prompts, base_prompts = target.prompts(pop.captions)
     data = encode(target.adapted, pop.pixels, prompts)

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from common.config import ADVERSARIAL_DEFENSES, RunConfig
+from common.config import PROXY_ATTACKER_DEFENSES, RECORD_DP_DEFENSES, RunConfig
 from common.data import SiteImages, load_site_images
 from common.paths import derive_seed, resolve
 
@@ -98,19 +98,23 @@ def site_folders(run_dir: str | Path, cfg: RunConfig) -> list[Path]:
 
 
 def run_splits(run_dir: str | Path) -> Population:
-    """The member / non-member population of an MP-LoRA or SMP-LoRA run, rebuilt exactly as
+    """The member / non-member population of an MP-LoRA, SMP-LoRA or SMP-in-DP-SGD run, rebuilt exactly as
     its sites split their data (members: D^m_aux ∪ D^m_te; aux: D^m_aux ∪ D^nm_aux)."""
-    from client.smp import split_members
+    from client.smp import split_members, split_members_by_name
 
     cfg = run_config(run_dir)
-    if cfg.adapter != "lora" or cfg.defense not in ADVERSARIAL_DEFENSES:
+    if cfg.adapter != "lora" or cfg.defense not in PROXY_ATTACKER_DEFENSES:
         raise ValueError(f"run {run_dir} (adapter {cfg.adapter!r}, defense {cfg.defense!r}) trained on every image of "
                          "its sites: give non-members from the same distribution explicitly")
     pixels, captions, labels, sites, aux = [], [], [], [], []
     for index, folder in enumerate(site_folders(run_dir, cfg)):
         images = load_site_images(folder, site=f"site-{index}", resolution=cfg.resolution)
-        splits = split_members(len(images), member_fraction=cfg.member_fraction, aux_fraction=cfg.aux_fraction,
-                               seed=derive_seed(cfg.seed, "member-split", index))
+        seed = derive_seed(cfg.seed, "member-split", index)
+        splits = (split_members_by_name(images.names, member_fraction=cfg.member_fraction,
+                                        aux_fraction=cfg.aux_fraction, seed=seed)  # smp-dp-sgd: stable per image
+                  if cfg.defense in RECORD_DP_DEFENSES else
+                  split_members(len(images), member_fraction=cfg.member_fraction, aux_fraction=cfg.aux_fraction,
+                                seed=seed))
         for part, label, is_aux in ((splits.member_aux, 1, True), (splits.member_te, 1, False),
                                     (splits.nonmember_aux, 0, True), (splits.nonmember_te, 0, False)):
             pixels.append(images.pixels[part])

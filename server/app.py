@@ -1,7 +1,8 @@
 """privadapt ServerApp: plan the privacy, run the rounds, keep the ledger, export.
 
 Order of work: read and validate the run config; fix the privacy plan (refuse to start if
-the target epsilon cannot be met); run the strategy (DPAgg-TI releases, or the DP-SGD
+the target epsilon cannot be met, or if the planned noise drowns the largest possible signal:
+:func:`server.statement.checked_signal`); run the strategy (DPAgg-TI releases, or the DP-SGD
 baseline's rounds) with the ledger saved after every release; export the adapter,
 privacy.json, metrics, samples and the model card into ``output-dir``.
 """
@@ -38,6 +39,7 @@ from server.export import (
     write_json,
 )
 from server.statement import (
+    checked_signal,
     log_line,
     privacy_statement,
     release_noise_description,
@@ -75,6 +77,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
     plan = plan_dpagg(cfg)
     settings = ti_settings(cfg)
     init = initializer_vector(pipe, settings)
+    signal = checked_signal(cfg, plan, init.numel())  # refuses a release that cannot carry signal: nothing sent yet
     ledger = PrivacyLedger(delta=cfg.target_delta)
     noise = noise_source(cfg)
     mechanism = GaussianSumMechanism(clip_norm=cfg.clip_norm, noise_multiplier=plan.noise_multiplier, bound_mode=cfg.bound)
@@ -125,6 +128,7 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "rejected_replies": strategy.rejected,
         **reliability_report(strategy),
         "plan": plan.to_dict(),
+        "signal_to_noise": signal,
         "events": [e.to_dict() for e in ledger.events],
         "adapter": {"type": "textual-inversion", "token": cfg.placeholder_token, "dim": init.numel()},
     }

@@ -50,9 +50,11 @@ CHECKPOINT_VERSION = 1
 # (device: results may then differ in the last bits). ``dpsgd-rounds`` is fingerprinted: it
 # sets the total steps every SITE calibrates its own DP-SGD noise and its own accountant for,
 # outside the server's checkpoint, so changing it on resume would change what the sites spend.
+# ``max-noise-to-signal`` only decides whether a run may start (common.dp.plan.signal_to_noise):
+# a resumed run is checked again, and a checkpoint from before the key existed stays resumable.
 NOT_FINGERPRINTED = frozenset({
     "resume", "output-dir", "rounds", "num-releases", "device",
-    "sample-prompts", "sample-steps", "sample-guidance", "round-timeout",
+    "sample-prompts", "sample-steps", "sample-guidance", "round-timeout", "max-noise-to-signal",
 })
 
 

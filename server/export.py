@@ -113,6 +113,13 @@ def dpagg_steps(p: dict) -> list[str]:
     ]
 
 
+def signal_lines(p: dict) -> list[str]:
+    """The planned signal-to-noise figures (privacy.json's ``signal_to_noise``, built once by
+    :func:`server.statement.checked_signal`), where the run has them (private DPAgg-TI and LoRA)."""
+    figures = p.get("signal_to_noise")
+    return [f"- {figures['summary']}"] if figures else []
+
+
 def dpsgd_steps(p: dict) -> list[str]:
     plan = p["plan"]
     per_site = ", ".join(f"{s}: q={q:.3g}, z={p['site_noise_multipliers'][s]:.4g}" for s, q in sorted(p["site_sample_rates"].items()))
@@ -169,6 +176,7 @@ def model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
         "",
         "## How it was made",
         *(dpsgd_steps(p) if p.get("method") == "dp-sgd-ti" else dpagg_steps(p)),
+        *signal_lines(p),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
         *([f"- Not covered by the guarantee: {p['not_covered']}"] if p.get("not_covered") else []),
@@ -191,19 +199,30 @@ def lora_claim(p: dict) -> str:
     return p.get("statement", OLD_SCHEMA)
 
 
+def adapter_words(a: dict) -> str:
+    """The card's adapter line: the shape and, for FFA-LoRA, the parameters frozen and released (d)."""
+    where = f"{', '.join(a['targets'])}{' and the text encoder' if a['text_encoder'] else ''}"
+    line = f"- Adapter: LoRA rank {a['rank']}, alpha {a['alpha']:g}, on {where}"
+    if a.get("variant") == "ffa":
+        return (f"{line}; FFA-LoRA: every A ({a['frozen_parameters']:,} parameters) frozen at a public initialisation "
+                f"drawn from the run seed, independent of the data; only B trained and released: "
+                f"{a['parameters']:,} parameters.")
+    return f"{line}."
+
+
 def fedavg_steps(p: dict) -> list[str]:
     plan = p["plan"]
+    released = "B tensors (FFA-LoRA)" if p["adapter"].get("variant") == "ffa" else "adapter tensors"
     return [
         f"- Method: {p['mechanism']}.",
         f"- Local training: {p['defense_description']}.",
         f"- Rounds: {p['num_rounds']}; each of the K = {p['num_sites_declared']} sites took part in a round with "
         f"probability q = {p['sample_rate']:g} (sampling: {p['sampling']}); {plan['local_steps']} local steps per round.",
-        (f"- Each site's delta was clipped to L2 norm C = {p['clip_norm']:g} over all adapter tensors; "
+        (f"- Each site's delta was clipped to L2 norm C = {p['clip_norm']:g} over all {released}; "
          f"Gaussian noise of standard deviation {noise_std_words(p)} was added to the sum, which was "
          f"divided by the public expected count q*K = {p['denominator']:g} (uniform weights)." if p["private"] else
          "- Non-private: the deltas were neither clipped nor noised; the adapter moved by their plain mean."),
-        f"- Adapter: LoRA rank {p['adapter']['rank']}, alpha {p['adapter']['alpha']:g}, on "
-        f"{', '.join(p['adapter']['targets'])}{' and the text encoder' if p['adapter']['text_encoder'] else ''}.",
+        adapter_words(p["adapter"]),
     ]
 
 
@@ -211,12 +230,13 @@ def lora_model_card(privacy: dict, metrics: dict, samples: list[dict]) -> str:
     """README.md of a LoRA run's output folder."""
     p = privacy
     lines = [
-        f"# privadapt LoRA adapter ({p['defense']})",
+        f"# privadapt {'FFA-' if p['adapter'].get('variant') == 'ffa' else ''}LoRA adapter ({p['defense']})",
         "",
         lora_claim(p),
         "",
         "## How it was made",
         *fedavg_steps(p),
+        *signal_lines(p),
         f"- Noise source: {p['noise_source']}.",
         f"- Trust model: {p['trust_model']}",
         *([f"- Not covered by the guarantee: {p['not_covered']}"] if p.get("not_covered") else []),

@@ -39,7 +39,6 @@ the deltas that arrived.
 from __future__ import annotations
 
 import logging
-import math
 from array import array
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,8 +50,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from common import keys
+from common.config import RECORD_DP_DEFENSES
 from common.dp import GaussianSumMechanism, NoiseSource, PrivacyEvent, PrivacyLedger
 from common.dp.flatsum import FlatSum
+from common.dp.mechanism import expected_noise_norm_of_mean
 from common.dp.plan import EACH_SITE, DPSGDPlan, FedAvgPlan
 from common.dp.sampling import SamplingSource, poisson_sample
 from common.lora import flat_norm, tree_add, tree_shapes
@@ -180,7 +181,7 @@ class DPFedAvgLoRA(LedgerStrategy):
         self.private = private
         self.server_learning_rate = server_learning_rate
         self.num_sites = num_sites  # the declared public K (0: undeclared, non-private runs only)
-        self.dpsgd = dpsgd if private and defense == "dp-sgd" else None  # the sites' record-level plan
+        self.dpsgd = dpsgd if private and defense in RECORD_DP_DEFENSES else None  # the sites' record-level plan
         self.rounds: list[RoundLog] = []
         self.reported_record_epsilons: dict[str, float] = {}
         self.aggregation = aggregation
@@ -322,7 +323,7 @@ class DPFedAvgLoRA(LedgerStrategy):
             entry.ignored.append(node)
             return
         try:
-            if self.defense == "dp-sgd" and self.private:
+            if self.defense in RECORD_DP_DEFENSES and self.private:
                 self._record_site_spend(entry, reply, node)
             # float32 views of the reply and their float64 norm (checked against C when private)
             delta, norm = read_update(reply, self.shapes, max_norm=self.mechanism.clip_norm if self.private else None)
@@ -377,7 +378,7 @@ class DPFedAvgLoRA(LedgerStrategy):
 
     def expected_noise_norm(self, noise_multiplier: float) -> float:
         """E||N(0, (zC)^2 I_d)|| / denominator ~ z*C*sqrt(d)/(q*K): public, unlike the realised norm."""
-        return noise_multiplier * self.mechanism.clip_norm * math.sqrt(self.shapes.total) / self.denominator
+        return expected_noise_norm_of_mean(noise_multiplier, self.mechanism.clip_norm, self.shapes.total, self.denominator)
 
     def _short_round(self, entry: RoundLog, event: PrivacyEvent | None = None,
                      why: str = "") -> tuple[None, MetricRecord]:

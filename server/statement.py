@@ -13,7 +13,9 @@ means different things depending on
 
 :class:`PrivacyFacts` holds exactly those facts; :func:`privacy_statement` turns them into the
 fields every ``privacy.json`` carries (with :data:`SCHEMA_VERSION`), including the sentence the
-model card prints (``statement``) and the sentence the log prints (:func:`log_line`). The wording
+model card prints (``statement``) and the sentence the log prints (:func:`log_line`).
+:func:`checked_signal` builds privacy.json's ``signal_to_noise`` (which the model card prints)
+and refuses, before any site is contacted, a private run that cannot carry signal. The wording
 follows from the facts, so a seeded run, a run with diagnostics, or central noise each change
 the sentence, never silently.
 
@@ -25,11 +27,15 @@ site-level (all of one site's images), and record-level too when every site runs
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
 from common.config import AGGREGATIONS, RunConfig
+from common.dp.plan import DPAggPlan, FedAvgPlan, refuse_without_signal, signal_to_noise
+
+log = logging.getLogger("privadapt.server")
 
 SCHEMA_VERSION = 2
 
@@ -70,6 +76,8 @@ class PrivacyFacts:
             (SMP-LoRA, MP-LoRA), which adds no formal guarantee.
         record_noise_on_sites: the record-level unit's noise was added on every site (DP-SGD
             under a site-level release): that unit's guarantee does not rest on the server.
+        record_covers: which images the record-level epsilon covers, in words (None: no
+            record unit, or every image trivially, as for DPAgg-TI).
     """
 
     private: bool
@@ -86,6 +94,7 @@ class PrivacyFacts:
     empirical_defense: str | None = None
     not_covered: tuple[str, ...] = field(default=())
     record_noise_on_sites: bool = False
+    record_covers: str | None = None
 
     def __post_init__(self) -> None:
         if self.noise_by not in NOISE_BY:
@@ -151,7 +160,8 @@ def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, M
               adjacency: Mapping[str, str], contribution: str, noise_by: str | None = None,
               diagnostics: str | None = None, achieved: list[float] | tuple[float, ...] = (),
               planned_noise_multiplier: float = 0.0, empirical_defense: str | None = None,
-              not_covered: tuple[str, ...] = (), record_noise_on_sites: bool = False) -> PrivacyFacts:
+              not_covered: tuple[str, ...] = (), record_noise_on_sites: bool = False,
+              record_covers: str | None = None) -> PrivacyFacts:
     """The :class:`PrivacyFacts` of a run from its config and what it measured; ``noise_by``
     defaults to who adds the release's noise in the run's aggregation mode."""
     return PrivacyFacts(
@@ -159,7 +169,8 @@ def run_facts(cfg: RunConfig, *, units: tuple[str, ...], epsilon: Mapping[str, M
         aggregation=cfg.aggregation, noise_by=noise_by or server_noise_by(cfg), randomness_secret=cfg.secret_randomness,
         diagnostics=diagnostics, contribution=contribution,
         smallest_noise_multiplier=smallest_achieved(achieved, planned_noise_multiplier),
-        empirical_defense=empirical_defense, not_covered=not_covered, record_noise_on_sites=record_noise_on_sites)
+        empirical_defense=empirical_defense, not_covered=not_covered, record_noise_on_sites=record_noise_on_sites,
+        record_covers=record_covers)
 
 
 def trust_model(facts: PrivacyFacts) -> str:
@@ -209,8 +220,9 @@ def _unit_claim(facts: PrivacyFacts, unit: str, first: bool) -> str:
                 f"except with probability {facts.delta:g}.")
     local = " without trusting the server: every site ran DP-SGD on its own images" if (
         unit == "record" and facts.record_noise_on_sites) else ""
+    covers = f" It covers {facts.record_covers}." if unit == "record" and facts.record_covers else ""
     return (f"It is also ({prv}, {facts.delta:g})-DP at the level of **{words}** (adjacency: {adjacency}; RDP: {rdp})"
-            f"{local}.")
+            f"{local}.{covers}")
 
 
 def claim(facts: PrivacyFacts, what: str) -> str:
@@ -230,8 +242,8 @@ def claim(facts: PrivacyFacts, what: str) -> str:
     parts += [_unit_claim(facts, u, first=False) for u in facts.units[1:]]
     if facts.empirical_defense:
         parts.append(f"The sites trained with {facts.empirical_defense}, an empirical defence against membership "
-                     "inference (a proxy attacker in the loop): it adds no formal guarantee for single images beyond "
-                     "the statement above.")
+                     "inference (a proxy attacker in the loop, kept on each site and never sent): it adds no formal "
+                     "guarantee for single images beyond the statement above.")
     parts.append(_who_sees_what(facts))
     if facts.smallest_noise_multiplier is not None:
         parts.append(f"Sites dropped out of some rounds, so the smallest noise multiplier a release carried was "
@@ -269,6 +281,7 @@ def privacy_statement(facts: PrivacyFacts, what: str) -> dict:
         "server_trusted_for": trusted_for(facts),
         "site_diagnostics": facts.diagnostics is not None,
         "not_covered": not_covered(facts),
+        "record_covers": facts.record_covers if "record" in facts.units else None,
     }
 
 
@@ -295,3 +308,19 @@ def log_line(privacy: Mapping) -> str:
         return (f"NOT PRIVATE (privacy-randomness = seeded-insecure: the noise can be regenerated from the run seed); "
                 f"{figure} is the mechanism's value, NOT a guarantee for this release")
     return f"{unit}-level DP, {figure}; noise added by the {privacy.get('noise_added_by')}, aggregation {privacy.get('aggregation')}"
+
+
+def checked_signal(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan, dimension: int) -> dict | None:
+    """privacy.json's ``signal_to_noise`` (:class:`common.dp.plan.SignalToNoise`, whose
+    ``summary`` the model card prints): the planned noise on the released mean against the
+    largest possible signal, from public settings and the ``dimension`` of the release only.
+    Logged before the first release; a private run whose adapter cannot carry signal
+    (``max-noise-to-signal``) is refused here with ValueError, before any site is contacted.
+    None for a non-private run (no noise: never refused)."""
+    figures = signal_to_noise(cfg, plan, dimension)
+    if figures is None:
+        log.info("privadapt: non-private run: no noise, no signal-to-noise check")
+        return None
+    log.log(logging.WARNING if figures.ratio > 1 else logging.INFO, "privadapt: %s", figures.summary)
+    refuse_without_signal(cfg, plan, figures)
+    return figures.to_dict()

@@ -48,11 +48,11 @@ def attack_members(run: Run, held_out: Path) -> list[Path] | None:
     Raises:
         ValueError: If ``held_out`` is one of those sites' folders (its images are members).
     """
-    from common.config import ADVERSARIAL_DEFENSES
+    from common.config import PROXY_ATTACKER_DEFENSES
     from evaluation.splits import site_folders
 
     cfg = run.config
-    if cfg.adapter == "lora" and cfg.defense in ADVERSARIAL_DEFENSES:
+    if cfg.adapter == "lora" and cfg.defense in PROXY_ATTACKER_DEFENSES:
         return None
     members = site_folders(run.path, cfg)
     overlap = [str(f) for f in members if f.resolve() == held_out.resolve()]

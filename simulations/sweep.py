@@ -132,8 +132,10 @@ def sweep(out: Path, *, methods: Sequence[str] = DEFAULT_METHODS, epsilons: Sequ
     sizes = site_sizes(data_dir, num_sites)
     # the experimenter, as operator, declares the public sizes of the split it made: N for
     # DPAgg-TI's denominator, the largest site for DP-SGD's q (num-sites K: simulate declares it)
+    # the sweep measures the privacy-utility curve, including its points that carry no signal (site-level
+    # DP over a few sites): their runs are not refused; each privacy.json's signal_to_noise says how far off they are
     common = {**BASE, "data-path": str(data_dir), "dataset-size": sum(sizes), "site-dataset-size": max(sizes),
-              **(overrides or {})}
+              "max-noise-to-signal": "inf", **(overrides or {})}
     entries: list[dict] = []
     references: dict[str, Path] = {}
     bar = tqdm(plan(methods, epsilons), desc="sweep", unit="run", disable=not progress)

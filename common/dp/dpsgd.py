@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from common.config import RunConfig
+from common.config import DPSGD_MECHANISMS_PER_STEP, RunConfig
 from common.dp.accounting import calibrate_noise_multiplier
 from common.dp.mechanism import PrivacyEvent
 
@@ -122,14 +122,15 @@ def dpsgd_schedule(cfg: RunConfig, budget: DPSGDBudget | None = None) -> DPSGDSc
     The TI baseline (``ti-method = dp-sgd``) plans ``dpsgd-rounds`` x ``dpsgd-local-steps``
     steps for ``target-epsilon`` (or the fixed ``noise-multiplier``); LoRA with defense
     ``dp-sgd`` plans (``rounds`` + retries) x ``local-steps`` steps for
-    ``record-target-epsilon``. Both draw batches of expected size ``dpsgd-batch-size``.
+    ``record-target-epsilon``, and ``smp-dp-sgd`` twice as many (each local step runs the
+    proxy attacker's DP-SGD step and the adapter's, :mod:`client.smp_dpsgd`). Both draw batches of expected size ``dpsgd-batch-size``.
     ``budget`` overrides the config's (benchmarks fix z with it)."""
     if cfg.adapter == "ti" and cfg.ti_method == "dp-sgd":
         steps = cfg.dpsgd_local_steps
         budget = budget or DPSGDBudget(cfg.target_epsilon, cfg.target_delta, cfg.dpsgd_rounds * steps,
                                        cfg.noise_multiplier)
-    elif cfg.adapter == "lora" and cfg.defense == "dp-sgd":
-        steps = cfg.local_steps
+    elif cfg.site_dpsgd:
+        steps = cfg.local_steps * DPSGD_MECHANISMS_PER_STEP[cfg.defense]  # smp-dp-sgd: attacker's + adapter's
         budget = budget or DPSGDBudget(cfg.record_epsilon_target, cfg.target_delta,
                                        (cfg.rounds + cfg.planned_attempts_extra) * steps)
     else:

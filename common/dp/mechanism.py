@@ -141,6 +141,15 @@ def site_scope(index: int) -> str:
     return f"site-{index}"
 
 
+def expected_noise_norm_of_mean(noise_multiplier: float, clip_norm: float, dimension: int, denominator: float) -> float:
+    """About E||N(0, (zC)^2 I_d)|| / denominator = z*C*sqrt(d)/denominator: the norm of the noise
+    on a released mean of ``dimension`` coordinates, from public quantities only (the realised
+    noise's norm, with the release, would tell a candidate sum apart exactly). The one place
+    this figure is computed: the LoRA round metrics and the run's signal-to-noise plan
+    (:func:`common.dp.plan.signal_to_noise`) both read it here."""
+    return noise_multiplier * clip_norm * math.sqrt(dimension) / denominator
+
+
 @dataclass(frozen=True)
 class GaussianSumMechanism:
     """Bound records to L2 norm ``clip_norm``, sum, add Gaussian noise, divide.

@@ -5,6 +5,10 @@ Every plan also says what one round attempt is charged (:meth:`charged_event`), 
 :func:`plan_record`, what the sites are told with every round, is built from the same plan
 object: a site's policy (client.policy) recomputes exactly the epsilon the server's ledger is
 charged. The server plans and charges with it; the sites read what it sends.
+
+:func:`signal_to_noise` says, from the plan, the declared count and the number of released
+parameters, whether the release can carry signal at all, and :func:`refuse_without_signal`
+refuses a private run whose noise drowns the largest possible signal, before it spends.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from common.config import RunConfig
 from common.dp.accounting import calibrate_noise_multiplier, epsilon
 from common.dp.budget import BudgetCheck
 from common.dp.dpsgd import dpsgd_schedule
-from common.dp.mechanism import PrivacyEvent
+from common.dp.mechanism import PrivacyEvent, expected_noise_norm_of_mean
 
 # The scope of an event every site spends in its own scope (``site-<index>``): DP-SGD on the
 # sites. The server's budget check composes it with the most-spent site's events
@@ -207,3 +211,165 @@ def plan_record(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan | None, *, dpsgd: D
                        keys.PLAN_DPSGD_STEPS: int(dpsgd.total_steps)})
         record.setdefault(keys.PLAN_ROUNDS, int(dpsgd.rounds))
     return record
+
+
+@dataclass(frozen=True)
+class SignalToNoise(_Plan):
+    """Whether a private release can carry signal, from public settings alone, before any
+    site is contacted (privacy.json's ``signal_to_noise``, the model card and the server log).
+
+    A release is the sum of records bounded to L2 norm C plus N(0, (zC)^2 I_d), divided by the
+    public denominator q*M (M, the declared count: images N for DPAgg-TI, sites K for
+    DP-FedAvg; d, the number of released parameters: the embedding dimension, or the LoRA
+    adapter's parameter count). The mean of the bounded records has norm at most C when the
+    expected count contributes, while the noise on it has expected norm z*C*sqrt(d)/(q*M)
+    (:func:`~common.dp.mechanism.expected_noise_norm_of_mean`). Their ratio z*sqrt(d)/(q*M)
+    does not depend on C, and they cross at M* = z*sqrt(d)/q.
+
+    Over R releases (DPAgg-TI averages its ``num-releases``; DP-FedAvg adds its T rounds into
+    the adapter) the noise grows as sqrt(R) and the signal at most R-fold, so the published
+    adapter's ratio is at best ``ratio / sqrt(R)``: the check reads that one
+    (``ratio_over_releases``), so it never refuses a run whose adapter could carry signal by
+    the threshold's standard. At q = 1, T rounds at z compose exactly as one round at
+    z/sqrt(T) (Gaussian composition), so fewer rounds lower each round's noise, not this bound.
+
+    With DP-SGD on the sites (LoRA ``defense = "dp-sgd"``) the server still adds its site-level
+    noise, which is what this figure measures; the sites' own noise sits inside each clipped
+    delta on top of it, so the true noise is at least this: the check still holds (``note``).
+    """
+
+    unit: str  # the privacy unit of the release the figure describes ("record", "site")
+    count_key: str  # the run-config key of the declared count: "dataset-size" or "num-sites"
+    count_name: str  # "images" or "sites"
+    declared_count: int  # M: N or K, declared public before the run (never who connected)
+    dimension: int  # d: released parameters
+    noise_multiplier: float  # z
+    sample_rate: float  # q
+    clip_norm: float  # C
+    denominator: float  # q*M
+    releases: int  # R: releases averaged (DPAgg-TI) or rounds added into the adapter (DP-FedAvg)
+    release_name: str  # "release" or "round"
+    expected_noise_norm_of_mean: float  # z*C*sqrt(d)/(q*M), one release
+    max_signal_norm: float  # C
+    ratio: float  # expected_noise_norm_of_mean / max_signal_norm, one release
+    crossing_count: float  # M* = z*sqrt(d)/q: the declared count at which one release's ratio is 1
+    ratio_over_releases: float  # ratio / sqrt(R): the published adapter's, at best
+    crossing_count_over_releases: float  # M*/sqrt(R)
+    threshold: float  # max-noise-to-signal (inf: not checked)
+    note: str = ""
+
+    @property
+    def refused(self) -> bool:
+        """True when even at best the published adapter's noise exceeds ``threshold`` times its signal."""
+        return self.ratio_over_releases > self.threshold
+
+    @property
+    def symbol(self) -> str:
+        return "N" if self.count_key == "dataset-size" else "K"
+
+    def _over(self, what: str, value: float) -> str:
+        """``value`` over the R releases, in words (nothing when R = 1)."""
+        if self.releases == 1:
+            return ""
+        return f", {value:.4g} over the {self.releases} {self.release_name}s{what}"
+
+    @property
+    def figures(self) -> str:
+        """The figures in one sentence (the log, the model card, the refusal)."""
+        m, r = self.symbol, self.release_name
+        averaged = (f" (the noise adds up as sqrt({self.releases}), the signal at most {self.releases}-fold)"
+                    if self.releases > 1 else "")
+        return (f"expected noise norm of the released mean z*C*sqrt(d)/(q*{m}) = {self.noise_multiplier:.4g} x "
+                f"{self.clip_norm:g} x sqrt({self.dimension}) / ({self.sample_rate:g} x {self.declared_count}) = "
+                f"{self.expected_noise_norm_of_mean:.4g} against a largest possible signal C = {self.max_signal_norm:g}: "
+                f"noise-to-signal ratio {self.ratio:.4g} per {r}{self._over(averaged, self.ratio_over_releases)}; noise "
+                f"and signal cross at {m}* = z*sqrt(d)/q = {self.crossing_count:.4g} {self.count_name} per {r}"
+                f"{self._over('', self.crossing_count_over_releases)} (declared {m} = {self.declared_count})")
+
+    @property
+    def summary(self) -> str:
+        """:attr:`figures` and the check's outcome."""
+        if math.isinf(self.threshold):
+            verdict = "not checked (max-noise-to-signal = inf)"
+        else:
+            verdict = (f"{'above' if self.refused else 'within'} max-noise-to-signal = {self.threshold:g}"
+                       f"{' over the run' if self.releases > 1 else ''}")
+        note = f" {self.note}" if self.note else ""
+        return f"Signal and noise, planned from public settings: {self.figures}; {verdict}.{note}"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "summary": self.summary}
+
+
+def signal_to_noise(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan, dimension: int) -> SignalToNoise | None:
+    """The :class:`SignalToNoise` of a run's release: ``dimension`` released parameters, the
+    plan's z, q and denominator, the clip norm and the declared count. None for a non-private
+    run (no noise: never refused)."""
+    if not cfg.private:
+        return None
+    if isinstance(plan, DPAggPlan):
+        count, count_key, count_name, clip = cfg.dataset_size, "dataset-size", "images", cfg.clip_norm
+        denominator, releases, release_name, note = plan.denominator, plan.releases, "release", ""
+    else:
+        count, count_key, count_name, clip = cfg.num_sites, "num-sites", "sites", cfg.lora_clip_norm
+        denominator, releases, release_name = plan.denominator(cfg.num_sites), plan.rounds, "round"
+        note = ("The sites' own DP-SGD noise comes on top, inside each clipped delta, and is not counted: the noise "
+                "is at least this." if cfg.site_dpsgd else "")
+    noise = expected_noise_norm_of_mean(plan.noise_multiplier, clip, dimension, denominator)
+    ratio = noise / clip
+    over = ratio / math.sqrt(releases)
+    return SignalToNoise(plan.unit, count_key, count_name, count, dimension, plan.noise_multiplier, plan.sample_rate,
+                         clip, denominator, releases, release_name, noise, clip, ratio, ratio * count, over,
+                         over * count, cfg.max_noise_to_signal, note)
+
+
+def refuse_without_signal(cfg: RunConfig, plan: DPAggPlan | FedAvgPlan, figures: SignalToNoise | None) -> None:
+    """Raise ValueError, naming the figures and what would pass, when the run's published
+    adapter cannot carry signal (:attr:`SignalToNoise.refused`). Called before any site is
+    contacted: nothing is sent, nothing is charged."""
+    if figures is None or not figures.refused:
+        return
+    f, m = figures, figures.symbol
+    event = plan.charged_event()
+    # the largest z that passes, and the epsilon it would spend over the plan's attempts
+    z_pass = f.noise_multiplier * f.threshold / f.ratio_over_releases
+    try:
+        eps_pass = epsilon([PrivacyEvent.planned(z_pass, event.sample_rate, plan.attempts, event.unit)],
+                           cfg.target_delta, "prv")
+    except (ValueError, ArithmeticError):  # a z too small for the accountant: no finite epsilon
+        eps_pass = math.inf
+    eps_words = f"target-epsilon >= {eps_pass:.4g}" if math.isfinite(eps_pass) else "no finite target-epsilon"
+    fix_eps = (f"a larger epsilon: {eps_words} (z <= {z_pass:.4g}) passes at the same {f.release_name}s and sampling "
+               "rate" + (f"; with an explicit noise-multiplier, noise-multiplier <= {z_pass:.4g}"
+                         if cfg.noise_multiplier >= 0 else ""))
+    count_pass = math.ceil(f.crossing_count_over_releases / f.threshold)
+    fixes = [f"more {f.count_name}: {f.count_key} >= {count_pass} passes (noise equals signal at "
+             f"{m}* = {f.crossing_count_over_releases:.4g}{' over the run' if f.releases > 1 else ''}); declare only "
+             f"the true count", fix_eps]
+    if f.unit == "site":
+        record = (f"keep defense = {cfg.defense!r} with record-target-epsilon for one image, and raise the site-level "
+                  f"target-epsilon to >= {eps_pass:.4g}" if cfg.site_dpsgd else
+                  f"defense = 'dp-sgd' with record-target-epsilon = {cfg.target_epsilon:g} for one image and a "
+                  f"site-level target-epsilon >= {eps_pass:.4g} (the server's site-level noise is what this check "
+                  f"measures)")
+        fixes.insert(0, f"record-level DP instead of site-level: {record}; or adapter = 'ti' (DPAgg-TI, one "
+                        f"embedding per image, denominator q*N over the declared images)")
+    key = "rounds" if f.release_name == "round" else "num-releases"
+    if f.releases > 1 and cfg.noise_multiplier < 0:
+        z_one = calibrate_noise_multiplier(cfg.target_epsilon, cfg.target_delta, event.sample_rate,
+                                           1 + cfg.planned_attempts_extra, unit=event.unit)
+        ratio_one = f.ratio * z_one / f.noise_multiplier  # the ratio is proportional to z
+        fixes.append(f"fewer {f.release_name}s: {key} = 1 lowers z to {z_one:.4g} and gives ratio {ratio_one:.4g}"
+                     + (", which passes" if ratio_one <= f.threshold else
+                        f": {f.releases} {f.release_name}s at z compose about like one at z/sqrt({f.releases}), so "
+                        f"fewer {f.release_name}s do not lift this bound"))
+    else:
+        fixes.append(f"fewer {f.release_name}s do not help: this is {key} = {f.releases} already"
+                     if f.releases == 1 else f"fewer {f.release_name}s lower z only with a calibrated noise-multiplier")
+    fixes.append("max-noise-to-signal = inf runs it anyway (research only: the published adapter will be mostly noise)")
+    raise ValueError(
+        f"refusing to start: this private run cannot carry signal. {f.figures[0].upper()}{f.figures[1:]}; the "
+        f"published adapter's noise is {f.ratio_over_releases:.4g} times its largest possible signal, above "
+        f"max-noise-to-signal = {f.threshold:g}. Alternatives:\n  - " + "\n  - ".join(fixes)
+        + f"\nNothing was sent to any site; nothing was charged.{' ' + f.note if f.note else ''}"
+    )

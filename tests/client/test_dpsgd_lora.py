@@ -3,35 +3,35 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 from flwr.app import RecordDict
+from opacus.optimizers import DPOptimizer
 
 import common.diffusion
-from client.dpsgd_lora import dpsgd_lora_round, per_sample_unet
-from client.site_accountant import load_history
+from client.dpsgd_lora import dpsgd_lora_round
+from client.site_accountant import NoiseSourceDPOptimizer, load_history
 from common import keys
 from common.config import RunConfig
 from common.data import SiteImages
 from common.diffusion import denoising_loss
-from common.lora import LoRASpec, attach_lora, lora_parameters, lora_state
+from common.lora import LoRASpec, attach_lora, frozen_state, lora_parameters, lora_state
 from common.models import load_pipeline
-from tests.client.helpers import FixedDraws, opacus_leftovers
+from tests.client.helpers import (
+    FixedDraws,
+    clip_each_record,
+    opacus_grad_samples,
+    opacus_leftovers,
+    perturbed_lora_pipe,
+)
 
 SPEC = LoRASpec(rank=2, alpha=2.0)
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd_path):
-    p = load_pipeline(tiny_sd_path, device="cpu")
-    attach_lora(p, SPEC, seed=0)
-    g = torch.Generator().manual_seed(9)
-    with torch.no_grad():  # B != 0, so that A's gradients are not zero
-        for param in lora_parameters(p, SPEC):
-            param.add_(0.05 * torch.randn(param.shape, generator=g))
-    return p
+    return perturbed_lora_pipe(tiny_sd_path, SPEC)
 
 
 def site_images(n: int = 6, seed: int = 3) -> SiteImages:
@@ -66,19 +66,9 @@ def test_opacus_per_sample_gradients_on_the_lora_unet_match_a_loop(pipe, monkeyp
     loop = torch.stack(loop)
 
     monkeypatch.setattr(common.diffusion, "torch", FixedDraws(noise, timesteps))
-    for p in params:
-        p.grad = None
-    unet = per_sample_unet(pipe)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            denoising_loss(unet, pipe.scheduler, latents, hidden, None).mean().backward()
-        per_sample = torch.stack([torch.cat([p.grad_sample[i].flatten() for p in params]) for i in range(3)])
-    finally:
-        unet.cleanup()
-        pipe.unet.eval()
-        for p in params:
-            p.grad = None
+    rows = opacus_grad_samples(pipe, params, lambda unet: denoising_loss(unet, pipe.scheduler, latents, hidden,
+                                                                         None).mean())
+    per_sample = torch.stack([torch.cat([g[i].flatten() for g in rows]) for i in range(3)])
     assert per_sample.shape == loop.shape
     for i in range(3):
         assert loop[i].norm() > 0
@@ -133,3 +123,43 @@ def test_text_encoder_lora_is_refused_with_dp_sgd(pipe):
     with pytest.raises(ValueError, match="lora-text-encoder"):
         dpsgd_lora_round(pipe, LoRASpec(rank=2, text_encoder=True), site_images(), config(), state=RecordDict(),
                          site_index=0, round_index=1)
+
+
+# ---- FFA-LoRA: Opacus computes, clips and noises the per-image gradients of B only ---------------
+
+FFA = LoRASpec(rank=2, alpha=2.0, variant="ffa")
+
+
+@pytest.fixture(scope="module")
+def ffa_pipe(tiny_sd_path):
+    p = load_pipeline(tiny_sd_path, device="cpu")
+    attach_lora(p, FFA, seed=0)
+    return p
+
+
+def test_ffa_dp_sgd_clips_each_per_sample_gradient_of_b_exactly(ffa_pipe, monkeypatch):
+    """Every step, Opacus' own clipping is run on each image's gradient alone (then on the
+    batch, as usual): the clipped gradient's norm is at most C, it is the gradient scaled
+    by min(1, C/||g||), and it is a gradient of the B matrices only (A gets none)."""
+    c = 1e-4  # small: every per-image gradient is clipped
+    a_params = [p for n, p in ffa_pipe.unet.named_parameters() if ".lora_A." in n]
+    b_params = {id(p) for p in lora_parameters(ffa_pipe, FFA)}
+    seen: list[tuple[float, float]] = []  # (norm before, norm after clipping) per image
+    original = DPOptimizer.clip_and_accumulate
+
+    def checked(self):
+        assert {id(p) for p in self.params} == b_params
+        assert not any(getattr(p, "grad_sample", None) is not None for p in a_params)
+        seen.extend(clip_each_record(self, original, c, rtol=1e-5))
+
+    monkeypatch.setattr(NoiseSourceDPOptimizer, "clip_and_accumulate", checked)
+    a, b = frozen_state(ffa_pipe, FFA), lora_state(ffa_pipe, FFA)
+    cfg = config(**{"lora-variant": "ffa", "dpsgd-max-grad-norm": c, "local-steps": 3})
+    dpsgd_lora_round(ffa_pipe, FFA, site_images(), cfg, state=RecordDict(), site_index=0, round_index=1)
+    assert seen and all(before > c for before, _ in seen)
+    assert all(after <= c for _, after in seen)
+    after = lora_state(ffa_pipe, FFA)
+    assert set(after) == set(b) and all(".lora_B." in k for k in after)
+    assert any(not torch.equal(after[k], b[k]) for k in b)
+    assert all(torch.equal(v, a[k]) for k, v in frozen_state(ffa_pipe, FFA).items())  # A never moved
+    assert not any(p.requires_grad for p in a_params) and opacus_leftovers(ffa_pipe) == []

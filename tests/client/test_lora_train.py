@@ -7,7 +7,7 @@ from client.lora_train import LORA_DEFENSES, LoRATrainSettings, train_lora_local
 from client.smp import attacker_from_bytes
 from common.config import ADVERSARIAL_DEFENSES
 from common.data import SiteImages
-from common.lora import LoRASpec, attach_lora, load_lora_state, lora_state
+from common.lora import LoRASpec, attach_lora, frozen_state, load_lora_state, lora_state
 from common.models import load_pipeline
 
 SPEC = LoRASpec(rank=2, alpha=2.0)
@@ -123,3 +123,34 @@ def test_plain_lora_runs_on_a_single_image(pipe):
 def test_settings_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LoRATrainSettings(**bad)
+
+
+# ---- FFA-LoRA: every defense trains B only; A stays at its public initialisation ------------------
+
+FFA = LoRASpec(rank=2, alpha=2.0, variant="ffa")
+
+
+@pytest.fixture(scope="module")
+def ffa_pipe(tiny_sd_path):
+    pipe = load_pipeline(tiny_sd_path, device="cpu")
+    attach_lora(pipe, FFA, seed=0)
+    pipe.a = frozen_state(pipe, FFA)
+    pipe.start = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+                  for k, v in lora_state(pipe, FFA).items()}
+    return pipe
+
+
+@pytest.mark.parametrize("defense", LORA_DEFENSES)
+def test_ffa_trains_b_only_and_leaves_a_bit_for_bit(ffa_pipe, defense):
+    flags = {n: p.requires_grad for n, p in ffa_pipe.unet.named_parameters()}
+    load_lora_state(ffa_pipe, FFA, ffa_pipe.start)
+    settings = LoRATrainSettings(steps=2, batch_size=2, learning_rate=1e-2, defense=defense, smp_lambda=1.0)
+    result = train_lora_locally(ffa_pipe, FFA, site(), settings, generator=torch.Generator().manual_seed(0),
+                                split_seed=11, attacker_state=None)
+    after = lora_state(ffa_pipe, FFA)
+    assert set(after) == set(ffa_pipe.start) and all(".lora_B." in k for k in after)
+    assert all(not torch.equal(after[k], ffa_pipe.start[k]) for k in after)  # every B moved
+    assert same(frozen_state(ffa_pipe, FFA), ffa_pipe.a)  # A did not
+    assert {n: p.requires_grad for n, p in ffa_pipe.unet.named_parameters()} == flags
+    assert all(p.grad is None for p in ffa_pipe.unet.parameters())
+    assert math.isfinite(result.metrics["adaptation-loss"])

@@ -26,11 +26,30 @@ def test_unknown_key_is_named():
 @pytest.mark.parametrize(
     "key,value",
     [("clip-norm", -1.0), ("sampling-rate", 0.0), ("sampling-rate", 1.5), ("target-delta", 1.0),
-     ("bound", "squash"), ("ti-steps", 0), ("prompt-template", "no token"), ("resolution", 60)],
+     ("bound", "squash"), ("ti-steps", 0), ("prompt-template", "no token"), ("resolution", 60),
+     ("lora-variant", "dora")],
 )
 def test_invalid_values_are_named(key, value):
     with pytest.raises(ValueError, match=key):
         RunConfig.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, "nan"])
+def test_max_noise_to_signal_must_be_positive(value):
+    with pytest.raises(ValueError, match="max-noise-to-signal"):
+        RunConfig.from_run_config({"max-noise-to-signal": value})
+
+
+def test_max_noise_to_signal_defaults_to_10_and_inf_disables_it():
+    assert RunConfig().max_noise_to_signal == 10.0 == pyproject_run_config()["max-noise-to-signal"]
+    cfg = RunConfig.from_run_config({"max-noise-to-signal": "inf"})
+    assert math.isinf(cfg.max_noise_to_signal) and cfg.to_run_config()["max-noise-to-signal"] == "inf"
+
+
+def test_lora_variant_applies_to_lora_only():
+    assert RunConfig.from_run_config({"adapter": "lora", "lora-variant": "ffa", "num-sites": 2}).lora_variant == "ffa"
+    with pytest.raises(ValueError, match="lora-variant: applies to adapter 'lora' only"):
+        RunConfig.from_run_config({"adapter": "ti", "lora-variant": "ffa"})
 
 
 def test_type_errors_are_named():

@@ -12,15 +12,20 @@ from common.lora import (
     attach_lora,
     check_tree,
     flat_norm,
+    frozen_state,
+    init_frozen_a,
     load_lora_state,
     lora_parameters,
     lora_state,
     save_lora,
+    training_adapter,
     tree_add,
+    tree_digest,
     tree_shapes,
     tree_sub,
 )
 from common.models import load_pipeline
+from common.paths import derive_seed
 
 
 def unet_output(pipe, seed: int = 0) -> torch.Tensor:
@@ -119,3 +124,100 @@ def test_spec_validation():
         LoRASpec(alpha=0)
     with pytest.raises(ValueError, match="target"):
         LoRASpec(targets=())
+    with pytest.raises(ValueError, match="variant"):
+        LoRASpec(variant="dora")
+
+
+# ---- FFA-LoRA: A frozen at a public seeded initialisation, only B trained and released ----------
+
+FFA = LoRASpec(rank=2, alpha=2.0, variant="ffa")
+
+
+def ffa_pipe(tiny_sd_path, seed: int = 5, spec: LoRASpec = FFA):
+    pipe = load_pipeline(tiny_sd_path, device="cpu")
+    attach_lora(pipe, spec, seed=seed)
+    return pipe
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ffa_trains_and_releases_b_only_and_a_is_frozen(tiny_sd_path):
+    pipe = load_pipeline(tiny_sd_path, device="cpu")
+    before = unet_output(pipe)
+    attach_lora(pipe, FFA, seed=5)
+    assert torch.equal(unet_output(pipe), before)  # B = 0: a fresh adapter changes nothing
+    trainable = {n for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    adapter = {n for n, _ in pipe.unet.named_parameters() if "lora_" in n}
+    assert trainable == {n for n in adapter if ".lora_B." in n} and len(trainable) == len(adapter) // 2
+    assert len(lora_parameters(pipe, FFA)) == len(trainable)
+    released, frozen = lora_state(pipe, FFA), frozen_state(pipe, FFA)
+    assert released and all(".lora_B." in k for k in released) and all(".lora_A." in k for k in frozen)
+    assert {k.replace(".lora_A.", ".") for k in frozen} == {k.replace(".lora_B.", ".") for k in released}
+    plain = LoRASpec(rank=2, alpha=2.0)
+    assert tree_shapes(lora_state(pipe, plain)) == {**tree_shapes(frozen), **tree_shapes(released)}
+    assert not frozen_state(pipe, plain)
+    # d, the released dimension, is that of the B matrices alone: on this model just over half of LoRA's
+    d_ffa, d_lora = (sum(v.numel() for v in lora_state(pipe, s).values()) for s in (FFA, plain))
+    assert d_ffa == sum(v.numel() for v in released.values()) and 0.5 * d_lora <= d_ffa < 0.55 * d_lora
+    # loading a B tree leaves A as drawn
+    load_lora_state(pipe, FFA, {k: torch.ones_like(v) for k, v in released.items()})
+    assert same(frozen_state(pipe, FFA), frozen) and not torch.equal(unet_output(pipe), before)
+
+
+def test_ffa_a_is_a_public_function_of_seed_name_and_shape_only(tiny_sd_path):
+    first = frozen_state(ffa_pipe(tiny_sd_path), FFA)
+    # another pipeline, after other draws from the global generator: the same A, bit for bit
+    torch.manual_seed(123)
+    torch.randn(1000)
+    second = ffa_pipe(tiny_sd_path)
+    assert same(frozen_state(second, FFA), first) and tree_digest(frozen_state(second, FFA)) == tree_digest(first)
+    assert not same(frozen_state(ffa_pipe(tiny_sd_path, seed=6), FFA), first)
+    # the definition: N(0, 1/r^2), one CPU generator per tensor seeded from (seed, "ffa-lora-A", key)
+    key, value = next(iter(first.items()))
+    draw = torch.Generator().manual_seed(derive_seed(5, "ffa-lora-A", key))
+    assert torch.equal(value, torch.randn(value.shape, generator=draw) / FFA.rank)
+    a = torch.cat([v.flatten() for v in first.values()])
+    assert abs(float(a.std()) - 1 / FFA.rank) < 0.05 and abs(float(a.mean())) < 0.05
+    # idempotent, and only for FFA
+    init_frozen_a(second, FFA, seed=5)
+    assert same(frozen_state(second, FFA), first)
+    with pytest.raises(ValueError, match="FFA"):
+        init_frozen_a(second, LoRASpec(rank=2), seed=5)
+
+
+def test_training_adapter_sets_exactly_the_trained_flags_and_restores_them(tiny_sd_path):
+    pipe = ffa_pipe(tiny_sd_path)
+    plain = LoRASpec(rank=2, alpha=2.0)  # the same attached adapter, trained as plain LoRA
+    for p in lora_parameters(pipe, plain):
+        p.requires_grad_(True)
+    with training_adapter(pipe, FFA) as params:
+        assert {id(p) for p in params} == {id(p) for p in lora_parameters(pipe, FFA)}
+        assert [n for n, p in pipe.unet.named_parameters() if p.requires_grad] == [
+            n for n, _ in pipe.unet.named_parameters() if ".lora_B." in n]
+    assert all(p.requires_grad for p in lora_parameters(pipe, plain))
+
+
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_ffa_export_holds_the_frozen_a_and_reloads_in_a_stock_pipeline(tiny_sd_path, tmp_path, text_encoder):
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    spec = LoRASpec(rank=2, alpha=8.0, text_encoder=text_encoder, variant="ffa")
+    pipe = ffa_pipe(tiny_sd_path, spec=spec)
+    frozen = frozen_state(pipe, spec)
+    load_lora_state(pipe, spec, random_state(pipe, spec))
+    save_lora(tmp_path, pipe, spec)
+    saved = load_file(str(tmp_path / LORA_FILE))
+    unet_a = {k: v for k, v in frozen.items() if k.startswith("unet.")}
+    assert all(torch.equal(saved[k.replace(".lora_A.", ".lora.down.")], v) for k, v in unet_a.items())
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, local_files_only=True)
+    base = unet_output(fresh)
+    fresh.load_lora_weights(str(tmp_path))
+    name = next(iter(fresh.unet.peft_config))  # the stock loader names its adapter itself
+    loaded = {f"unet.{k}": v for k, v in get_peft_model_state_dict(fresh.unet, adapter_name=name).items()
+              if ".lora_A." in k}
+    assert same(loaded, unet_a)  # the stock pipeline holds the public A, bit for bit
+    adapted = unet_output(fresh)
+    assert torch.equal(adapted, unet_output(pipe)) and not torch.allclose(adapted, base)

@@ -30,17 +30,22 @@ SITES = (101, 102)
 # DP-SGD at q = dpsgd-batch-size / site-dataset-size = 1: the one local step never draws an empty
 # Poisson batch, so an opted-in loss is always there to see
 LORA = {"adapter": "lora", "rounds": 1, "local-steps": 1, "lora-batch-size": 2, "dpsgd-batch-size": 12,
-        "site-dataset-size": 12, "lora-rank": 2, "lora-alpha": 2.0, "num-sites": len(SITES)}
+        "site-dataset-size": 12, "lora-rank": 2, "lora-alpha": 2.0, "num-sites": len(SITES),
+        # what the sites send, not utility: site-level DP over 2 sites carries no signal (common.dp.plan.signal_to_noise)
+        "max-noise-to-signal": "inf"}
 ADAPTER = None  # a LoRA delta travels packed under the layout key of the server's own adapter message
 RUNS = {  # name: (run config, the ArrayRecord key of a site's contribution, the diagnostics it adds when opted in)
     "dpagg-ti": ({"ti-steps": 1, "dataset-size": 24}, keys.EMBEDDING_SUM, ()),
     "lora-none": ({**LORA, "defense": "none"}, ADAPTER, (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
     "lora-smp-lora": ({**LORA, "defense": "smp-lora"}, ADAPTER, keys.DIAGNOSTICS),
     "lora-dp-sgd": ({**LORA, "defense": "dp-sgd"}, ADAPTER, (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
+    "lora-smp-dp-sgd": ({**LORA, "defense": "smp-dp-sgd"}, ADAPTER, keys.DIAGNOSTICS),
+    "lora-ffa": ({**LORA, "defense": "none", "lora-variant": "ffa"}, ADAPTER,
+                 (keys.DIAG_LOSS, keys.DIAG_DELTA_NORM, keys.DIAG_CLIPPED)),
     "dp-sgd-ti": ({"ti-method": "dp-sgd", "dpsgd-rounds": 1, "dpsgd-local-steps": 1, "dpsgd-batch-size": 4,
                    "noise-multiplier": 1.0, "target-epsilon": 50.0}, keys.EMBEDDING, (keys.DIAG_LOSS,)),
 }
-SPENDS = {"lora-dp-sgd", "dp-sgd-ti"}  # the DP-SGD sites, which report the public parameters of their spend
+SPENDS = {"lora-dp-sgd", "lora-smp-dp-sgd", "dp-sgd-ti"}  # the DP-SGD sites, which report the public parameters of their spend
 ROUND_DIAGNOSTICS = {"adaptation_loss", "attacker_accuracy", "fraction_clipped", "delta_norm_before_clipping"}
 
 

@@ -137,6 +137,9 @@ def test_the_fingerprint_ignores_only_keys_that_do_not_change_the_rounds():
     assert config_fingerprint(base) != config_fingerprint({**base, "lora-clip-norm": 0.2})
     # the sites calibrate their own DP-SGD for dpsgd-rounds: it decides what they spend
     assert config_fingerprint({**base, "dpsgd-rounds": 3}) != config_fingerprint({**base, "dpsgd-rounds": 4})
+    # the signal-to-noise threshold only gates the start (checked again on resume); a checkpoint
+    # written before the key existed keeps its fingerprint
+    assert config_fingerprint(base) == config_fingerprint({**base, "max-noise-to-signal": "inf"})
 
 
 def crash_after_release(s, crash_round: int, snapshot) -> list:
