@@ -5,7 +5,8 @@ prompts and seeds (server/export.py), so the base row is the same in every run. 
 stacks the base row, the adapted row of each run and, per row, the share of images the style
 classifier (evaluation/features.py) calls Noto, i.e. in the private set's style::
 
-    python -m evaluation.grid outputs/demo outputs/demo-nonprivate --out outputs/demo/comparison.png
+    python -m evaluation.grid outputs/demo outputs/demo-nonprivate --out outputs/demo/comparison.png \\
+        [--kept outputs/demo/kept.json]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.features import DEFAULT_DIR, load_style_net, style_probabilities
+from evaluation.kept import kept_text, measure_name
 
 PROMPT_PREFIX = "an emoji of a "
 
@@ -52,12 +54,14 @@ def _font(size: int):
 
 
 def compose(rows: Sequence[tuple[str, Sequence[Image.Image]]], headers: Sequence[str], *, cell: int = 128,
-            label_width: int = 230) -> Image.Image:
-    """A labelled grid: one row per ``(label, images)``, one column per header."""
+            label_width: int = 230, footer: Sequence[str] = ()) -> Image.Image:
+    """A labelled grid: one row per ``(label, images)``, one column per header, and ``footer``
+    lines of text below."""
     font = _font(15)
     top = 28
     cols = max(len(images) for _, images in rows)
-    sheet = Image.new("RGB", (label_width + cols * cell, top + len(rows) * cell), "white")
+    bottom = 22 * len(footer) + (8 if footer else 0)
+    sheet = Image.new("RGB", (label_width + cols * cell, top + len(rows) * cell + bottom), "white")
     draw = ImageDraw.Draw(sheet)
     for c, text in enumerate(headers[:cols]):
         draw.text((label_width + c * cell + 4, 6), text[:18], fill="black", font=font)
@@ -67,11 +71,22 @@ def compose(rows: Sequence[tuple[str, Sequence[Image.Image]]], headers: Sequence
             draw.text((6, y + cell // 2 - 10 + 18 * i), line, fill="black", font=font)
         for c, image in enumerate(images):
             sheet.paste(image.resize((cell, cell), Image.NEAREST), (label_width + c * cell, y))
+    for i, line in enumerate(footer):
+        draw.text((6, top + len(rows) * cell + 6 + 22 * i), line, fill="black", font=font)
     return sheet
 
 
-def comparison(run_dirs: Sequence[Path], out: Path, *, classifier_dir: Path = DEFAULT_DIR) -> dict:
-    """Write the grid to ``out`` and the per-row Noto-style shares to ``out`` with ``.json``."""
+def kept_lines(kept: dict) -> list[str]:
+    """The footer: each measure's kept fraction (:func:`evaluation.kept.compare`'s result)."""
+    lines = [f"kept of the non-private improvement, {kept['held_out_images']} held-out images:"]
+    lines += [f"  {measure_name(m, kept['held_out_style'])}: {kept_text(e)}" for m, e in kept["measures"].items()]
+    return lines
+
+
+def comparison(run_dirs: Sequence[Path], out: Path, *, classifier_dir: Path = DEFAULT_DIR,
+               kept: dict | None = None) -> dict:
+    """Write the grid to ``out`` (with the kept fractions of ``kept``, :mod:`evaluation.kept`,
+    below it) and the per-row Noto-style shares to ``out`` with ``.json``."""
     base = read_samples(run_dirs[0], "base")
     rows = [("base model", base)] + [(run_label(d), read_samples(d, "adapted")) for d in run_dirs]
     shares: dict[str, float] = {}
@@ -82,7 +97,7 @@ def comparison(run_dirs: Sequence[Path], out: Path, *, classifier_dir: Path = DE
         rows = [(f"{label}\nNoto style: {shares[label]:.0%}", images) for label, images in rows]
     headers = [p.removeprefix(PROMPT_PREFIX) for p in run_prompts(run_dirs[0])]
     out.parent.mkdir(parents=True, exist_ok=True)
-    compose(rows, headers).save(out)
+    compose(rows, headers, footer=kept_lines(kept) if kept else ()).save(out)
     report = {"rows": [label.split("\n")[0] for label, _ in rows], "prompts": run_prompts(run_dirs[0]),
               "mean_noto_probability": shares, "runs": [str(d) for d in run_dirs]}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
@@ -93,8 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders, e.g. the DP run then the non-private run")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--kept", type=Path, help="kept.json of evaluation.kept, printed below the grid")
     args = parser.parse_args(argv)
-    report = comparison(args.runs, args.out)
+    kept = json.loads(args.kept.read_text()) if args.kept else None
+    report = comparison(args.runs, args.out, kept=kept)
     print(f"privadapt: comparison grid in {args.out}: {json.dumps(report['mean_noto_probability'], ensure_ascii=False)}")
 
 

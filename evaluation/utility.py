@@ -114,16 +114,22 @@ def paired_summary(base: np.ndarray, adapted: np.ndarray, *, confidence: float =
             "images": n, "confidence": confidence}
 
 
+def held_out_errors(run: Run, pipe, images: SiteImages, *, adapted: bool,
+                    timesteps: Sequence[int] = DEFAULT_TIMESTEPS, draws: int = 4, seed: int = 0) -> torch.Tensor:
+    """Per-image denoising errors ``[N, timesteps, draws]`` of ``pipe`` on ``images``, prompted
+    as the run's base (``adapted=False``) or adapted model; the same ``seed`` gives every model
+    the same noise (:func:`evaluation.scores.denoising_errors`)."""
+    data = encode(pipe, images.pixels, prompts_for(run, images.captions, adapted=adapted))
+    return denoising_errors(pipe.unet, pipe.scheduler, data, timesteps, draws=draws, seed=seed)
+
+
 def denoising_comparison(run: Run, base_pipe, adapted_pipe, images: SiteImages, *,
                          timesteps: Sequence[int] = DEFAULT_TIMESTEPS, draws: int = 4, seed: int = 0) -> dict:
     """Held-out denoising loss of the base and the adapted model, per image averaged over
-    ``timesteps`` and ``draws`` (:func:`evaluation.scores.denoising_errors`: the same
-    noise for both models, so the per-image difference is paired); also per timestep."""
-    def errors(pipe, adapted: bool) -> torch.Tensor:
-        data = encode(pipe, images.pixels, prompts_for(run, images.captions, adapted=adapted))
-        return denoising_errors(pipe.unet, pipe.scheduler, data, timesteps, draws=draws, seed=seed)
-
-    base, adapted = errors(base_pipe, False), errors(adapted_pipe, True)
+    ``timesteps`` and ``draws`` (the same noise for both models, so the per-image difference is
+    paired); also per timestep."""
+    base, adapted = (held_out_errors(run, pipe, images, adapted=flag, timesteps=timesteps, draws=draws, seed=seed)
+                     for pipe, flag in ((base_pipe, False), (adapted_pipe, True)))
     summary = paired_summary(base.mean((1, 2)).numpy(), adapted.mean((1, 2)).numpy())
     summary["per_timestep"] = {str(t): {"base": float(base[:, j].mean()), "adapted": float(adapted[:, j].mean())}
                                for j, t in enumerate(timesteps)}
@@ -133,12 +139,17 @@ def denoising_comparison(run: Run, base_pipe, adapted_pipe, images: SiteImages, 
 
 
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], *, seed: int, steps: int, guidance: float) -> list[Image.Image]:
-    """One image per prompt; image ``i`` uses seed ``seed + i`` (the same for every model)."""
-    images = []
-    for i, prompt in enumerate(prompts):
-        gen = torch.Generator(device="cpu").manual_seed(seed + i)
-        images.append(pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=gen).images[0])
+def generate(pipe, prompts: Sequence[str], *, seed: int, steps: int, guidance: float,
+             batch_size: int = 32) -> list[Image.Image]:
+    """One image per prompt, drawn in batches; image ``i`` starts from the latent noise of seed
+    ``seed + i`` (the same for every model) whatever its batch, as the pipeline takes one
+    generator per image. With a deterministic sampler (the embedded base's DDIM) an image is
+    the one drawn alone, up to batched floating point."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        gens = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(len(chunk))]
+        images += pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
     return images
 
 

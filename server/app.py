@@ -95,8 +95,10 @@ def run_dpagg(grid: Grid, cfg: RunConfig, out: Path, pipe) -> dict:
         "method": "dpagg-ti",
         "unit": "record",
         "private": cfg.private,
-        "mechanism": "DPAgg-TI (Peetathawatchai et al. 2024): Poisson-subsampled Gaussian sum of bounded "
-                     "per-image textual-inversion embeddings, divided by the public expected count",
+        "mechanism": "DPAgg-TI (Peetathawatchai et al. 2024): "
+                     + ("Poisson-subsampled " if plan.sample_rate < 1 else "")
+                     + "Gaussian sum of bounded per-image textual-inversion embeddings, divided by the public "
+                     + ("expected count" if plan.sample_rate < 1 else "declared count"),
         "epsilon": eps,
         "headline_accountant": "prv",
         "delta": cfg.target_delta,

@@ -101,14 +101,16 @@ def noise_std_words(p: dict) -> str:
 
 def dpagg_steps(p: dict) -> list[str]:
     post = "; ".join(p["post_processing"]) or "none"
+    sampled = p["sample_rate"] < 1
+    which = (f"Each image was kept with probability q = {p['sample_rate']:g} (Poisson sampling)" if sampled
+             else "Every image was used (q = 1, no sampling)")
     return [
         f"- Method: {p['mechanism']}.",
         f"- Sites that contributed: {p['num_sites']}; declared (public) number of images N = {p['declared_num_images']}.",
-        f"- Each image was kept with probability q = {p['sample_rate']:g} (Poisson sampling), its embedding "
-        f"{'centred on the initializer token and ' if p['centered'] else ''}"
+        f"- {which}, its embedding {'centred on the initializer token and ' if p['centered'] else ''}"
         f"{'clipped' if p['bound'] == 'clip' else 'normalized'} to L2 norm C = {p['clip_norm']:g}.",
-        f"- Gaussian noise with standard deviation {noise_std_words(p)} was added once "
-        f"to the sum over all sites, which was then divided by the public expected count q*N = {p['denominator']:g}.",
+        f"- Gaussian noise with standard deviation {noise_std_words(p)} was added once to the sum over all sites, "
+        f"which was then divided by the public {'expected ' if sampled else ''}count q*N = {p['denominator']:g}.",
         f"- Releases: {p['num_releases']}. Post-processing (free under DP): {post}.",
     ]
 

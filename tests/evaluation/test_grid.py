@@ -40,3 +40,24 @@ def test_grid_has_a_base_row_and_one_row_per_run(tmp_path):
 def test_compose_pads_short_rows():
     sheet = compose([("a", [Image.new("RGB", (8, 8), "black")] * 3), ("b", [])], ["x", "y", "z"], cell=16, label_width=10)
     assert sheet.size == (10 + 3 * 16, 28 + 2 * 16)
+
+
+def test_the_kept_fractions_are_written_below_the_grid(tmp_path):
+    from evaluation.grid import kept_lines
+
+    kept = {"held_out_images": 216, "held_out_style": "noto",
+            "measures": {"denoising_loss": {"kept": 0.91, "interval": [0.85, 0.97], "why_none": None},
+                         "kid": {"kept": 0.88, "interval": None, "why_none": None},
+                         "style_share": {"kept": None, "interval": None, "why_none": "the non-private run did not "
+                                         "improve on the base (0.5 -> 0.49)"}}}
+    lines = kept_lines(kept)
+    assert lines[1] == "  held-out denoising loss: 0.91 (95% CI 0.85 to 0.97)"
+    assert lines[2] == "  KID to held-out images: 0.88"
+    assert lines[3].startswith("  share drawn in noto style: n/a: the non-private run did not improve")
+    out = tmp_path / "comparison.png"
+    comparison([fake_run(tmp_path, "dp", True, "red"), fake_run(tmp_path, "np", False, "blue")], out, kept=kept)
+    width, height = Image.open(out).size
+    assert (width, height) == (230 + 2 * 128, 28 + 3 * 128 + 22 * 4 + 8)
+    # the footer holds dark text pixels, the plain grid has none there
+    footer = Image.open(out).crop((0, 28 + 3 * 128, width, height)).convert("L")
+    assert min(footer.getdata()) < 128

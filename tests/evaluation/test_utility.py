@@ -61,3 +61,16 @@ def test_ti_prompts_carry_the_token_only_when_adapted():
     run = Run(path=Path("x"), config=RunConfig(), privacy={}, adapter="textual-inversion")
     assert prompts_for(run, ["a cat", None], adapted=False) == ["a cat", "an image"]
     assert prompts_for(run, ["a cat"], adapted=True) == ["a cat in the style of <S*>"]
+
+
+def test_batched_generation_draws_each_image_as_if_alone(emoji_pipe):
+    import numpy as np
+
+    from evaluation.utility import generate
+
+    prompts = ["an emoji of a cat", "an emoji of a dog", "an emoji of a sun"]
+    batched = generate(emoji_pipe, prompts, seed=5, steps=3, guidance=5.0, batch_size=2)
+    alone = [generate(emoji_pipe, [p], seed=5 + i, steps=3, guidance=5.0)[0] for i, p in enumerate(prompts)]
+    for a, b in zip(batched, alone):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # 8-bit rounding of batched floats
+    assert np.asarray(batched[0]).tobytes() != np.asarray(batched[1]).tobytes()
