@@ -5,8 +5,8 @@ prompts and seeds (server/export.py), so the base row is the same in every run. 
 stacks the base row, the adapted row of each run and, per row, the share of images the style
 classifier (evaluation/features.py) calls Noto, i.e. in the private set's style::
 
-    python -m evaluation.grid outputs/demo outputs/demo-nonprivate --out outputs/demo/comparison.png \\
-        [--kept outputs/demo/kept.json]
+    python -m evaluation.grid outputs/demo outputs/demo-nonprivate --out outputs/demo-comparison/comparison.png \\
+        [--kept outputs/demo-comparison/kept.json]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.features import DEFAULT_DIR, load_style_net, style_probabilities
-from evaluation.kept import kept_text, measure_name
+from evaluation.kept import inside_a_private_run, kept_text, measure_name
 
 PROMPT_PREFIX = "an emoji of a "
 
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--kept", type=Path, help="kept.json of evaluation.kept, printed below the grid")
     args = parser.parse_args(argv)
+    refusal = inside_a_private_run(args.out, args.runs)
+    if refusal:
+        parser.error(f"--out {refusal}")
     kept = json.loads(args.kept.read_text()) if args.kept else None
     report = comparison(args.runs, args.out, kept=kept)
     print(f"privadapt: comparison grid in {args.out}: {json.dumps(report['mean_noto_probability'], ensure_ascii=False)}")

@@ -18,7 +18,11 @@ images (one resample of image indices serves all three models). KID is a set sta
 unbiased estimator assumes distinct samples, so its fraction has no bootstrap interval; its
 spread over subsets is reported per model instead.
 
-    python -m evaluation.kept outputs/demo outputs/demo-nonprivate --held-out data/noto/held-out
+    python -m evaluation.kept outputs/demo outputs/demo-nonprivate --held-out data/noto/held-out \\
+        --out outputs/demo-comparison/kept.json
+
+The result holds figures of the non-private run, which carry no guarantee: it belongs next to
+the runs, never inside the DP run's folder that is published.
 """
 
 from __future__ import annotations
@@ -168,6 +172,19 @@ def compare(private: Path, nonprivate: Path, held_out_dir: Path, *, seed: int = 
             "definition": "kept = (m_DP - m_base) / (m_nonprivate - m_base)"}
 
 
+def inside_a_private_run(out: Path, runs: Sequence[Path]) -> str | None:
+    """Why ``out`` must not be written, if it lies inside the folder of one of ``runs`` that is
+    private: a comparison holds figures of a non-private run, which carry no guarantee and must
+    not travel with a published release."""
+    for run in runs:
+        privacy = Path(run) / "privacy.json"
+        private = not privacy.is_file() or json.loads(privacy.read_text()).get("private", True)
+        if private and Path(out).resolve().is_relative_to(Path(run).resolve()):
+            return (f"{out} is inside the private run's folder {run}: the comparison holds non-private figures, "
+                    "which must not travel with the published release")
+    return None
+
+
 def measure_name(measure: str, style: str) -> str:
     return {"denoising_loss": "held-out denoising loss", "kid": "KID to held-out images",
             "style_share": f"share drawn in {style} style"}[measure]
@@ -197,15 +214,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dp_run", type=Path, help="the private run's output folder")
     parser.add_argument("nonprivate_run", type=Path, help="the same job's non-private run (target-epsilon = inf)")
     parser.add_argument("--held-out", type=Path, required=True, help="folder of held-out private-distribution images")
-    parser.add_argument("--out", type=Path, help="where to write the figures (default: <dp_run>/kept.json)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where to write the figures (JSON), outside the DP run's folder")
     parser.add_argument("--draws", type=int, default=4, help="noise draws per timestep for the denoising loss")
     parser.add_argument("--sample-steps", type=int, help="denoising steps for generated images (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    out = args.out
+    refusal = inside_a_private_run(out, [args.dp_run])
+    if refusal:
+        parser.error(f"--out {refusal}")
     result = compare(args.dp_run, args.nonprivate_run, args.held_out, seed=args.seed, draws=args.draws,
                      sample_steps=args.sample_steps, device=args.device)
-    out = args.out or args.dp_run / "kept.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     eps = result["epsilon"].get("prv")
     print(f"privadapt: base | DP (epsilon = {eps:.2f}) | non-private on {result['held_out_images']} held-out images "

@@ -43,12 +43,19 @@ def achieved_epsilon(privacy: Mapping) -> float:
     return math.inf if value is None else float(value)
 
 
-def best_attack_auc(attacks: Mapping | None) -> float | None:
-    """The highest AUC among the applicable membership attacks, or None if none was run."""
+def best_attack(attacks: Mapping | None) -> dict | None:
+    """The applicable membership attack with the highest AUC (its attacks.json record), or None
+    if none was run."""
     if not attacks:
         return None
-    aucs = [r["auc"] for r in attacks.get("attacks", []) if r.get("applicable", True) and r.get("auc") is not None]
-    return max(aucs) if aucs else None
+    ran = [r for r in attacks.get("attacks", []) if r.get("applicable", True) and r.get("auc") is not None]
+    return max(ran, key=lambda r: r["auc"]) if ran else None
+
+
+def best_attack_auc(attacks: Mapping | None) -> float | None:
+    """The highest AUC among the applicable membership attacks, or None if none was run."""
+    best = best_attack(attacks)
+    return None if best is None else best["auc"]
 
 
 def collect(sweep_dir: Path, entries: Sequence[Mapping]) -> list[dict]:
@@ -72,6 +79,7 @@ def collect(sweep_dir: Path, entries: Sequence[Mapping]) -> list[dict]:
             "is_ti_reference": bool(utility) and utility.get("adapter") == "textual-inversion"
                                and math.isinf(e["target_epsilon"]),
             "attack_auc": best_attack_auc(attacks),
+            "attack": best_attack(attacks),
             "report": os.path.relpath(ev / "report.md", sweep_dir), "grid": ev / "grid.png",
         })
     return rows
@@ -114,6 +122,16 @@ def sweep_grid(rows: Sequence[Mapping], out: Path) -> Path | None:
     return out
 
 
+def attack_cells(best: Mapping | None) -> str:
+    """"name AUC [CI] | TPR [CI]" of the strongest attack, for the report's table."""
+    if best is None:
+        return "not run | not run"
+    lo, hi = best["auc_ci"] or (math.nan, math.nan)
+    rate = (best.get("tpr_at_fpr") or {}).get("0.01")
+    tpr = f"{rate['tpr']:.3f} [{rate['ci'][0]:.3f}, {rate['ci'][1]:.3f}]" if rate else "not run"
+    return f"{best['name']} {best['auc']:.3f} [{lo:.3f}, {hi:.3f}] | {tpr}"
+
+
 def render_sweep_report(sweep_dir: str | Path) -> Path:
     """Write ``sweep_report.md`` with its plots into ``sweep_dir``."""
     sweep_dir = Path(sweep_dir)
@@ -125,15 +143,16 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
              "better. KID on the style classifier's features against the held-out images. Attack AUC: the strongest "
              "applicable membership-inference attack (0.5 = chance).", "",
              "| method | target eps | eps (PRV) | held-out loss change [95% CI] | KID x1e3 (base -> adapted) | "
-             "style acc. | TI cosine to non-private (centred) | best attack AUC | report |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "style acc. | TI cosine to non-private (centred) | best attack: AUC [95% CI] | its TPR at 1% FPR [95% CI] "
+             "| report |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = r["loss_change_ci"]
         change = (f"{r['loss_change']:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}]" if r["loss_change"] is not None else "not run")
         kid = (f"{1e3 * r['kid_base']:.2f} -> {1e3 * r['kid_adapted']:.2f}" if r["kid_adapted"] is not None else "not run")
         lines.append(f"| {r['method']} | {_f(r['target_epsilon'], 'g')} | {_f(r['epsilon'], '.3f')} | {change} | {kid} | "
-                     f"{_f(r['style_accuracy'], '.0%')} | {'(the reference)' if r['is_ti_reference'] else _f(r['cosine'], '.3f')} | {_f(r['attack_auc'], '.3f')} | "
-                     f"[report]({r['report']}) |")
+                     f"{_f(r['style_accuracy'], '.0%')} | {'(the reference)' if r['is_ti_reference'] else _f(r['cosine'], '.3f')} | "
+                     f"{attack_cells(r['attack'])} | [report]({r['report']}) |")
     plots = [("loss_change", "held-out denoising loss, (adapted - base) / base", "privacy_utility_loss.png"),
              ("kid_adapted", "KID (style-classifier features) vs held-out", "privacy_utility_kid.png"),
              ("attack_auc", "best membership-inference AUC", "privacy_attack_auc.png")]

@@ -8,8 +8,9 @@ Each (method, epsilon) pair is one real Flower simulation (:func:`simulations.ru
 on the embedded pretrained base ``assets/emoji-sd`` by default, followed by
 ``simulations.evaluate`` (utility, attacks unless ``--no-attacks``, report). The sites' data is
 split once: the last ``--held-out-per-site`` images of every site of ``--data`` go to a common
-``held-out/`` folder that trains nothing and serves the utility figures; the rest are the
-sites' private training images. Within a method, the non-private run (epsilon = inf) is run
+``held-out/`` folder that trains nothing and serves the utility figures (and the non-members of
+the attacks); the rest are the sites' private training images. ``--held-out DIR`` gives that
+folder instead (``data/noto/held-out``: 216 images), and the sites train on all of theirs. Within a method, the non-private run (epsilon = inf) is run
 first and is the reference of the TI embedding cosine. ``--resume`` keeps finished runs.
 Writes ``sweep.json`` and ``sweep_report.md`` (:mod:`evaluation.sweep_report`).
 """
@@ -43,7 +44,12 @@ METHODS: dict[str, dict[str, object]] = {
     "mp-lora": {"adapter": "lora", "defense": "mp-lora"},
     "lora": {"adapter": "lora", "defense": "none"},
     "dp-sgd-lora": {"adapter": "lora", "defense": "dp-sgd"},
+    "ffa-dp-sgd-lora": {"adapter": "lora", "defense": "dp-sgd", "lora-variant": "ffa"},
+    "smp-dp-sgd-lora": {"adapter": "lora", "defense": "smp-dp-sgd"},
 }
+# record-level DP-SGD variants: without privacy they are the plain method (lora, FFA-LoRA, SMP-LoRA), so
+# the sweep runs them at finite epsilons only
+PRIVATE_ONLY = ("dp-sgd-lora", "ffa-dp-sgd-lora", "smp-dp-sgd-lora")
 DEFAULT_METHODS = ("dpagg-ti", "smp-lora", "mp-lora", "lora", "dp-sgd-lora")
 DEFAULT_EPSILONS = (0.5, 1.0, 2.0, 4.0, 8.0, math.inf)
 BASE = {"model-path": "assets/emoji-sd", "resolution": 32}
@@ -70,10 +76,28 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def split_sites(source: Path, dest: Path, *, num_sites: int, held_out_per_site: int) -> int:
-    """Copy ``site-0..num_sites-1`` of ``source`` into ``dest``, the last ``held_out_per_site``
-    images of each (file-name order) into ``dest/held-out``; returns the training image count."""
-    if held_out_per_site < 1:
+def copy_folder(source: Path, dest: Path, names: Sequence[str], captions: dict, *, prefix: str = "") -> dict[str, str]:
+    """Copy the images ``names`` of ``source`` into ``dest`` (renamed ``prefix + name``);
+    returns their captions under the new names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(source / name, dest / f"{prefix}{name}")
+    return {f"{prefix}{n}": captions[n] for n in names if n in captions}
+
+
+def image_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def read_captions(folder: Path) -> dict:
+    return json.loads((folder / CAPTIONS_FILE).read_text()) if (folder / CAPTIONS_FILE).is_file() else {}
+
+
+def split_sites(source: Path, dest: Path, *, num_sites: int, held_out_per_site: int, held_out: Path | None = None) -> int:
+    """Copy ``site-0..num_sites-1`` of ``source`` into ``dest`` and make ``dest/held-out``: the
+    images of ``held_out`` when given (the sites are then copied whole), else the last
+    ``held_out_per_site`` images of each site (file-name order); returns the training image count."""
+    if held_out is None and held_out_per_site < 1:
         raise ValueError("--held-out-per-site must be >= 1: utility needs images that trained nothing")
     held = dest / HELD_OUT_FOLDER
     if dest.exists():
@@ -85,28 +109,25 @@ def split_sites(source: Path, dest: Path, *, num_sites: int, held_out_per_site: 
         site = source / f"site-{k}"
         if not site.is_dir():
             raise FileNotFoundError(f"--data {source} has no site-{k} folder (num-sites {num_sites})")
-        names = sorted(p.name for p in site.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-        if len(names) <= held_out_per_site:
+        names, captions = image_names(site), read_captions(site)
+        cut = len(names) if held_out is not None else len(names) - held_out_per_site
+        if cut < 1:
             raise ValueError(f"{site} has {len(names)} images: too few to hold out {held_out_per_site}")
-        captions = json.loads((site / CAPTIONS_FILE).read_text()) if (site / CAPTIONS_FILE).is_file() else {}
-        keep = names[:-held_out_per_site]
-        (dest / site.name).mkdir()
-        for name in keep:
-            shutil.copyfile(site / name, dest / site.name / name)
-        (dest / site.name / CAPTIONS_FILE).write_text(json.dumps({n: captions[n] for n in keep if n in captions}, indent=1))
-        for name in names[-held_out_per_site:]:
-            shutil.copyfile(site / name, held / f"{site.name}-{name}")
-            if name in captions:
-                held_captions[f"{site.name}-{name}"] = captions[name]
-        total += len(keep)
+        kept = copy_folder(site, dest / site.name, names[:cut], captions)
+        (dest / site.name / CAPTIONS_FILE).write_text(json.dumps(kept, indent=1))
+        held_captions.update(copy_folder(site, held, names[cut:], captions, prefix=f"{site.name}-"))
+        total += cut
+    if held_out is not None:
+        if not held_out.is_dir():
+            raise FileNotFoundError(f"--held-out {held_out} is not a folder")
+        held_captions.update(copy_folder(held_out, held, image_names(held_out), read_captions(held_out)))
     (held / CAPTIONS_FILE).write_text(json.dumps(held_captions, indent=1))
     return total
 
 
 def site_sizes(data_dir: Path, num_sites: int) -> list[int]:
     """The number of training images of each of ``site-0..num_sites-1`` in ``data_dir``."""
-    return [len([p for p in (data_dir / f"site-{k}").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS])
-            for k in range(num_sites)]
+    return [len(image_names(data_dir / f"site-{k}")) for k in range(num_sites)]
 
 
 def eps_name(eps: float) -> str:
@@ -114,13 +135,14 @@ def eps_name(eps: float) -> str:
 
 
 def plan(methods: Sequence[str], epsilons: Sequence[float]) -> list[tuple[str, float]]:
-    """Every (method, epsilon), the non-private run of each method first (the TI reference)."""
+    """Every (method, epsilon), the non-private run of each method first (the TI reference);
+    the :data:`PRIVATE_ONLY` methods at finite epsilons only."""
     ordered = sorted(set(epsilons), key=lambda e: (not math.isinf(e), e))
-    return [(m, e) for m in methods for e in ordered]
+    return [(m, e) for m in methods for e in ordered if not (math.isinf(e) and m in PRIVATE_ONLY)]
 
 
 def sweep(out: Path, *, methods: Sequence[str] = DEFAULT_METHODS, epsilons: Sequence[float] = DEFAULT_EPSILONS,
-          num_sites: int = 4, data: Path = Path("data/demo"), held_out_per_site: int = 3,
+          num_sites: int = 4, data: Path = Path("data/demo"), held_out_per_site: int = 3, held_out: Path | None = None,
           overrides: dict | None = None, attacks: bool = True, draws: int = 4, sample_steps: int | None = None,
           resume: bool = False, progress: bool = True) -> Path:
     """Run and evaluate the grid; returns the sweep report's path."""
@@ -128,7 +150,8 @@ def sweep(out: Path, *, methods: Sequence[str] = DEFAULT_METHODS, epsilons: Sequ
     out.mkdir(parents=True, exist_ok=True)
     data_dir = out / "data"
     if not (resume and (data_dir / HELD_OUT_FOLDER).is_dir()):
-        split_sites(data, data_dir, num_sites=num_sites, held_out_per_site=held_out_per_site)
+        split_sites(data, data_dir, num_sites=num_sites, held_out_per_site=held_out_per_site,
+                    held_out=resolve(held_out) if held_out is not None else None)
     sizes = site_sizes(data_dir, num_sites)
     # the experimenter, as operator, declares the public sizes of the split it made: N for
     # DPAgg-TI's denominator, the largest site for DP-SGD's q (num-sites K: simulate declares it)
@@ -165,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-sites", type=int, default=4)
     parser.add_argument("--data", type=Path, default=Path("data/demo"), help="folder with site-<k>/ image folders")
     parser.add_argument("--held-out-per-site", type=int, default=3)
+    parser.add_argument("--held-out", type=Path, help="a folder of held-out images (e.g. data/noto/held-out): the "
+                        "sites are then used whole and --held-out-per-site is ignored")
     parser.add_argument("--run-config", default="", help='extra run-config overrides, e.g. "ti-steps=50 rounds=2"')
     parser.add_argument("--no-attacks", action="store_true")
     parser.add_argument("--draws", type=int, default=4)
@@ -177,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as err:
         parser.error(str(err))
     report = sweep(args.out, methods=methods, epsilons=epsilons, num_sites=args.num_sites, data=args.data,
-                   held_out_per_site=args.held_out_per_site, overrides=parse_overrides(args.run_config),
+                   held_out_per_site=args.held_out_per_site, held_out=args.held_out, overrides=parse_overrides(args.run_config),
                    attacks=not args.no_attacks, draws=args.draws, sample_steps=args.sample_steps, resume=args.resume)
     print(f"privadapt: sweep report in {report}")
 

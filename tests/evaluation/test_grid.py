@@ -61,3 +61,17 @@ def test_the_kept_fractions_are_written_below_the_grid(tmp_path):
     # the footer holds dark text pixels, the plain grid has none there
     footer = Image.open(out).crop((0, 28 + 3 * 128, width, height)).convert("L")
     assert min(footer.getdata()) < 128
+
+
+def test_the_grid_is_never_written_into_a_private_run_folder(tmp_path, capsys):
+    import pytest
+
+    from evaluation.grid import main
+
+    dp, nonprivate = fake_run(tmp_path, "dp", True, "red"), fake_run(tmp_path, "np", False, "blue")
+    with pytest.raises(SystemExit):
+        main([str(dp), str(nonprivate), "--out", str(dp / "comparison.png")])
+    assert "inside the private run's folder" in capsys.readouterr().err
+    assert not (dp / "comparison.png").exists()
+    main([str(dp), str(nonprivate), "--out", str(nonprivate / "comparison.png")])  # a non-private folder may hold it
+    assert (nonprivate / "comparison.png").is_file()

@@ -59,3 +59,13 @@ def test_compare_refuses_runs_in_the_wrong_roles(tmp_path):
         compare(dp, dp, tmp_path)
     with pytest.raises(ValueError, match="different models"):
         compare(dp, other, tmp_path)
+
+
+def test_the_comparison_is_never_written_into_the_published_dp_folder(tmp_path, capsys):
+    from evaluation.kept import main
+
+    dp = _run_folder(tmp_path / "dp", private=True)
+    with pytest.raises(SystemExit):
+        main([str(dp), str(tmp_path / "np"), "--held-out", str(tmp_path), "--out", str(dp / "kept.json")])
+    assert "inside the private run's folder" in capsys.readouterr().err
+    assert not (dp / "kept.json").exists()

@@ -37,3 +37,17 @@ def test_table_curves_and_grid(tmp_path):
     assert "best membership-inference AUC: not run." in text
     for png in ("privacy_utility_loss.png", "privacy_utility_kid.png", "sweep_grid.png"):
         assert Image.open(tmp_path / png).format == "PNG"
+
+
+def test_the_strongest_attack_is_reported_with_its_intervals(tmp_path):
+    run = fake_run(tmp_path, "a", 1.0, -0.01, "red")
+    attacks = {"attacks": [
+        {"name": "loss", "applicable": True, "auc": 0.61, "auc_ci": [0.55, 0.67],
+         "tpr_at_fpr": {"0.01": {"tpr": 0.02, "ci": [0.0, 0.05]}}},
+        {"name": "pia", "applicable": True, "auc": 0.72, "auc_ci": [0.66, 0.78],
+         "tpr_at_fpr": {"0.01": {"tpr": 0.081, "ci": [0.04, 0.12]}}},
+        {"name": "proxy-h", "applicable": False, "auc": None, "auc_ci": None, "tpr_at_fpr": None}]}
+    (tmp_path / "a" / "evaluation" / "attacks.json").write_text(json.dumps(attacks))
+    (tmp_path / "sweep.json").write_text(json.dumps({"runs": [run]}))
+    text = render_sweep_report(tmp_path).read_text()
+    assert "| pia 0.720 [0.660, 0.780] | 0.081 [0.040, 0.120] |" in text

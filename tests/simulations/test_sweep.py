@@ -22,6 +22,18 @@ def test_split_keeps_held_out_images_out_of_every_site(tmp_path):
         split_sites(REPO_ROOT / "data" / "demo", tmp_path / "d2", num_sites=1, held_out_per_site=12)
 
 
+def test_a_given_held_out_folder_is_used_and_the_sites_are_kept_whole(tmp_path):
+    noto = REPO_ROOT / "data" / "noto"
+    total = split_sites(noto, tmp_path / "data", num_sites=2, held_out_per_site=0, held_out=noto / "held-out")
+    assert total == 200
+    held = sorted(p.name for p in (tmp_path / "data" / "held-out").glob("*.png"))
+    assert held == sorted(p.name for p in (noto / "held-out").glob("*.png"))
+    captions = json.loads((tmp_path / "data" / "held-out" / "captions.json").read_text())
+    assert captions == json.loads((noto / "held-out" / "captions.json").read_text())
+    with pytest.raises(FileNotFoundError, match="--held-out"):
+        split_sites(noto, tmp_path / "d2", num_sites=1, held_out_per_site=0, held_out=tmp_path / "missing")
+
+
 def test_arguments_are_checked_and_inf_runs_first():
     assert parse_epsilons("0.5,1,inf") == [0.5, 1.0, math.inf]
     with pytest.raises(ValueError, match="not a number"):
@@ -29,6 +41,8 @@ def test_arguments_are_checked_and_inf_runs_first():
     with pytest.raises(ValueError, match="unknown"):
         parse_methods("dpagg-ti,fancy")
     assert plan(["a"], [1.0, math.inf, 0.5]) == [("a", math.inf), ("a", 0.5), ("a", 1.0)]
+    # a DP-SGD variant without privacy is the plain method: it runs at finite epsilons only
+    assert plan(["dp-sgd-lora", "lora"], [math.inf, 1.0]) == [("dp-sgd-lora", 1.0), ("lora", math.inf), ("lora", 1.0)]
 
 
 @pytest.mark.slow
