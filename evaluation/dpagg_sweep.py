@@ -8,7 +8,7 @@ z calibrated so that one release is (epsilon, delta)-DP for one image. Its error
 non-private release of the same N images (q = 1, no noise) has two parts: the noise, of norm
 about z(q)·C·sqrt(d)/(qN), and the sampling error of the Poisson sample. Both shrink as N
 grows; C trades clipping bias against noise. This sweep learns every image's embedding once,
-exactly as a site does (:func:`client.ti.train_per_image_embeddings`, the run's TI settings),
+with a site's procedure and settings (:func:`client.ti.train_per_image_embeddings`),
 then forms releases for a grid of (C, q, N) with the mechanism every run uses
 (:class:`common.dp.GaussianSumMechanism`) and reports their distance to the non-private release.
 With ``--utility`` it also scores, on held-out images, one release per N at the chosen (C, q)
@@ -44,7 +44,8 @@ RATES = (0.25, 0.5, 1.0)
 TRIALS = 50
 
 
-def site_folders(data: Path) -> list[Path]:
+def data_sites(data: Path) -> list[Path]:
+    """The ``site-<k>`` folders of ``data``, in name order."""
     folders = sorted(p for p in data.glob("site-*") if p.is_dir())
     if not folders:
         raise FileNotFoundError(f"no site-<k> folders in {data}")
@@ -60,15 +61,16 @@ def per_image_embeddings(cfg: RunConfig, data: Path, cache: Path) -> tuple[torch
     from common.settings import model_dir, ti_settings
 
     settings = ti_settings(cfg)
-    key = {"settings": repr(settings), "model": cfg.model_path, "resolution": cfg.resolution, "data": str(data),
-           "seed": cfg.seed}
+    folders = data_sites(data)
+    key = {"settings": repr(settings), "model": cfg.model_path, "resolution": cfg.resolution, "seed": cfg.seed,
+           "files": [sorted(p.name for p in folder.iterdir()) for folder in folders]}
     if cache.is_file():
         saved = torch.load(cache)
         if saved["key"] == key:
             return saved["embeddings"], saved["initializer"], saved["counts"]
     pipe = load_pipeline(model_dir(cfg), device="cpu")
     parts, counts = [], []
-    for index, folder in enumerate(site_folders(data)):
+    for index, folder in enumerate(folders):
         images = load_site_images(folder, site=folder.name, resolution=cfg.resolution)
         gen = torch.Generator().manual_seed(cfg.seed + index)
         parts.append(train_per_image_embeddings(pipe, images.pixels, images.captions, settings, generator=gen))

@@ -151,7 +151,8 @@ def render_sweep_report(sweep_dir: str | Path) -> Path:
         change = (f"{r['loss_change']:+.2%} [{ci[0]:+.2%}, {ci[1]:+.2%}]" if r["loss_change"] is not None else "not run")
         kid = (f"{1e3 * r['kid_base']:.2f} -> {1e3 * r['kid_adapted']:.2f}" if r["kid_adapted"] is not None else "not run")
         lines.append(f"| {r['method']} | {_f(r['target_epsilon'], 'g')} | {_f(r['epsilon'], '.3f')} | {change} | {kid} | "
-                     f"{_f(r['style_accuracy'], '.0%')} | {'(the reference)' if r['is_ti_reference'] else _f(r['cosine'], '.3f')} | "
+                     f"{_f(r['style_accuracy'], '.0%')} | "
+                     f"{'(the reference)' if r['is_ti_reference'] else _f(r['cosine'], '.3f')} | "
                      f"{attack_cells(r['attack'])} | [report]({r['report']}) |")
     plots = [("loss_change", "held-out denoising loss, (adapted - base) / base", "privacy_utility_loss.png"),
              ("kid_adapted", "KID (style-classifier features) vs held-out", "privacy_utility_kid.png"),

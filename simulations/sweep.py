@@ -10,8 +10,9 @@ on the embedded pretrained base ``assets/emoji-sd`` by default, followed by
 split once: the last ``--held-out-per-site`` images of every site of ``--data`` go to a common
 ``held-out/`` folder that trains nothing and serves the utility figures (and the non-members of
 the attacks); the rest are the sites' private training images. ``--held-out DIR`` gives that
-folder instead (``data/noto/held-out``: 216 images), and the sites train on all of theirs. Within a method, the non-private run (epsilon = inf) is run
-first and is the reference of the TI embedding cosine. ``--resume`` keeps finished runs.
+folder instead (``data/noto/held-out``: 216 images), and the sites train on all of theirs.
+Within a method, the non-private run (epsilon = inf) is run first and is the reference of the
+TI embedding cosine. ``--resume`` keeps finished runs.
 Writes ``sweep.json`` and ``sweep_report.md`` (:mod:`evaluation.sweep_report`).
 """
 

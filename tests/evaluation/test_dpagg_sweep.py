@@ -49,3 +49,33 @@ def test_errors_fall_as_the_number_of_images_grows():
 def test_first_images_takes_the_same_number_from_every_site():
     assert first_images([3, 5, 4], 2).tolist() == [0, 1, 3, 4, 8, 9]
     assert first_images([1, 5], 2).tolist() == [0, 1, 2]
+
+
+def test_per_image_embeddings_are_learnt_once_and_relearnt_when_the_data_changes(tmp_path, monkeypatch):
+    import shutil
+
+    import client.ti
+    from common.paths import REPO_ROOT
+    from evaluation.dpagg_sweep import per_image_embeddings
+
+    data = tmp_path / "data"
+    for k in (0, 1):
+        site = data / f"site-{k}"
+        site.mkdir(parents=True)
+        for png in sorted((REPO_ROOT / "data" / "demo" / f"site-{k}").glob("*.png"))[:2]:
+            shutil.copyfile(png, site / png.name)
+    cfg = RunConfig(model_path=str(REPO_ROOT / "assets" / "emoji-sd"), resolution=32, ti_steps=1, batch_size=2,
+                    initializer_token="flat")
+    cache = tmp_path / "embeddings.pt"
+    embeddings, init, counts = per_image_embeddings(cfg, data, cache)
+    assert embeddings.shape == (4, init.numel()) and counts == [2, 2] and cache.is_file()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(client.ti, "train_per_image_embeddings", no_training)
+    again, _, _ = per_image_embeddings(cfg, data, cache)
+    assert torch.equal(again, embeddings)
+    (data / "site-1" / sorted(p.name for p in (data / "site-1").iterdir())[0]).unlink()
+    with pytest.raises(AssertionError, match="cache was not used"):
+        per_image_embeddings(cfg, data, cache)
