@@ -39,6 +39,21 @@ log = logging.getLogger("privadapt.evaluation")
 
 DEFAULT_ATTACKS = ("loss", "loss-calibrated", "pia", "secmi-stat", "proxy-h")
 ALL_ATTACKS = DEFAULT_ATTACKS + ("lira",)
+# the attack of the same kind as the proxy attacker h that MP-/SMP-LoRA train against (an MLP on
+# the per-element denoising error); every other attack is one the defence never saw
+SEEN_BY_PROXY_DEFENSES = ("proxy-h",)
+
+
+def defense_exposure(defense: str, records: Sequence[dict]) -> dict | None:
+    """Which of the attacks run the run's defence trained against and which it never saw; None
+    for a run without a proxy-attacker defence."""
+    from common.config import PROXY_ATTACKER_DEFENSES
+
+    if defense not in PROXY_ATTACKER_DEFENSES:
+        return None
+    names = [r["name"] for r in records]
+    return {"defense": defense, "trained_against": [n for n in names if n in SEEN_BY_PROXY_DEFENSES],
+            "never_seen": [n for n in names if n not in SEEN_BY_PROXY_DEFENSES]}
 TIMESTEPS = (10, 50, 100, 200, 300, 500)
 PIA_TIMESTEPS = (50, 100, 200, 300)
 MIN_SITES = 2  # per class, for site-level inference (with one each the AUC is 0 or 1)
@@ -92,7 +107,8 @@ def run_attacks(run_dir: str | Path, members: ImageInput = None, non_members: Im
                                    run_dir=Path(run_dir))
     return {"run": str(run_dir), "adapter": target.adapter, "members": int(pop.labels.sum()),
             "non_members": int((pop.labels == 0).sum()), "delta": delta, "model": str(target.model_dir),
-            "attacks": records, "site_inference": site_records}
+            "attacks": records, "site_inference": site_records,
+            "defense_exposure": defense_exposure(cfg.defense if cfg.adapter == "lora" else "none", records)}
 
 
 def score_target(target: Target, pop: Population, attacks: Sequence[str] = ("loss", "loss-calibrated", "pia"), *,

@@ -91,6 +91,12 @@ def attack_section(attacks: Mapping | None, out_dir: Path, why: str | None = Non
               "epsilon consistent with the attack's (TPR, FPR) at their confidence limits; it is NOT a lower bound "
               "on epsilon (all the scores come from one trained model, so the trials are not independent). The "
               "statistically valid lower bound is the canary audit below.", ""]
+    exposure = attacks.get("defense_exposure")
+    if exposure:
+        lines += [f"The run's defence ({exposure['defense']}) trained its adapter against a proxy attacker on the "
+                  "per-element denoising error; of the attacks below it trained against "
+                  f"{', '.join(exposure['trained_against']) or 'none'} (the same kind of attacker, trained afresh on "
+                  f"the final model) and never saw {', '.join(exposure['never_seen']) or 'none'}.", ""]
     lines += attack_rows(attacks.get("attacks", []))
     if any(r.get("applicable", True) for r in attacks.get("attacks", [])):
         roc_plot(attacks["attacks"], out_dir / "roc.png")

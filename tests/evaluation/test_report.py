@@ -85,3 +85,19 @@ def test_attack_table_roc_and_audit_line(run_dir, tmp_path):
 def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="no privacy.json"):
         render_run_report(tmp_path, tmp_path / "ev")
+
+
+def test_the_report_says_which_attacks_the_defence_never_saw(run_dir, tmp_path):
+    from evaluation.attacks import defense_exposure
+
+    records = [attack("loss", 0.71), attack("pia", 0.6), attack("proxy-h", 0.52)]
+    exposure = defense_exposure("smp-lora", records)
+    assert exposure == {"defense": "smp-lora", "trained_against": ["proxy-h"], "never_seen": ["loss", "pia"]}
+    assert defense_exposure("none", records) is None and defense_exposure("dp-sgd", records) is None
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "attacks.json").write_text(json.dumps({"adapter": "lora", "members": 24, "non_members": 24, "attacks": records,
+                                                 "site_inference": [], "defense_exposure": exposure}))
+    text = render_run_report(run_dir, ev).read_text()
+    assert "The run's defence (smp-lora)" in text and "trained against proxy-h" in text
+    assert "never saw loss, pia." in text
