@@ -63,3 +63,16 @@ def test_the_card_states_the_achieved_noise_where_dropouts_lowered_it():
           "bound": "clip", "clip_norm": 0.05, "noise_multiplier": 3.0, "achieved_noise_multipliers": [3.0, 2.5],
           "denominator": 12.0, "num_releases": 2, "post_processing": []}
     assert "z*C = 2.5 x 0.05 at the least" in " ".join(dpagg_steps(ti))
+
+
+def test_the_ti_card_names_sampling_only_when_there_was_some():
+    from server.export import dpagg_steps
+
+    ti = {"mechanism": "DPAgg-TI", "num_sites": 4, "declared_num_images": 400, "sample_rate": 0.5, "centered": True,
+          "bound": "clip", "clip_norm": 0.5, "noise_multiplier": 2.5, "denominator": 200.0, "num_releases": 1,
+          "post_processing": []}
+    sampled = " ".join(dpagg_steps(ti))
+    assert "kept with probability q = 0.5 (Poisson sampling)" in sampled and "public expected count q*N = 200" in sampled
+    every = " ".join(dpagg_steps({**ti, "sample_rate": 1.0, "denominator": 400.0}))
+    assert "Every image was used (q = 1, no sampling), its embedding centred" in every
+    assert "Poisson" not in every and "public count q*N = 400" in every
