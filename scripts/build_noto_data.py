@@ -11,8 +11,11 @@ Each image is flattened onto white and box-filtered to 32x32 (the base model's r
   style classifier (``scripts/train_style_classifier.py``) never saw, in either style. These
   images train nothing, so utility (held-out denoising loss, KID, style share) is measured on
   images neither the adapter nor the feature extractor has seen.
-* ``site-0`` .. ``site-<K-1>``: the first ``--per-site`` x K of the other concepts, in Unicode's
-  order, dealt round-robin: the sites' "private" images.
+* ``site-0`` .. ``site-<K-1>``: ``--per-site`` x K of the other concepts, spread evenly over
+  them in Unicode's order (which runs category by category) and dealt round-robin: the sites'
+  "private" images. Spread, not the first ones: the sites' images then cover every category, as
+  the held-out ones do, so members and non-members of a membership-inference evaluation come
+  from the same distribution.
 
 Captions come from the emoji names ("an emoji of a hamster face"), one ``captions.json`` per
 folder. Rebuild (needs the npm registry once; the result is committed, so runs never need it)::
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(private) < wanted:
         raise SystemExit(f"--per-site {args.per_site} x --num-sites {args.num_sites} = {wanted} images wanted, "
                          f"the pool has {len(private)}")
-    private = private[:wanted]
+    # spread evenly over the pool (Unicode order runs category by category), so that the sites' images,
+    # like the held-out ones, cover every category: members and non-members from the same distribution
+    private = [private[i * len(private) // wanted] for i in range(wanted)]
     for site in range(args.num_sites):
         write_folder(private[site::args.num_sites], args.out / f"site-{site}")
     write_folder(held_out, args.out / "held-out")
