@@ -119,13 +119,17 @@ def release_errors(deltas: torch.Tensor, cfg: RunConfig, *, trials: int, seed: i
             "relative_error": sum(errors) / trials, "cosine": sum(cosines) / trials, "trials": trials}
 
 
-def write_release(folder: Path, cfg: RunConfig, vector: torch.Tensor, *, private: bool, epsilon: float | None) -> Path:
-    """A run-like folder holding one formed release, as :func:`evaluation.utility.read_run` reads it."""
+def write_release(folder: Path, cfg: RunConfig, vector: torch.Tensor, *, noised: bool, epsilon: float | None) -> Path:
+    """A run-like folder holding one formed release, as :func:`evaluation.utility.read_run`
+    reads it. Its privacy.json says ``private: false`` even for a noised release: the noise is
+    seeded, so the epsilon it was calibrated to (``planned_epsilon``) does not hold."""
     folder.mkdir(parents=True, exist_ok=True)
     save_embedding(folder / EMBEDS_FILE, cfg.placeholder_token, vector.float())
     (folder / "run_config.json").write_text(json.dumps(cfg.to_run_config(), indent=1) + "\n")
-    note = "formed by evaluation.dpagg_sweep from cached per-image embeddings with SEEDED noise: a measurement, not private"
-    (folder / "privacy.json").write_text(json.dumps({"private": private, "epsilon": {"prv": epsilon}, "note": note}) + "\n")
+    statement = {"private": False, "noised": noised, "planned_epsilon": epsilon,
+                 "note": "formed by evaluation.dpagg_sweep from cached per-image embeddings with SEEDED noise: "
+                         "a measurement, NOT private (anyone with the seed can remove the noise)"}
+    (folder / "privacy.json").write_text(json.dumps(statement, indent=1) + "\n")
     return folder
 
 
@@ -144,7 +148,7 @@ def utility_curve(embeddings: torch.Tensor, init: torch.Tensor, counts: list[int
         gen = sampling_generator(seed + size)
         for name, private in (("dp", True), ("nonprivate", False)):
             vector = init.double() + release(deltas, sized, plan if private else None, generator=gen, seed=seed + size)
-            folder = write_release(out / "releases" / f"N{len(idx)}" / name, sized, vector, private=private,
+            folder = write_release(out / "releases" / f"N{len(idx)}" / name, sized, vector, noised=private,
                                    epsilon=plan.planned_epsilon_prv if private else None)
             runs[f"{name}-{len(idx)}"] = read_run(folder)
     held_out = HeldOut.load(held_out_dir, cfg.resolution)

@@ -79,3 +79,16 @@ def test_per_image_embeddings_are_learnt_once_and_relearnt_when_the_data_changes
     (data / "site-1" / sorted(p.name for p in (data / "site-1").iterdir())[0]).unlink()
     with pytest.raises(AssertionError, match="cache was not used"):
         per_image_embeddings(cfg, data, cache)
+
+
+def test_a_formed_release_never_claims_privacy(tmp_path):
+    import json
+
+    from evaluation.dpagg_sweep import write_release
+    from evaluation.utility import read_run
+
+    folder = write_release(tmp_path / "dp", RunConfig(), torch.zeros(64), noised=True, epsilon=1.0)
+    statement = json.loads((folder / "privacy.json").read_text())
+    assert statement["private"] is False and statement["noised"] is True and statement["planned_epsilon"] == 1.0
+    assert "NOT private" in statement["note"]
+    assert read_run(folder).adapter == "textual-inversion"
