@@ -96,7 +96,7 @@ def release(deltas: torch.Tensor, cfg: RunConfig, plan: DPAggPlan | None, *, gen
     q = plan.sample_rate if plan else 1.0
     mechanism = GaussianSumMechanism(cfg.clip_norm, plan.noise_multiplier if plan else 0.0, cfg.bound)
     keep = poisson_sample(len(deltas), q, generator)
-    total = mechanism.bound_rows(deltas[keep]).sum(0) if len(keep) else torch.zeros(deltas.shape[1], dtype=torch.float64)
+    total = mechanism.bound_rows(deltas[keep]).sum(0)  # an empty sample sums to the zero vector
     noised, _ = mechanism.release({"e": total}, denominator=q * len(deltas), noise=NoiseSource.seeded(seed),
                                   sample_rate=q, unit="record")
     return noised["e"]

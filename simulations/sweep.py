@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from common.config import parse_overrides
-from common.data import CAPTIONS_FILE, IMAGE_EXTENSIONS
+from common.data import CAPTIONS_FILE, image_files
 from common.paths import resolve
 from evaluation.sweep_report import SWEEP_FILE, render_sweep_report
 from server.export import write_json
@@ -86,10 +86,6 @@ def copy_folder(source: Path, dest: Path, names: Sequence[str], captions: dict, 
     return {f"{prefix}{n}": captions[n] for n in names if n in captions}
 
 
-def image_names(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
 def read_captions(folder: Path) -> dict:
     return json.loads((folder / CAPTIONS_FILE).read_text()) if (folder / CAPTIONS_FILE).is_file() else {}
 
@@ -110,7 +106,7 @@ def split_sites(source: Path, dest: Path, *, num_sites: int, held_out_per_site: 
         site = source / f"site-{k}"
         if not site.is_dir():
             raise FileNotFoundError(f"--data {source} has no site-{k} folder (num-sites {num_sites})")
-        names, captions = image_names(site), read_captions(site)
+        names, captions = image_files(site, site.name), read_captions(site)
         cut = len(names) if held_out is not None else len(names) - held_out_per_site
         if cut < 1:
             raise ValueError(f"{site} has {len(names)} images: too few to hold out {held_out_per_site}")
@@ -121,14 +117,14 @@ def split_sites(source: Path, dest: Path, *, num_sites: int, held_out_per_site: 
     if held_out is not None:
         if not held_out.is_dir():
             raise FileNotFoundError(f"--held-out {held_out} is not a folder")
-        held_captions.update(copy_folder(held_out, held, image_names(held_out), read_captions(held_out)))
+        held_captions.update(copy_folder(held_out, held, image_files(held_out, HELD_OUT_FOLDER), read_captions(held_out)))
     (held / CAPTIONS_FILE).write_text(json.dumps(held_captions, indent=1))
     return total
 
 
 def site_sizes(data_dir: Path, num_sites: int) -> list[int]:
     """The number of training images of each of ``site-0..num_sites-1`` in ``data_dir``."""
-    return [len(image_names(data_dir / f"site-{k}")) for k in range(num_sites)]
+    return [len(image_files(data_dir / f"site-{k}", f"site-{k}")) for k in range(num_sites)]
 
 
 def eps_name(eps: float) -> str:
